@@ -1,0 +1,39 @@
+# make setup | make test | make bench. A fresh machine with python3 goes to green with `make test`.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+
+# torch guesses CUDA_HOME from the nvcc on PATH, which here is a wrapper in /usr/local/bin.
+ifeq ($(origin CUDA_HOME), undefined)
+  ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+    export CUDA_HOME := /usr/local/cuda
+  endif
+endif
+
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
+
+.PHONY: setup test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.deps: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(VPY) -m pip install --no-build-isolation -e . -v > $(VENV)/build.log 2>&1 \
+	  || (tail -n 60 $(VENV)/build.log; echo "build failed: full log in $(VENV)/build.log"; exit 1)
+	@grep -E '^\[fused_wloss\]' $(VENV)/build.log || true
+	$(VPY) -c "import fused_wloss; print('fused_wloss', fused_wloss.__version__, 'cpu backend:', fused_wloss.backend('cpu'))"
+	touch $@
+
+test: setup
+	$(VPY) -m pytest tests -q
+
+bench: setup
+	$(VPY) -m benchmarks --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info fused_wloss/*.so

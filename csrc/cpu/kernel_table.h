@@ -1,0 +1,134 @@
+// The interface between the CPU operators (csrc/cpu/losses_cpu.cpp, in fused_wloss._C) and the
+// vectorised row kernels (csrc/cpu/kernels_isa.cpp), which are compiled once per instruction set
+// (default, AVX2, AVX-512) into separate modules and picked at import time, the way ATen
+// dispatches its own kernels by CPU capability.
+//
+// Only plain data crosses this boundary: raw pointers, sizes and function pointers, so the
+// per-ISA modules need no at::Tensor and the table has a C layout.
+#pragma once
+
+#include <cstdint>
+
+namespace fused_wloss {
+namespace cpu {
+
+enum DtypeIndex : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3, kNumDtypes = 4 };
+
+// How the rows of a cross-entropy input are cut into work chunks. The cut depends only on the
+// shape, never on the number of threads, so per-chunk partial sums reduced in chunk order give
+// bitwise-identical results for any thread count.
+struct CeLayout {
+  int64_t N, C, P;         // input viewed as (N, C, P), contiguous
+  int64_t rows_per_chunk;  // rows (or pixels, for P > 1) of one chunk
+  int64_t chunks_per_n;    // P > 1: chunks that cover the P pixels of one sample; else 1
+  int64_t num_chunks;
+  bool tiled;              // P == 1 and small C: rows packed into [C][lanes] tiles
+};
+
+struct CeForwardArgs {
+  CeLayout layout;
+  const void* input;         // scalar_t[N * C * P]
+  const void* target;        // int64_t or int32_t [N * P]
+  bool target_int32;
+  const void* class_w;       // acc_t[C] (static x dynamic), or nullptr for none
+  const void* sample_w;      // acc_t[N * P], or nullptr
+  double sum_w;              // sum_c class_w[c] (C without class weights)
+  int64_t ignore_index;
+  double label_smoothing;
+  void* loss_out;            // scalar_t[N * P] for reduction "none", else nullptr
+  void* lse_out;             // acc_t[N * P]
+};
+
+// What one chunk of the forward adds up; reduced over chunks in chunk order.
+struct CePartial {
+  double loss_sum;    // sum of the element losses
+  double weight_sum;  // sum of s_i v_i W[t_i] (the "mean" normaliser)
+  int64_t valid;      // number of non-ignored elements
+  int64_t bad_row;    // first row whose target is out of range, or -1
+  int64_t bad_value;
+};
+
+struct CeBackwardArgs {
+  CeLayout layout;
+  const void* input;
+  const void* target;
+  bool target_int32;
+  const void* class_w;       // acc_t[C] or nullptr
+  const void* sample_w;      // acc_t[N * P] or nullptr
+  double sum_w;
+  int64_t ignore_index;
+  double label_smoothing;
+  const void* lse;           // acc_t[N * P]
+  const void* grad_rows;     // acc_t[N * P] upstream gradient per row ("none"), or nullptr
+  double grad_scalar;        // upstream gradient / normaliser, when grad_rows is nullptr
+  void* grad_input;          // scalar_t[N * C * P]
+};
+
+// Binary cross-entropy: input viewed as (rows, L) contiguous, chunks of whole rows.
+struct BceArgs {
+  int64_t rows, L;
+  int64_t rows_per_chunk, num_chunks;
+  const void* input;          // scalar_t[rows * L]
+  const void* target;         // scalar_t[rows * L]
+  // Per-label weights of the negative and positive part (static per-label weight, pos_weight and
+  // dynamic weights folded in), repeated for every row of a chunk: acc_t[rows_per_chunk * L], so
+  // that a chunk reads them at the same flat offsets as its logits. nullptr means 1.
+  const void* neg_label_w;
+  const void* pos_label_w;
+  const void* elem_w;         // acc_t[rows * L] static weight per element, or nullptr
+  const void* elem_pos_w;     // acc_t[rows * L] pos_weight per element, or nullptr
+  const void* sample_w;       // acc_t[rows], or nullptr
+  // forward
+  void* loss_out;             // scalar_t[rows * L] for "none", else nullptr
+  // backward
+  const void* grad_elems;     // acc_t[rows * L] upstream gradient ("none"), or nullptr
+  double grad_scalar;
+  void* grad_input;           // scalar_t[rows * L]
+};
+
+using CeForwardFn = void (*)(const CeForwardArgs&, int64_t chunk, CePartial* out);
+using CeBackwardFn = void (*)(const CeBackwardArgs&, int64_t chunk);
+using BceForwardFn = double (*)(const BceArgs&, int64_t chunk);  // returns the chunk's loss sum
+using BceBackwardFn = void (*)(const BceArgs&, int64_t chunk);
+
+struct KernelTable {
+  const char* isa;  // "default", "avx2", "avx512"
+  int vector_bytes;
+  CeForwardFn ce_forward[kNumDtypes];
+  CeBackwardFn ce_backward[kNumDtypes];
+  BceForwardFn bce_forward[kNumDtypes];
+  BceBackwardFn bce_backward[kNumDtypes];
+};
+
+// Rows of one tile of the tiled (small C) and the K-dim paths: a multiple of every vector width.
+constexpr int64_t kTileLanes = 16;
+
+inline CeLayout make_ce_layout(int64_t N, int64_t C, int64_t P) {
+  CeLayout l{N, C, P, 0, 1, 0, false};
+  // about 32K logits a chunk: large enough to amortise the chunk bookkeeping, small enough to
+  // balance threads
+  const int64_t target_elems = 32768;
+  if (P > 1) {
+    int64_t px = target_elems / (C > 0 ? C : 1);
+    px = px < kTileLanes ? kTileLanes : (px / kTileLanes) * kTileLanes;
+    if (px > P) px = ((P + kTileLanes - 1) / kTileLanes) * kTileLanes;
+    l.rows_per_chunk = px;
+    l.chunks_per_n = (P + px - 1) / px;
+    l.num_chunks = N * l.chunks_per_n;
+  } else {
+    l.tiled = C < 2 * kTileLanes;
+    int64_t r = target_elems / (C > 0 ? C : 1);
+    if (r < 1) r = 1;
+    if (l.tiled) r = ((r + kTileLanes - 1) / kTileLanes) * kTileLanes;
+    l.rows_per_chunk = r;
+    l.num_chunks = (N + r - 1) / r;
+  }
+  return l;
+}
+
+}  // namespace cpu
+}  // namespace fused_wloss
+
+// Each per-ISA module exposes its table to Python as a capsule of this name, which
+// fused_wloss._C.set_cpu_kernels installs (see fused_wloss/_extension.py).
+#define FWL_KERNEL_TABLE_CAPSULE "fused_wloss.cpu_kernel_table"

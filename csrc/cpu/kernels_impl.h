@@ -1,0 +1,601 @@
+// Vectorised CPU kernels of fused_wloss, one chunk of rows per call.
+//
+// This file is compiled once per instruction set by kernels_{default,avx2,avx512}.cpp, each with
+// its own CPU_CAPABILITY and -m flags, into its own Python module; everything here lives in the
+// inline namespace CPU_CAPABILITY (as ATen's own kernels do) so the three builds never share a
+// symbol. The operators in losses_cpu.cpp cut the work into chunks and call these through a
+// KernelTable; the per-element formulas come from fused_wloss_math.h.
+//
+// Cross-entropy, three layouts (see CeLayout):
+// - rows (P == 1, C >= 32): one row at a time, vectors along the classes; two sweeps over the row
+//   (max, then sum of exponentials), the second from cache, so memory sees one read.
+// - tiled (P == 1, C < 32): a vector along C would be mostly empty, so 16 rows are packed into a
+//   [C][16] tile and processed as 16 lanes, one row per lane.
+// - columns (P > 1, K-dim inputs): classes are strided by P and pixels contiguous, so vectors run
+//   along the pixels in place, one pixel per lane, with no permute copy.
+// The per-row epilogue (target gather, weights, loss) and the true-class gradient are scalar, in
+// acc_t (float32 for reduced precision inputs).
+#pragma once
+
+#include <Python.h>
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "../fused_wloss_math.h"
+#include "kernel_table.h"
+
+namespace fused_wloss {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+template <typename T>
+using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Loads and stores of scalar_t as vectors of acc_t; the partial forms touch `n` elements and fill
+// the other lanes with zeros.
+template <typename T>
+struct Io {
+  using acc_t = float;
+  using Vec = Vectorized<float>;
+  static Vec load(const T* p) {
+    Vec out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+  static Vec load(const T* p, int64_t n) {
+    T buf[Vec::size()] = {};
+    std::copy(p, p + n, buf);
+    return load(buf);
+  }
+  static void store(T* p, Vec v, int64_t n = Vec::size()) {
+    at::vec::convert_from_float<T>(v, v).store(p, static_cast<int>(n));
+  }
+};
+
+template <typename F>
+struct IoNative {
+  using acc_t = F;
+  using Vec = Vectorized<F>;
+  static Vec load(const F* p) { return Vec::loadu(p); }
+  static Vec load(const F* p, int64_t n) { return Vec::loadu(p, n); }
+  static void store(F* p, Vec v, int64_t n = Vec::size()) {
+    if (n == Vec::size()) {
+      v.store(p);
+    } else {
+      v.store(p, static_cast<int>(n));
+    }
+  }
+};
+template <>
+struct Io<float> : IoNative<float> {};
+template <>
+struct Io<double> : IoNative<double> {};
+
+template <typename V>
+inline typename V::value_type reduce_sum(const V& v) {
+  typename V::value_type buf[V::size()];
+  v.store(buf);
+  typename V::value_type s = 0;
+  for (int i = 0; i < V::size(); ++i) s += buf[i];
+  return s;
+}
+
+template <typename V>
+inline typename V::value_type reduce_max(const V& v) {
+  typename V::value_type buf[V::size()];
+  v.store(buf);
+  typename V::value_type m = buf[0];
+  for (int i = 1; i < V::size(); ++i) m = (buf[i] > m || buf[i] != buf[i]) ? buf[i] : m;
+  return m;
+}
+
+template <typename acc_t>
+inline acc_t nan_max(acc_t a, acc_t b) {
+  return (b > a || b != b) ? b : a;
+}
+
+inline int64_t load_target(const void* target, bool is_int32, int64_t row) {
+  return is_int32 ? static_cast<const int32_t*>(target)[row]
+                  : static_cast<const int64_t*>(target)[row];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy forward
+
+template <typename scalar_t>
+struct CeForward {
+  using acc_t = acc_type_t<scalar_t>;
+  using IO = Io<scalar_t>;
+  using Vec = typename IO::Vec;
+
+  const CeForwardArgs& a;
+  const scalar_t* x;
+  const acc_t* cw;
+  const acc_t* sw;
+  acc_t* lse_out;
+  scalar_t* loss_out;
+  acc_t eps, num_classes, sum_w;
+  bool smooth;
+
+  explicit CeForward(const CeForwardArgs& args)
+      : a(args),
+        x(static_cast<const scalar_t*>(args.input)),
+        cw(static_cast<const acc_t*>(args.class_w)),
+        sw(static_cast<const acc_t*>(args.sample_w)),
+        lse_out(static_cast<acc_t*>(args.lse_out)),
+        loss_out(static_cast<scalar_t*>(args.loss_out)),
+        eps(static_cast<acc_t>(args.label_smoothing)),
+        num_classes(static_cast<acc_t>(args.layout.C)),
+        sum_w(static_cast<acc_t>(args.sum_w)),
+        smooth(args.label_smoothing > 0.0) {}
+
+  // The per-row epilogue: gather the target logit, apply the weights, add to the partials.
+  void finish_row(int64_t row, acc_t lse, acc_t sum_wx, CePartial* part) const {
+    const CeLayout& l = a.layout;
+    lse_out[row] = lse;
+    const int64_t t = load_target(a.target, a.target_int32, row);
+    acc_t loss = 0;
+    if (t != a.ignore_index) {
+      if (t < 0 || t >= l.C) {
+        if (part->bad_row < 0) {
+          part->bad_row = row;
+          part->bad_value = t;
+        }
+      } else {
+        const acc_t x_t = static_cast<acc_t>(x[ce_row_offset(row, l.C, l.P) + t * l.P]);
+        const acc_t w_t = cw ? cw[t] : acc_t(1);
+        const acc_t s = sw ? sw[row] : acc_t(1);
+        loss = s * ce_index_loss(lse, x_t, w_t, sum_w, sum_wx, eps, num_classes);
+        part->loss_sum += static_cast<double>(loss);
+        part->weight_sum += static_cast<double>(s * w_t);
+        part->valid += 1;
+      }
+    }
+    if (loss_out) loss_out[row] = static_cast<scalar_t>(loss);
+  }
+
+  // rows layout: vectors along one row of C contiguous classes.
+  void row(int64_t r, CePartial* part) const {
+    const int64_t C = a.layout.C;
+    const scalar_t* xr = x + r * C;
+    constexpr int64_t V = Vec::size();
+    Vec vmax(-std::numeric_limits<acc_t>::infinity());
+    Vec vwx(acc_t(0));
+    int64_t c = 0;
+    for (; c + V <= C; c += V) {
+      const Vec v = IO::load(xr + c);
+      vmax = at::vec::maximum(vmax, v);
+      if (smooth) vwx = vwx + (cw ? v * Vec::loadu(cw + c) : v);
+    }
+    acc_t m = reduce_max(vmax);
+    acc_t sum_wx = smooth ? reduce_sum(vwx) : acc_t(0);
+    for (int64_t k = c; k < C; ++k) {
+      const acc_t v = static_cast<acc_t>(xr[k]);
+      m = nan_max(m, v);
+      if (smooth) sum_wx += cw ? cw[k] * v : v;
+    }
+    const Vec vm(m);
+    Vec vs(acc_t(0));
+    for (c = 0; c + V <= C; c += V) vs = vs + (IO::load(xr + c) - vm).exp();
+    acc_t s = reduce_sum(vs);
+    for (int64_t k = c; k < C; ++k) s += std::exp(static_cast<acc_t>(xr[k]) - m);
+    finish_row(r, m + std::log(s), sum_wx, part);
+  }
+
+  // columns: `lanes` rows whose class c sits at base + c * stride + lane, stride-contiguous
+  // lanes; `n` of the V lanes are real (the others read as zeros and are not used).
+  template <typename in_t>
+  void columns(const in_t* base, int64_t stride, int64_t n, acc_t* lse, acc_t* sum_wx) const {
+    using CIO = Io<in_t>;
+    const int64_t C = a.layout.C;
+    Vec vmax(-std::numeric_limits<acc_t>::infinity());
+    Vec vwx(acc_t(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec v = n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
+      vmax = at::vec::maximum(vmax, v);
+      if (smooth) vwx = vwx + v * Vec(cw ? cw[c] : acc_t(1));
+    }
+    Vec vs(acc_t(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec v = n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
+      vs = vs + (v - vmax).exp();
+    }
+    (vmax + vs.log()).store(lse);
+    vwx.store(sum_wx);
+  }
+
+  void chunk(int64_t chunk_index, CePartial* part) const {
+    const CeLayout& l = a.layout;
+    constexpr int64_t V = Vec::size();
+    alignas(64) acc_t lse[kTileLanes];
+    alignas(64) acc_t swx[kTileLanes];
+    if (l.P > 1) {
+      const int64_t n = chunk_index / l.chunks_per_n;
+      const int64_t p0 = (chunk_index % l.chunks_per_n) * l.rows_per_chunk;
+      const int64_t p1 = std::min(l.P, p0 + l.rows_per_chunk);
+      const scalar_t* xn = x + n * l.C * l.P;
+      for (int64_t p = p0; p < p1; p += V) {
+        const int64_t lanes = std::min<int64_t>(V, p1 - p);
+        columns(xn + p, l.P, lanes, lse, swx);
+        for (int64_t j = 0; j < lanes; ++j) finish_row(n * l.P + p + j, lse[j], swx[j], part);
+      }
+      return;
+    }
+    const int64_t r0 = chunk_index * l.rows_per_chunk;
+    const int64_t r1 = std::min(l.N, r0 + l.rows_per_chunk);
+    if (!l.tiled) {
+      for (int64_t r = r0; r < r1; ++r) row(r, part);
+      return;
+    }
+    alignas(64) acc_t tile[2 * kTileLanes * kTileLanes];  // [C][kTileLanes], C < 2 * kTileLanes
+    for (int64_t r = r0; r < r1; r += kTileLanes) {
+      const int64_t rows = std::min<int64_t>(kTileLanes, r1 - r);
+      pack_tile(x + r * l.C, rows, l.C, tile);
+      for (int64_t j = 0; j < kTileLanes; j += V) {
+        columns<acc_t>(tile + j, kTileLanes, V, lse + j, swx + j);
+      }
+      for (int64_t j = 0; j < rows; ++j) finish_row(r + j, lse[j], swx[j], part);
+    }
+  }
+
+  static void pack_tile(const scalar_t* src, int64_t rows, int64_t C, acc_t* tile) {
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t c = 0; c < C; ++c) tile[c * kTileLanes + j] = static_cast<acc_t>(src[j * C + c]);
+    for (int64_t j = rows; j < kTileLanes; ++j)
+      for (int64_t c = 0; c < C; ++c) tile[c * kTileLanes + j] = acc_t(0);
+  }
+};
+
+template <typename scalar_t>
+void ce_forward_chunk(const CeForwardArgs& args, int64_t chunk, CePartial* out) {
+  CeForward<scalar_t>(args).chunk(chunk, out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy backward: d loss / d x_c = a p_c - b [c == t] - e W_c (see ce_index_grad_coeffs)
+
+template <typename scalar_t>
+struct CeBackward {
+  using acc_t = acc_type_t<scalar_t>;
+  using IO = Io<scalar_t>;
+  using Vec = typename IO::Vec;
+
+  const CeBackwardArgs& a;
+  const scalar_t* x;
+  const acc_t* cw;
+  const acc_t* sw;
+  const acc_t* lse;
+  const acc_t* grad_rows;
+  scalar_t* gx;
+  acc_t eps, num_classes, sum_w;
+
+  explicit CeBackward(const CeBackwardArgs& args)
+      : a(args),
+        x(static_cast<const scalar_t*>(args.input)),
+        cw(static_cast<const acc_t*>(args.class_w)),
+        sw(static_cast<const acc_t*>(args.sample_w)),
+        lse(static_cast<const acc_t*>(args.lse)),
+        grad_rows(static_cast<const acc_t*>(args.grad_rows)),
+        gx(static_cast<scalar_t*>(args.grad_input)),
+        eps(static_cast<acc_t>(args.label_smoothing)),
+        num_classes(static_cast<acc_t>(args.layout.C)),
+        sum_w(static_cast<acc_t>(args.sum_w)) {}
+
+  // The coefficients of row r; `t` is set to -1 when the row has no gradient (ignored).
+  CeGradCoeffs<acc_t> coeffs(int64_t r, int64_t* t_out, acc_t* w_t_out) const {
+    const int64_t t = load_target(a.target, a.target_int32, r);
+    if (t == a.ignore_index || t < 0 || t >= a.layout.C) {
+      *t_out = -1;
+      return {0, 0, 0};
+    }
+    const acc_t w_t = cw ? cw[t] : acc_t(1);
+    const acc_t g = grad_rows ? grad_rows[r] : static_cast<acc_t>(a.grad_scalar);
+    const acc_t scale = g * (sw ? sw[r] : acc_t(1));
+    *t_out = t;
+    *w_t_out = w_t;
+    return ce_index_grad_coeffs(scale, w_t, sum_w, eps, num_classes);
+  }
+
+  void row(int64_t r) const {
+    const int64_t C = a.layout.C;
+    const scalar_t* xr = x + r * C;
+    scalar_t* gr = gx + r * C;
+    constexpr int64_t V = Vec::size();
+    int64_t t;
+    acc_t w_t = 1;
+    const CeGradCoeffs<acc_t> k = coeffs(r, &t, &w_t);
+    if (t < 0) {
+      std::fill(gr, gr + C, scalar_t(0));
+      return;
+    }
+    const acc_t m = lse[r];
+    const Vec va(k.a), ve(k.e), vm(m);
+    const bool with_e = k.e != acc_t(0);
+    int64_t c = 0;
+    for (; c + V <= C; c += V) {
+      Vec g = va * (IO::load(xr + c) - vm).exp();
+      if (with_e) g = g - ve * (cw ? Vec::loadu(cw + c) : Vec(acc_t(1)));
+      IO::store(gr + c, g);
+    }
+    for (; c < C; ++c) {
+      acc_t g = k.a * std::exp(static_cast<acc_t>(xr[c]) - m);
+      if (with_e) g -= k.e * (cw ? cw[c] : acc_t(1));
+      gr[c] = static_cast<scalar_t>(g);
+    }
+    const acc_t p_t = std::exp(static_cast<acc_t>(xr[t]) - m);
+    gr[t] = static_cast<scalar_t>(ce_true_class_grad(k, p_t, w_t));
+  }
+
+  // columns: like CeForward::columns; writes the gradient of every lane, then fixes the true class
+  // of the real lanes. `ka`, `ke`, `m` hold the per-lane coefficients and log-sum-exp.
+  template <typename io_t>
+  void columns(const io_t* base, io_t* out, int64_t stride, int64_t n, const acc_t* ka,
+               const acc_t* ke, const acc_t* m, bool with_e) const {
+    using CIO = Io<io_t>;
+    const int64_t C = a.layout.C;
+    const Vec va = Vec::loadu(ka), ve = Vec::loadu(ke), vm = Vec::loadu(m);
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec v = n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
+      Vec g = va * (v - vm).exp();
+      if (with_e) g = g - ve * Vec(cw ? cw[c] : acc_t(1));
+      CIO::store(out + c * stride, g, n);
+    }
+  }
+
+  void chunk(int64_t chunk_index) const {
+    const CeLayout& l = a.layout;
+    constexpr int64_t V = Vec::size();
+    alignas(64) acc_t ka[kTileLanes], kb[kTileLanes], ke[kTileLanes], m[kTileLanes], wt[kTileLanes];
+    int64_t tt[kTileLanes];
+    // gather the coefficients of `lanes` rows starting at row r0; returns whether any lane has a
+    // label-smoothing term
+    auto lane_coeffs = [&](int64_t r0, int64_t lanes, int64_t stride_rows) {
+      bool with_e = false;
+      for (int64_t j = 0; j < kTileLanes; ++j) {
+        if (j < lanes) {
+          const CeGradCoeffs<acc_t> k = coeffs(r0 + j * stride_rows, &tt[j], &wt[j]);
+          ka[j] = k.a;
+          kb[j] = k.b;
+          ke[j] = k.e;
+          m[j] = tt[j] < 0 ? acc_t(0) : lse[r0 + j * stride_rows];
+          with_e = with_e || k.e != acc_t(0);
+        } else {
+          ka[j] = kb[j] = ke[j] = m[j] = acc_t(0);
+          tt[j] = -1;
+        }
+      }
+      return with_e;
+    };
+    if (l.P > 1) {
+      const int64_t n = chunk_index / l.chunks_per_n;
+      const int64_t p0 = (chunk_index % l.chunks_per_n) * l.rows_per_chunk;
+      const int64_t p1 = std::min(l.P, p0 + l.rows_per_chunk);
+      const int64_t offset = n * l.C * l.P;
+      for (int64_t p = p0; p < p1; p += V) {
+        const int64_t lanes = std::min<int64_t>(V, p1 - p);
+        const int64_t r0 = n * l.P + p;
+        const bool with_e = lane_coeffs(r0, lanes, 1);
+        columns<scalar_t>(x + offset + p, gx + offset + p, l.P, lanes, ka, ke, m, with_e);
+        for (int64_t j = 0; j < lanes; ++j) {
+          const int64_t i = offset + p + j;
+          if (tt[j] < 0) {
+            for (int64_t c = 0; c < l.C; ++c) gx[i + c * l.P] = scalar_t(0);
+            continue;
+          }
+          const int64_t it = i + tt[j] * l.P;
+          const acc_t p_t = std::exp(static_cast<acc_t>(x[it]) - m[j]);
+          gx[it] = static_cast<scalar_t>(ce_true_class_grad<acc_t>({ka[j], kb[j], ke[j]}, p_t, wt[j]));
+        }
+      }
+      return;
+    }
+    const int64_t r0 = chunk_index * l.rows_per_chunk;
+    const int64_t r1 = std::min(l.N, r0 + l.rows_per_chunk);
+    if (!l.tiled) {
+      for (int64_t r = r0; r < r1; ++r) row(r);
+      return;
+    }
+    alignas(64) acc_t tile[2 * kTileLanes * kTileLanes];
+    alignas(64) acc_t gtile[2 * kTileLanes * kTileLanes];
+    for (int64_t r = r0; r < r1; r += kTileLanes) {
+      const int64_t rows = std::min<int64_t>(kTileLanes, r1 - r);
+      CeForward<scalar_t>::pack_tile(x + r * l.C, rows, l.C, tile);
+      const bool with_e = lane_coeffs(r, rows, 1);
+      for (int64_t j = 0; j < kTileLanes; j += V) {
+        columns<acc_t>(tile + j, gtile + j, kTileLanes, V, ka + j, ke + j, m + j, with_e);
+      }
+      for (int64_t j = 0; j < rows; ++j) {
+        scalar_t* gr = gx + (r + j) * l.C;
+        if (tt[j] < 0) {
+          std::fill(gr, gr + l.C, scalar_t(0));
+          continue;
+        }
+        const acc_t p_t = std::exp(tile[tt[j] * kTileLanes + j] - m[j]);
+        gtile[tt[j] * kTileLanes + j] = ce_true_class_grad<acc_t>({ka[j], kb[j], ke[j]}, p_t, wt[j]);
+        for (int64_t c = 0; c < l.C; ++c) gr[c] = static_cast<scalar_t>(gtile[c * kTileLanes + j]);
+      }
+    }
+  }
+};
+
+template <typename scalar_t>
+void ce_backward_chunk(const CeBackwardArgs& args, int64_t chunk) {
+  CeBackward<scalar_t>(args).chunk(chunk);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binary cross-entropy, flat over the rows of a chunk:
+//   loss = w * (neg (1 - t) x + (neg (1 - t) + pos t) softplus(-x))
+//   grad = g * w * (neg (1 - t) sigmoid(x) - pos t sigmoid(-x))
+
+template <typename scalar_t>
+struct Bce {
+  using acc_t = acc_type_t<scalar_t>;
+  using IO = Io<scalar_t>;
+  using Vec = typename IO::Vec;
+  static constexpr int64_t V = Vec::size();
+
+  const BceArgs& a;
+  const scalar_t* x;
+  const scalar_t* t;
+  const acc_t* neg_w;
+  const acc_t* pos_w;
+  const acc_t* elem_w;
+  const acc_t* elem_pos_w;
+  const acc_t* sw;
+
+  explicit Bce(const BceArgs& args)
+      : a(args),
+        x(static_cast<const scalar_t*>(args.input)),
+        t(static_cast<const scalar_t*>(args.target)),
+        neg_w(static_cast<const acc_t*>(args.neg_label_w)),
+        pos_w(static_cast<const acc_t*>(args.pos_label_w)),
+        elem_w(static_cast<const acc_t*>(args.elem_w)),
+        elem_pos_w(static_cast<const acc_t*>(args.elem_pos_w)),
+        sw(static_cast<const acc_t*>(args.sample_w)) {}
+
+  static Vec load_acc(const acc_t* p, int64_t n) {
+    return n == V ? Vec::loadu(p) : Vec::loadu(p, n);
+  }
+
+  // The weights of `n` elements starting at flat index i (chunk-relative offset j).
+  void weights(int64_t i, int64_t j, int64_t n, int64_t r0, Vec* neg, Vec* pos, Vec* w) const {
+    *neg = neg_w ? load_acc(neg_w + j, n) : Vec(acc_t(1));
+    *pos = pos_w ? load_acc(pos_w + j, n) : Vec(acc_t(1));
+    if (elem_pos_w) *pos = *pos * load_acc(elem_pos_w + i, n);
+    *w = elem_w ? load_acc(elem_w + i, n) : Vec(acc_t(1));
+    if (sw) {
+      alignas(64) acc_t buf[V];
+      for (int64_t k = 0; k < n; ++k) buf[k] = sw[(i + k) / a.L];
+      for (int64_t k = n; k < V; ++k) buf[k] = acc_t(0);
+      *w = *w * Vec::loadu(buf);
+    }
+    (void)r0;
+  }
+
+  static Vec softplus_neg(const Vec& v) {  // max(-x, 0) + log1p(exp(-|x|))
+    const Vec zero(acc_t(0));
+    return at::vec::maximum(zero - v, zero) + (zero - v.abs()).exp().log1p();
+  }
+
+  double forward_chunk(int64_t chunk) const {
+    const int64_t r0 = chunk * a.rows_per_chunk;
+    const int64_t r1 = std::min(a.rows, r0 + a.rows_per_chunk);
+    const int64_t begin = r0 * a.L, count = (r1 - r0) * a.L;
+    scalar_t* out = static_cast<scalar_t*>(a.loss_out);
+    const Vec one(acc_t(1)), zero(acc_t(0));
+    double total = 0;
+    Vec block(acc_t(0));
+    int64_t in_block = 0;
+    for (int64_t j = 0; j < count; j += V) {
+      const int64_t n = std::min<int64_t>(V, count - j);
+      const int64_t i = begin + j;
+      const Vec vx = n == V ? IO::load(x + i) : IO::load(x + i, n);
+      const Vec vt = n == V ? IO::load(t + i) : IO::load(t + i, n);
+      Vec neg, pos, w;
+      weights(i, j, n, r0, &neg, &pos, &w);
+      const Vec nt = neg * (one - vt);
+      Vec loss = w * (nt * vx + (nt + pos * vt) * softplus_neg(vx));
+      if (n < V) loss = Vec::set(zero, loss, n);
+      if (out) IO::store(out + i, loss, n);
+      block = block + loss;
+      // fold into the double total every 64 vectors, so float lanes never sum long runs
+      if (++in_block == 64) {
+        total += static_cast<double>(reduce_sum(block));
+        block = zero;
+        in_block = 0;
+      }
+    }
+    return total + static_cast<double>(reduce_sum(block));
+  }
+
+  void backward_chunk(int64_t chunk) const {
+    const int64_t r0 = chunk * a.rows_per_chunk;
+    const int64_t r1 = std::min(a.rows, r0 + a.rows_per_chunk);
+    const int64_t begin = r0 * a.L, count = (r1 - r0) * a.L;
+    const acc_t* ge = static_cast<const acc_t*>(a.grad_elems);
+    scalar_t* gx = static_cast<scalar_t*>(a.grad_input);
+    const Vec one(acc_t(1)), zero(acc_t(0)), gs(static_cast<acc_t>(a.grad_scalar));
+    for (int64_t j = 0; j < count; j += V) {
+      const int64_t n = std::min<int64_t>(V, count - j);
+      const int64_t i = begin + j;
+      const Vec vx = n == V ? IO::load(x + i) : IO::load(x + i, n);
+      const Vec vt = n == V ? IO::load(t + i) : IO::load(t + i, n);
+      Vec neg, pos, w;
+      weights(i, j, n, r0, &neg, &pos, &w);
+      // sigmoid(x) and sigmoid(-x) from one exp(-|x|), exact in both tails
+      const Vec e = (zero - vx.abs()).exp();
+      const Vec inv = one / (one + e);
+      const Vec nonneg = vx >= zero;  // all-ones lanes where x >= 0
+      const Vec sig = Vec::blendv(e * inv, inv, nonneg);
+      const Vec sig_neg = Vec::blendv(inv, e * inv, nonneg);
+      const Vec g = ge ? load_acc(ge + i, n) : gs;
+      const Vec grad = g * w * (neg * (one - vt) * sig - pos * vt * sig_neg);
+      IO::store(gx + i, grad, n);
+    }
+  }
+};
+
+template <typename scalar_t>
+double bce_forward_chunk(const BceArgs& args, int64_t chunk) {
+  return Bce<scalar_t>(args).forward_chunk(chunk);
+}
+
+template <typename scalar_t>
+void bce_backward_chunk(const BceArgs& args, int64_t chunk) {
+  Bce<scalar_t>(args).backward_chunk(chunk);
+}
+
+#define FWL_STR2(x) #x
+#define FWL_STR(x) FWL_STR2(x)
+
+inline const KernelTable* kernel_table() {
+  static const KernelTable table = {
+      FWL_STR(CPU_CAPABILITY),
+      static_cast<int>(Vectorized<float>::size() * sizeof(float)),
+      {&ce_forward_chunk<float>, &ce_forward_chunk<double>, &ce_forward_chunk<c10::Half>,
+       &ce_forward_chunk<c10::BFloat16>},
+      {&ce_backward_chunk<float>, &ce_backward_chunk<double>, &ce_backward_chunk<c10::Half>,
+       &ce_backward_chunk<c10::BFloat16>},
+      {&bce_forward_chunk<float>, &bce_forward_chunk<double>, &bce_forward_chunk<c10::Half>,
+       &bce_forward_chunk<c10::BFloat16>},
+      {&bce_backward_chunk<float>, &bce_backward_chunk<double>, &bce_backward_chunk<c10::Half>,
+       &bce_backward_chunk<c10::BFloat16>},
+  };
+  return &table;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fused_wloss
+
+// The module: import it and read `kernel_table`, a capsule fused_wloss._C.set_cpu_kernels takes.
+#define FWL_CONCAT2(a, b) a##b
+#define FWL_CONCAT(a, b) FWL_CONCAT2(a, b)
+
+static PyModuleDef fwl_isa_module = {PyModuleDef_HEAD_INIT, FWL_STR(TORCH_EXTENSION_NAME),
+                                     "fused_wloss CPU kernels for one instruction set", -1, nullptr};
+
+PyMODINIT_FUNC FWL_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  PyObject* m = PyModule_Create(&fwl_isa_module);
+  if (m == nullptr) return nullptr;
+  const void* table = fused_wloss::cpu::kernel_table();
+  PyObject* capsule =
+      PyCapsule_New(const_cast<void*>(table), FWL_KERNEL_TABLE_CAPSULE, nullptr);
+  if (capsule == nullptr || PyModule_AddObject(m, "kernel_table", capsule) < 0) {
+    Py_XDECREF(capsule);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

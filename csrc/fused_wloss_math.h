@@ -1,0 +1,144 @@
+// Shared math of the fused_wloss kernels: per-element losses and gradient coefficients, the
+// dynamic weight schemes, and the online-softmax combine step. Plain inline functions on scalars,
+// compiled for the host by the CPU kernels and for the device by the CUDA kernels, so that the
+// CPU tests exercise the formulas the GPU runs.
+//
+// The formulas are those of fused_wloss/reference.py (its module docstring states them).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FWL_HD __host__ __device__ __forceinline__
+#else
+#define FWL_HD inline
+#endif
+
+namespace fused_wloss {
+
+// Reductions, in the order of the schema's `reduction` integer (see fused_wloss/ops.py).
+enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2, kSampleMean = 3 };
+
+// Dynamic weight schemes; kNoScheme means no dynamic weighting. Codes match
+// fused_wloss/_weighting.py SCHEME_CODES.
+enum WeightScheme : int64_t { kNoScheme = 0, kInverse = 1, kInverseSqrt = 2, kEffectiveNumber = 3 };
+
+// The weight of a class (or label) seen `count` times in the batch.
+// inverse: 1 / (n + s); inverse_sqrt: 1 / sqrt(n + s);
+// effective_number: (1 - beta) / (1 - beta^max(n, 1)), with 1 - beta^n = -expm1(n log beta).
+template <typename acc_t>
+FWL_HD acc_t scheme_weight(int64_t scheme, acc_t count, acc_t smoothing, acc_t beta) {
+  switch (scheme) {
+    case kInverse:
+      return acc_t(1) / (count + smoothing);
+    case kInverseSqrt:
+      return acc_t(1) / std::sqrt(count + smoothing);
+    case kEffectiveNumber: {
+      const acc_t n = count < acc_t(1) ? acc_t(1) : count;
+      const acc_t log_beta =
+          beta > acc_t(0) ? std::log(beta) : -std::numeric_limits<acc_t>::infinity();
+      return (acc_t(1) - beta) / -std::expm1(n * log_beta);
+    }
+    default:
+      return acc_t(1);
+  }
+}
+
+// Online softmax: the running state of a max `m` and a sum `s` of exp(x - m). Combining two
+// partial states is associative, so any split of a row (vector lanes, threads, blocks) reduces to
+// the same log-sum-exp up to rounding.
+template <typename acc_t>
+struct SoftmaxState {
+  acc_t max;
+  acc_t sum;
+};
+
+template <typename acc_t>
+FWL_HD SoftmaxState<acc_t> online_softmax_combine(SoftmaxState<acc_t> a, SoftmaxState<acc_t> b) {
+  if (a.max < b.max) {
+    const SoftmaxState<acc_t> t = a;
+    a = b;
+    b = t;
+  }
+  // a.max >= b.max; an empty state has max = -inf and sum = 0
+  if (b.sum == acc_t(0)) return a;
+  return {a.max, a.sum + b.sum * std::exp(b.max - a.max)};
+}
+
+template <typename acc_t>
+FWL_HD acc_t log_sum_exp(SoftmaxState<acc_t> s) {
+  return s.max + std::log(s.sum);
+}
+
+// Softmax cross-entropy of one element with index target t, given its log-sum-exp `lse`:
+//   (1 - eps) W_t (lse - x_t) + eps / C (lse * sum_c W_c - sum_c W_c x_c)
+// scaled by the element's weight (sample weight, 0 if ignored). `w_t` is W[t] (1 without class
+// weights), `sum_w` is sum_c W_c (C without class weights) and `sum_wx` is sum_c W_c x_c.
+template <typename acc_t>
+FWL_HD acc_t ce_index_loss(acc_t lse, acc_t x_t, acc_t w_t, acc_t sum_w, acc_t sum_wx,
+                           acc_t eps, acc_t num_classes) {
+  acc_t loss = (acc_t(1) - eps) * w_t * (lse - x_t);
+  if (eps > acc_t(0)) loss += eps / num_classes * (lse * sum_w - sum_wx);
+  return loss;
+}
+
+// Gradient of an index-target element with respect to its logits, as three coefficients:
+//   d loss / d x_c = a * p_c - b * [c == t] - e * W_c,   p_c = exp(x_c - lse)
+// where `scale` is the upstream gradient times the element's weight (0 if ignored).
+template <typename acc_t>
+struct CeGradCoeffs {
+  acc_t a, b, e;
+};
+
+template <typename acc_t>
+FWL_HD CeGradCoeffs<acc_t> ce_index_grad_coeffs(acc_t scale, acc_t w_t, acc_t sum_w, acc_t eps,
+                                                acc_t num_classes) {
+  const acc_t smooth = eps / num_classes;
+  return {scale * ((acc_t(1) - eps) * w_t + smooth * sum_w), scale * (acc_t(1) - eps) * w_t,
+          scale * smooth};
+}
+
+// The true-class gradient, a * p_t - b - e * W_t, computed in acc_t (float32 at least) so that
+// p_t - 1 does not cancel in low precision.
+template <typename acc_t>
+FWL_HD acc_t ce_true_class_grad(CeGradCoeffs<acc_t> k, acc_t p_t, acc_t w_t) {
+  return k.a * p_t - k.b - k.e * w_t;
+}
+
+// log(1 + exp(-|x|)) + max(-x, 0) = softplus(-x) = -log(sigmoid(x)), stable for every x.
+template <typename acc_t>
+FWL_HD acc_t softplus_neg(acc_t x) {
+  const acc_t m = x < acc_t(0) ? -x : acc_t(0);
+  return m + std::log1p(std::exp(-std::fabs(x)));
+}
+
+// Sigmoid binary cross-entropy of one element:
+//   neg (1 - t) softplus(x) + pos t softplus(-x) = neg (1 - t) x + (neg (1 - t) + pos t) softplus(-x)
+// `neg` and `pos` are the weights of the negative and positive part (pos includes pos_weight).
+template <typename acc_t>
+FWL_HD acc_t bce_loss(acc_t x, acc_t t, acc_t neg, acc_t pos) {
+  const acc_t n = neg * (acc_t(1) - t);
+  return n * x + (n + pos * t) * softplus_neg(x);
+}
+
+// d/dx of bce_loss: neg (1 - t) sigmoid(x) - pos t (1 - sigmoid(x)), computed from one exp.
+template <typename acc_t>
+FWL_HD acc_t bce_grad(acc_t x, acc_t t, acc_t neg, acc_t pos) {
+  const acc_t e = std::exp(-std::fabs(x));  // in (0, 1]
+  const acc_t sig = x >= acc_t(0) ? acc_t(1) / (acc_t(1) + e) : e / (acc_t(1) + e);
+  const acc_t one_minus_sig = x >= acc_t(0) ? e / (acc_t(1) + e) : acc_t(1) / (acc_t(1) + e);
+  return neg * (acc_t(1) - t) * sig - pos * t * one_minus_sig;
+}
+
+// Index math shared by every kernel: a CE input viewed as (N, C, P) with P = d1 * ... * dk.
+// Element (n, c, p) lives at n * C * P + c * P + p; row r = n * P + p holds the classes of one
+// element of the unreduced loss.
+FWL_HD int64_t ce_row_offset(int64_t row, int64_t num_classes, int64_t inner) {
+  const int64_t n = row / inner;
+  const int64_t p = row - n * inner;
+  return n * num_classes * inner + p;
+}
+
+}  // namespace fused_wloss

@@ -1,0 +1,232 @@
+"""The pure-PyTorch reference: the exact semantics of fused_wloss, written for clarity.
+
+This module is the correctness oracle of every kernel test and the fallback wherever no compiled
+kernel serves a call. It has the same signatures as the public functions, is vectorised (no Python
+loop over samples or classes), and does no host synchronisation: counts go into a fixed-size vector
+with ``scatter_add_``, never through ``torch.bincount`` or boolean-mask indexing.
+
+Half-precision inputs are computed in float32 and the result cast back, as the kernels do.
+
+Cross-entropy, index targets (``t_i`` the class of element ``i``, ``W_c`` the class weight, the
+product of the static ``weight[c]`` and the dynamic weight of class ``c``, ``s_i`` the sample weight,
+``v_i`` = 0 if ``t_i == ignore_index`` else 1, ``eps`` the label smoothing)::
+
+    loss_i = s_i * v_i * ((1 - eps) * W[t_i] * -logp[i, t_i] + eps / C * sum_c W_c * -logp[i, c])
+    "mean":        sum_i loss_i / sum_i s_i * v_i * W[t_i]
+    "sample_mean": sum_i loss_i / sum_i v_i
+
+Cross-entropy, probability targets (``q`` the target smoothed as ``(1 - eps) * q + eps / C``)::
+
+    loss_i = s_i * sum_c W_c * q[i, c] * -logp[i, c]
+    "mean":        sum_i loss_i / sum_i s_i        (the element count when s is absent)
+    "sample_mean": sum_i loss_i / element count
+
+Binary cross-entropy with logits, per element (``a``, ``b`` the weights of the negative and the
+positive part: both the dynamic label weight, or for "balanced" the negative and positive weight;
+``b`` also carries ``pos_weight``)::
+
+    loss = weight * s_row * (a * (1 - t) * softplus(x) + b * t * softplus(-x))
+    "mean" = "sample_mean" = sum / element count
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks
+from ._weighting import BatchWeighting
+
+__all__ = ["cross_entropy", "binary_cross_entropy_with_logits"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 are computed in float32; float32 and float64 as they are."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _reduce(loss: torch.Tensor, reduction: str, mean_denominator, sample_mean_denominator):
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    denominator = mean_denominator if reduction == "mean" else sample_mean_denominator
+    if not isinstance(denominator, torch.Tensor):
+        return total / denominator  # an element count: 0 only for an empty batch
+    # A zero normaliser (every target ignored) gives NaN like torch, and a zero gradient like
+    # torch's: dividing by the raw zero would send inf * 0 = NaN into the backward.
+    empty = denominator == 0
+    safe = torch.where(empty, torch.ones_like(denominator), denominator)
+    return torch.where(empty, torch.full_like(total, float("nan")), total / safe)
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    sample_weight: Optional[torch.Tensor] = None,
+    class_weighting=None,
+) -> torch.Tensor:
+    """Reference of :func:`fused_wloss.cross_entropy` (see the module docstring for the formulas)."""
+    args = _checks.check_cross_entropy(
+        input, target, weight, ignore_index, reduction, label_smoothing, sample_weight,
+        class_weighting, size_average, reduce,
+    )
+    if not args.prob_target:
+        _checks.check_target_range(target, args.num_classes, ignore_index)
+    return cross_entropy_checked(
+        input, target, weight, ignore_index, args.reduction, float(label_smoothing),
+        sample_weight, args.weighting, args.prob_target,
+    )
+
+
+def cross_entropy_checked(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    sample_weight: Optional[torch.Tensor],
+    weighting: Optional[BatchWeighting],
+    prob_target: bool,
+) -> torch.Tensor:
+    """The reference computation on arguments that have passed the checks."""
+    dtype = _compute_dtype(input.dtype)
+    x = input.to(dtype)
+    unbatched = x.dim() == 1
+    if unbatched:  # (C,) -> (1, C): one sample
+        x, target = x.unsqueeze(0), target.unsqueeze(0)
+        if sample_weight is not None:
+            sample_weight = sample_weight.unsqueeze(0)
+    num_classes = x.shape[1]
+    spatial_dims = [0] + list(range(2, x.dim()))  # every dimension but the class dimension
+    per_class = (1, num_classes) + (1,) * (x.dim() - 2)  # view that broadcasts (C,) along dim 1
+
+    logp = torch.log_softmax(x, dim=1)
+    class_w = weight.to(dtype) if weight is not None else None
+    eps = label_smoothing
+
+    if prob_target:
+        q = target.to(dtype)
+        if weighting is not None:
+            counts = q.detach().sum(dim=spatial_dims)  # soft counts: summed probabilities
+            dynamic = weighting.weights(counts)
+            class_w = dynamic if class_w is None else class_w * dynamic
+        if eps > 0.0:
+            q = q * (1.0 - eps) + eps / num_classes
+        weighted_logp = logp if class_w is None else logp * class_w.view(per_class)
+        loss = -(weighted_logp * q).sum(dim=1)
+        count = loss.numel()
+        if sample_weight is not None:
+            sw = sample_weight.to(dtype)
+            loss = loss * sw
+            mean_denominator = sw.sum()
+        else:
+            mean_denominator = count
+        sample_mean_denominator = count
+    else:
+        t = target.long()
+        valid = t != ignore_index
+        safe_t = torch.where(valid, t, 0)  # ignored elements point at class 0, then are masked
+        if weighting is not None:
+            counts = torch.zeros(num_classes, dtype=torch.long, device=t.device)
+            counts.scatter_add_(0, safe_t.flatten(), valid.flatten().long())
+            dynamic = weighting.weights(counts.to(dtype))
+            class_w = dynamic if class_w is None else class_w * dynamic
+        nll = -logp.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+        target_w = valid.to(dtype)
+        if class_w is not None:
+            target_w = torch.where(valid, class_w[safe_t], 0.0)
+        if sample_weight is not None:
+            target_w = target_w * sample_weight.to(dtype)
+        loss = target_w * nll
+        if eps > 0.0:
+            weighted_logp = logp if class_w is None else logp * class_w.view(per_class)
+            smooth = -weighted_logp.sum(dim=1)
+            row_w = valid.to(dtype)
+            if sample_weight is not None:
+                row_w = row_w * sample_weight.to(dtype)
+            loss = (1.0 - eps) * loss + (eps / num_classes) * row_w * smooth
+        mean_denominator = target_w.sum()
+        sample_mean_denominator = valid.sum()
+
+    if unbatched:
+        loss = loss.squeeze(0)
+    out = _reduce(loss, reduction, mean_denominator, sample_mean_denominator)
+    return out.to(input.dtype)
+
+
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[torch.Tensor] = None,
+    *,
+    sample_weight: Optional[torch.Tensor] = None,
+    class_weighting=None,
+) -> torch.Tensor:
+    """Reference of :func:`fused_wloss.binary_cross_entropy_with_logits`."""
+    args = _checks.check_bce(
+        input, target, weight, reduction, pos_weight, sample_weight, class_weighting,
+        size_average, reduce,
+    )
+    return bce_checked(input, target, weight, args.reduction, pos_weight, sample_weight, args.weighting)
+
+
+def bce_checked(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    reduction: str,
+    pos_weight: Optional[torch.Tensor],
+    sample_weight: Optional[torch.Tensor],
+    weighting: Optional[BatchWeighting],
+) -> torch.Tensor:
+    """The reference computation on arguments that have passed the checks."""
+    dtype = _compute_dtype(input.dtype)
+    x = input.to(dtype)
+    t = target.to(dtype)
+    neg_w = pos_w = None  # a and b of the module docstring; None means 1
+    if weighting is not None:
+        num_labels = x.shape[-1] if x.dim() >= 2 else 1
+        rows_t = t.detach().reshape(-1, num_labels)
+        if weighting.balanced:
+            pos_w = weighting.weights(rows_t.sum(dim=0))
+            neg_w = weighting.weights((1.0 - rows_t).sum(dim=0))
+        else:
+            pos_w = neg_w = weighting.weights(rows_t.sum(dim=0))
+        if x.dim() == 0:  # a (1,) weight would turn the 0-d loss into shape (1,)
+            pos_w, neg_w = pos_w.reshape(()), neg_w.reshape(())
+    if pos_weight is not None:
+        pw = pos_weight.to(dtype)
+        pos_w = pw if pos_w is None else pos_w * pw
+
+    softplus_neg = -torch.nn.functional.logsigmoid(x)  # softplus(-x) = -log(sigmoid(x))
+    if neg_w is None and pos_w is None:
+        # torch's own form: (1 - t) * x + softplus(-x) = (1 - t) softplus(x) + t softplus(-x)
+        loss = (1.0 - t) * x + softplus_neg
+    elif neg_w is None:
+        loss = (1.0 - t) * x + ((1.0 - t) + pos_w * t) * softplus_neg
+    else:
+        # a (1 - t) softplus(x) + b t softplus(-x), with softplus(x) = x + softplus(-x)
+        neg = neg_w * (1.0 - t)
+        loss = neg * x + (neg + pos_w * t) * softplus_neg
+    if weight is not None:
+        loss = loss * weight.to(dtype)
+    if sample_weight is not None:
+        sw = sample_weight.to(dtype)
+        loss = loss * (sw.unsqueeze(-1) if x.dim() >= 2 else sw)
+    count = loss.numel()
+    return _reduce(loss, reduction, count, count).to(input.dtype)
