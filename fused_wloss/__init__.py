@@ -5,7 +5,7 @@ Drop-in replacements for ``torch.nn.functional.cross_entropy``,
 (per-batch) class weights built in. :mod:`fused_wloss.reference` is the pure-PyTorch oracle.
 """
 
-from . import reference
+from . import _extension, reference
 from ._backend import backend
 from ._checks import set_target_validation, target_validation_enabled
 from ._weighting import BatchWeighting
@@ -14,12 +14,16 @@ from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 
 __version__ = "0.1.0"
 
+_extension.load()
+cpu_isa = _extension.cpu_isa
+
 __all__ = [
     "BCEWithLogitsLoss",
     "BatchWeighting",
     "CrossEntropyLoss",
     "backend",
     "binary_cross_entropy_with_logits",
+    "cpu_isa",
     "cross_entropy",
     "reference",
     "set_target_validation",

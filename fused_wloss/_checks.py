@@ -170,10 +170,10 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
     bad = ((t < 0) | (t >= num_classes)) & (t != ignore_index)
     if target.device.type == "cpu":
         if bool(bad.any()):
-            first = int(t[bad][0])
+            position = int(bad.flatten().nonzero()[0])
             raise IndexError(
                 f"cross_entropy: target must hold class indices in [0, {num_classes}) or "
-                f"ignore_index={ignore_index}, found {first}"
+                f"ignore_index={ignore_index}, found {int(t.flatten()[position])} at element {position}"
             )
     else:
         torch._assert_async(

@@ -1,0 +1,3 @@
+// The CPU kernels built for one instruction set (avx2); setup.py and the JIT loader compile this
+// file with that set's CPU_CAPABILITY and -m flags (see fused_wloss/_build.py).
+#include "kernels_impl.h"

@@ -1,0 +1,497 @@
+// CPU implementations of the fused_wloss operators (schemas in csrc/ops.cpp).
+//
+// Host side of the kernels: argument checks, the class counts and dynamic weights, the cut of the
+// rows into chunks (kernel_table.h), at::parallel_for over the chunks, and the reduction of the
+// per-chunk partial sums in chunk order. The vectorised per-chunk work runs through the
+// KernelTable of the best instruction set this CPU has (installed from Python at import).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "../fused_wloss_math.h"
+#include "kernel_table.h"
+
+namespace fused_wloss {
+namespace cpu {
+
+namespace {
+std::atomic<const KernelTable*> g_kernels{nullptr};
+}  // namespace
+
+void set_kernel_table(const KernelTable* table) { g_kernels.store(table); }
+const KernelTable* kernel_table_or_null() { return g_kernels.load(); }
+
+namespace {
+
+const KernelTable& kernels() {
+  const KernelTable* t = g_kernels.load();
+  TORCH_CHECK(t != nullptr,
+              "fused_wloss: no CPU kernels are installed; import fused_wloss (which installs the "
+              "kernels for this CPU) before calling torch.ops.fused_wloss directly");
+  return *t;
+}
+
+int dtype_index(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat:
+      return kFloat;
+    case at::kDouble:
+      return kDouble;
+    case at::kHalf:
+      return kHalf;
+    case at::kBFloat16:
+      return kBFloat16;
+    default:
+      TORCH_CHECK(false, "fused_wloss: input must be float32, float64, float16 or bfloat16, got ",
+                  s);
+  }
+}
+
+at::ScalarType acc_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+// An optional float tensor as a contiguous acc_t array of `numel` elements.
+at::Tensor as_acc(const c10::optional<at::Tensor>& t, at::ScalarType acc, const char* name,
+                  int64_t numel) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->is_floating_point(), "fused_wloss: ", name, " must be floating point, got ",
+              t->scalar_type());
+  TORCH_CHECK(t->numel() == numel, "fused_wloss: ", name, " must have ", numel,
+              " elements, got shape ", t->sizes());
+  return t->to(acc).contiguous().reshape({numel});
+}
+
+struct CeShape {
+  int64_t N, C, P;
+  std::vector<int64_t> loss_shape;
+};
+
+CeShape ce_shape(const at::Tensor& input, const at::Tensor& target) {
+  TORCH_CHECK(input.dim() >= 1, "fused_wloss.cross_entropy: input must have shape (C,), (N, C) or "
+              "(N, C, d1, ..., dk), got a 0-d tensor");
+  CeShape s;
+  if (input.dim() == 1) {
+    s = {1, input.size(0), 1, {}};
+  } else {
+    s.N = input.size(0);
+    s.C = input.size(1);
+    s.P = 1;
+    s.loss_shape.push_back(s.N);
+    for (int64_t d = 2; d < input.dim(); ++d) {
+      s.P *= input.size(d);
+      s.loss_shape.push_back(input.size(d));
+    }
+  }
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+              "fused_wloss.cross_entropy: target must hold class indices as int64 or int32, got ",
+              target.scalar_type());
+  TORCH_CHECK(target.sizes() == at::IntArrayRef(s.loss_shape),
+              "fused_wloss.cross_entropy: target must have shape ", at::IntArrayRef(s.loss_shape),
+              " for input of shape ", input.sizes(), ", got ", target.sizes());
+  return s;
+}
+
+[[noreturn]] void throw_bad_target(int64_t row, int64_t value, int64_t C, int64_t ignore_index) {
+  TORCH_CHECK_INDEX(false, "cross_entropy: target must hold class indices in [0, ", C,
+                    ") or ignore_index=", ignore_index, ", found ", value, " at element ", row);
+}
+
+// Class counts of the non-ignored targets (exact integer sums: per-thread histograms added in any
+// order give the same counts), then class_w[c] = static[c] * scheme(count[c]).
+at::Tensor ce_class_weights(const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                            int64_t C, int64_t ignore_index, int64_t scheme, double smoothing,
+                            double beta, at::ScalarType acc) {
+  const bool has_weight = weight.has_value() && weight->defined();
+  if (!has_weight && scheme == kNoScheme) return at::Tensor();
+  at::Tensor class_w = has_weight ? as_acc(weight, acc, "weight", C).clone()
+                                  : at::ones({C}, target.options().dtype(acc));
+  if (scheme == kNoScheme) return class_w;
+
+  const int64_t rows = target.numel();
+  const bool is_int32 = target.scalar_type() == at::kInt;
+  const void* tp = target.data_ptr();
+  const int nthreads = at::get_num_threads();
+  std::vector<int64_t> hist(static_cast<size_t>(nthreads) * C, 0);
+  std::vector<int64_t> bad_row(nthreads, -1), bad_value(nthreads, 0);
+  at::parallel_for(0, rows, 16384, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    int64_t* h = hist.data() + static_cast<size_t>(tid) * C;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = is_int32 ? static_cast<const int32_t*>(tp)[r]
+                                 : static_cast<const int64_t*>(tp)[r];
+      if (t == ignore_index) continue;
+      if (t < 0 || t >= C) {
+        if (bad_row[tid] < 0 || r < bad_row[tid]) {
+          bad_row[tid] = r;
+          bad_value[tid] = t;
+        }
+        continue;
+      }
+      ++h[t];
+    }
+  });
+  int64_t first_bad = -1, first_value = 0;
+  for (int i = 0; i < nthreads; ++i) {
+    if (bad_row[i] >= 0 && (first_bad < 0 || bad_row[i] < first_bad)) {
+      first_bad = bad_row[i];
+      first_value = bad_value[i];
+    }
+  }
+  if (first_bad >= 0) throw_bad_target(first_bad, first_value, C, ignore_index);
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "ce_class_weights", [&] {
+    scalar_t* w = class_w.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      int64_t n = 0;
+      for (int i = 0; i < nthreads; ++i) n += hist[static_cast<size_t>(i) * C + c];
+      w[c] *= scheme_weight<scalar_t>(scheme, static_cast<scalar_t>(n),
+                                      static_cast<scalar_t>(smoothing), static_cast<scalar_t>(beta));
+    }
+  });
+  return class_w;
+}
+
+double sum_in_order(const at::Tensor& t, int64_t fallback) {
+  if (!t.defined()) return static_cast<double>(fallback);
+  const at::Tensor d = t.to(at::kDouble);
+  const double* p = d.data_ptr<double>();
+  double s = 0;
+  for (int64_t i = 0; i < d.numel(); ++i) s += p[i];
+  return s;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& sample_weight, int64_t ignore_index, double label_smoothing,
+    int64_t reduction, int64_t scheme, double smoothing, double beta) {
+  const CeShape s = ce_shape(input, target);
+  const int di = dtype_index(input.scalar_type());
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ",
+              reduction);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor t = target.contiguous();
+  const int64_t rows = s.N * s.P;
+
+  const at::Tensor class_w =
+      ce_class_weights(t, weight, s.C, ignore_index, scheme, smoothing, beta, acc);
+  const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
+  at::Tensor lse = at::empty({rows}, x.options().dtype(acc));
+  at::Tensor loss_rows;
+  if (reduction == kNone) loss_rows = at::empty(s.loss_shape, x.options());
+
+  CeForwardArgs args{};
+  args.layout = make_ce_layout(s.N, s.C, s.P);
+  args.input = x.data_ptr();
+  args.target = t.data_ptr();
+  args.target_int32 = t.scalar_type() == at::kInt;
+  args.class_w = class_w.defined() ? class_w.data_ptr() : nullptr;
+  args.sample_w = sw.defined() ? sw.data_ptr() : nullptr;
+  args.sum_w = sum_in_order(class_w, s.C);
+  args.ignore_index = ignore_index;
+  args.label_smoothing = label_smoothing;
+  args.loss_out = loss_rows.defined() ? loss_rows.data_ptr() : nullptr;
+  args.lse_out = lse.data_ptr();
+
+  std::vector<CePartial> partials(args.layout.num_chunks, CePartial{0, 0, 0, -1, 0});
+  if (rows > 0 && s.C > 0) {
+    const CeForwardFn fn = kernels().ce_forward[di];
+    at::parallel_for(0, args.layout.num_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) fn(args, c, &partials[c]);
+    });
+  }
+  double loss_sum = 0, weight_sum = 0;
+  int64_t valid = 0;
+  for (const CePartial& p : partials) {  // chunk order: the same sums for any thread count
+    if (p.bad_row >= 0) throw_bad_target(p.bad_row, p.bad_value, s.C, ignore_index);
+    loss_sum += p.loss_sum;
+    weight_sum += p.weight_sum;
+    valid += p.valid;
+  }
+  double norm = 1.0;
+  if (reduction == kMean) norm = weight_sum;
+  if (reduction == kSampleMean) norm = static_cast<double>(valid);
+  at::Tensor loss = reduction == kNone ? loss_rows
+                                       : at::scalar_tensor(loss_sum / norm, x.options());
+  return {loss, lse, class_w.defined() ? class_w : at::empty({0}, x.options().dtype(acc)),
+          at::scalar_tensor(norm, x.options().dtype(acc))};
+}
+
+at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
+                                      const at::Tensor& target, const at::Tensor& class_weight,
+                                      const c10::optional<at::Tensor>& sample_weight,
+                                      const at::Tensor& lse, const at::Tensor& norm,
+                                      int64_t ignore_index, double label_smoothing,
+                                      int64_t reduction) {
+  const CeShape s = ce_shape(input, target);
+  const int di = dtype_index(input.scalar_type());
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const at::Tensor x = input.contiguous();
+  const at::Tensor t = target.contiguous();
+  const int64_t rows = s.N * s.P;
+  TORCH_CHECK(lse.numel() == rows, "fused_wloss: lse must have ", rows, " elements");
+  const at::Tensor class_w =
+      class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
+  const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
+  const at::Tensor lse_acc = lse.to(acc).contiguous();
+  at::Tensor grad_input = at::empty(x.sizes(), x.options());
+
+  CeBackwardArgs args{};
+  args.layout = make_ce_layout(s.N, s.C, s.P);
+  args.input = x.data_ptr();
+  args.target = t.data_ptr();
+  args.target_int32 = t.scalar_type() == at::kInt;
+  args.class_w = class_w.defined() ? class_w.data_ptr() : nullptr;
+  args.sample_w = sw.defined() ? sw.data_ptr() : nullptr;
+  args.sum_w = sum_in_order(class_w, s.C);
+  args.ignore_index = ignore_index;
+  args.label_smoothing = label_smoothing;
+  args.lse = lse_acc.data_ptr();
+  at::Tensor grad_rows;
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_loss.numel() == rows, "fused_wloss: grad_loss must have ", rows,
+                " elements, got ", grad_loss.sizes());
+    grad_rows = grad_loss.to(acc).contiguous();
+    args.grad_rows = grad_rows.data_ptr();
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "fused_wloss: grad_loss of a reduced loss must have one "
+                "element, got ", grad_loss.sizes());
+    double g = grad_loss.to(at::kDouble).item<double>();  // host memory: no device sync
+    if (reduction == kMean || reduction == kSampleMean) g /= norm.to(at::kDouble).item<double>();
+    args.grad_scalar = g;
+  }
+  args.grad_input = grad_input.data_ptr();
+  if (rows > 0 && s.C > 0) {
+    const CeBackwardFn fn = kernels().ce_backward[di];
+    at::parallel_for(0, args.layout.num_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) fn(args, c);
+    });
+  }
+  return grad_input;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binary cross-entropy
+
+namespace {
+
+struct BceShape {
+  int64_t rows, L;
+};
+
+BceShape bce_shape(const at::Tensor& input, const at::Tensor& target) {
+  TORCH_CHECK(target.sizes() == input.sizes(), "fused_wloss.binary_cross_entropy_with_logits: "
+              "target must have the input's shape ", input.sizes(), ", got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == input.scalar_type(),
+              "fused_wloss.binary_cross_entropy_with_logits: target must have the input's dtype ",
+              input.scalar_type(), ", got ", target.scalar_type());
+  const int64_t L = input.dim() >= 2 ? input.size(-1) : 1;
+  return {L > 0 ? input.numel() / L : 0, L};
+}
+
+// A weight broadcastable to the input, as a per-label vector (L) when it is constant along every
+// dimension but the last, else as a full contiguous (rows * L) array.
+struct BceWeight {
+  at::Tensor label;  // acc_t[L] or undefined
+  at::Tensor full;   // acc_t[rows * L] or undefined
+};
+
+BceWeight classify_weight(const c10::optional<at::Tensor>& w, const at::Tensor& input,
+                          int64_t L, at::ScalarType acc, const char* name) {
+  BceWeight out;
+  if (!w.has_value() || !w->defined()) return out;
+  TORCH_CHECK(w->is_floating_point(), "fused_wloss: ", name, " must be floating point");
+  const bool per_label = w->numel() == 1 ||
+                         (input.dim() >= 2 && w->dim() >= 1 && w->size(-1) == L && w->numel() == L);
+  if (per_label) {
+    out.label = w->to(acc).reshape({-1}).expand({L}).contiguous();
+  } else {
+    out.full = w->to(acc).expand(input.sizes()).contiguous().reshape({-1});
+  }
+  return out;
+}
+
+// Sums of the targets and of their complements per label over the rows, in a fixed number of
+// row segments reduced in order: the same doubles for any thread count.
+void label_counts(const at::Tensor& t, const BceShape& s, std::vector<double>* pos,
+                  std::vector<double>* neg) {
+  const int64_t segments = std::max<int64_t>(1, std::min<int64_t>(64, s.rows));
+  const int64_t per = (s.rows + segments - 1) / segments;
+  std::vector<double> part(static_cast<size_t>(segments) * s.L, 0.0);
+  const at::Tensor tc = t.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tc.scalar_type(), "label_counts", [&] {
+    const scalar_t* tp = tc.data_ptr<scalar_t>();
+    at::parallel_for(0, segments, 1, [&](int64_t b, int64_t e) {
+      for (int64_t g = b; g < e; ++g) {
+        double* acc = part.data() + g * s.L;
+        const int64_t r1 = std::min(s.rows, (g + 1) * per);
+        for (int64_t r = g * per; r < r1; ++r)
+          for (int64_t l = 0; l < s.L; ++l) acc[l] += static_cast<double>(tp[r * s.L + l]);
+      }
+    });
+  });
+  pos->assign(s.L, 0.0);
+  neg->assign(s.L, 0.0);
+  for (int64_t g = 0; g < segments; ++g) {
+    const int64_t r1 = std::min(s.rows, (g + 1) * per);
+    const double rows_in = static_cast<double>(std::max<int64_t>(0, r1 - g * per));
+    for (int64_t l = 0; l < s.L; ++l) {
+      (*pos)[l] += part[g * s.L + l];
+      (*neg)[l] += rows_in - part[g * s.L + l];
+    }
+  }
+}
+
+struct BcePlan {
+  BceShape shape;
+  BceArgs args{};
+  at::Tensor x, t, neg_period, pos_period, elem_w, elem_pos_w, sw;
+};
+
+// Folds the per-label static weight, per-label pos_weight and the dynamic weights into the two
+// per-label arrays, repeated over the rows of a chunk (see BceArgs).
+BcePlan make_bce_plan(const at::Tensor& input, const at::Tensor& target,
+                      const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& pos_weight,
+                      const c10::optional<at::Tensor>& sample_weight, const at::Tensor& neg_dyn,
+                      const at::Tensor& pos_dyn) {
+  BcePlan p;
+  p.shape = bce_shape(input, target);
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const int64_t L = p.shape.L;
+  p.x = input.contiguous();
+  p.t = target.contiguous();
+  const BceWeight w = classify_weight(weight, input, L, acc, "weight");
+  const BceWeight pw = classify_weight(pos_weight, input, L, acc, "pos_weight");
+  p.elem_w = w.full;
+  p.elem_pos_w = pw.full;
+  p.sw = as_acc(sample_weight, acc, "sample_weight", p.shape.rows);
+
+  at::Tensor neg_label, pos_label;
+  auto mul = [](const at::Tensor& a, const at::Tensor& b) {
+    return !a.defined() ? b : (!b.defined() ? a : a * b);
+  };
+  const at::Tensor nd = neg_dyn.numel() > 0 ? neg_dyn.to(acc) : at::Tensor();
+  const at::Tensor pd = pos_dyn.numel() > 0 ? pos_dyn.to(acc) : at::Tensor();
+  neg_label = mul(w.label, nd);
+  pos_label = mul(mul(w.label, pw.label), pd);
+
+  p.args.rows = p.shape.rows;
+  p.args.L = L;
+  p.args.rows_per_chunk = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
+  p.args.num_chunks = L > 0 ? (p.shape.rows + p.args.rows_per_chunk - 1) / p.args.rows_per_chunk : 0;
+  const int64_t period_rows = std::min(p.args.rows_per_chunk, std::max<int64_t>(p.shape.rows, 1));
+  auto period = [&](const at::Tensor& label) {
+    return label.defined() ? label.contiguous().repeat({period_rows}) : at::Tensor();
+  };
+  p.neg_period = period(neg_label);
+  p.pos_period = period(pos_label);
+  p.args.input = p.x.data_ptr();
+  p.args.target = p.t.data_ptr();
+  p.args.neg_label_w = p.neg_period.defined() ? p.neg_period.data_ptr() : nullptr;
+  p.args.pos_label_w = p.pos_period.defined() ? p.pos_period.data_ptr() : nullptr;
+  p.args.elem_w = p.elem_w.defined() ? p.elem_w.data_ptr() : nullptr;
+  p.args.elem_pos_w = p.elem_pos_w.defined() ? p.elem_pos_w.data_ptr() : nullptr;
+  p.args.sample_w = p.sw.defined() ? p.sw.data_ptr() : nullptr;
+  return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& pos_weight, const c10::optional<at::Tensor>& sample_weight,
+    int64_t reduction, int64_t scheme, double smoothing, double beta, bool balanced) {
+  const int di = dtype_index(input.scalar_type());
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const BceShape s = bce_shape(input, target);
+  at::Tensor neg_dyn = at::empty({0}, input.options().dtype(acc));
+  at::Tensor pos_dyn = at::empty({0}, input.options().dtype(acc));
+  if (scheme != kNoScheme) {
+    std::vector<double> npos, nneg;
+    label_counts(target, s, &npos, &nneg);
+    neg_dyn = at::empty({s.L}, input.options().dtype(acc));
+    pos_dyn = at::empty({s.L}, input.options().dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES(acc, "bce_label_weights", [&] {
+      scalar_t* nw = neg_dyn.data_ptr<scalar_t>();
+      scalar_t* pw = pos_dyn.data_ptr<scalar_t>();
+      for (int64_t l = 0; l < s.L; ++l) {
+        pw[l] = scheme_weight<scalar_t>(scheme, static_cast<scalar_t>(npos[l]),
+                                        static_cast<scalar_t>(smoothing), static_cast<scalar_t>(beta));
+        nw[l] = balanced ? scheme_weight<scalar_t>(scheme, static_cast<scalar_t>(nneg[l]),
+                                                   static_cast<scalar_t>(smoothing),
+                                                   static_cast<scalar_t>(beta))
+                         : pw[l];
+      }
+    });
+  }
+  BcePlan p = make_bce_plan(input, target, weight, pos_weight, sample_weight, neg_dyn, pos_dyn);
+  at::Tensor loss_elems;
+  if (reduction == kNone) {
+    loss_elems = at::empty(input.sizes(), input.options());
+    p.args.loss_out = loss_elems.data_ptr();
+  }
+  std::vector<double> partial(p.args.num_chunks, 0.0);
+  if (p.args.num_chunks > 0) {
+    const BceForwardFn fn = kernels().bce_forward[di];
+    at::parallel_for(0, p.args.num_chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) partial[c] = fn(p.args, c);
+    });
+  }
+  double total = 0;
+  for (double v : partial) total += v;
+  at::Tensor loss;
+  if (reduction == kNone) {
+    loss = loss_elems;
+  } else {
+    const double norm = reduction == kSum ? 1.0 : static_cast<double>(input.numel());
+    loss = at::scalar_tensor(total / norm, input.options());
+  }
+  return {loss, neg_dyn, pos_dyn};
+}
+
+at::Tensor bce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
+                            const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& pos_weight,
+                            const c10::optional<at::Tensor>& sample_weight,
+                            const at::Tensor& neg_label_weight, const at::Tensor& pos_label_weight,
+                            int64_t reduction) {
+  const int di = dtype_index(input.scalar_type());
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  BcePlan p = make_bce_plan(input, target, weight, pos_weight, sample_weight, neg_label_weight,
+                            pos_label_weight);
+  at::Tensor grad_input = at::empty(input.sizes(), input.options());
+  at::Tensor grad_elems;
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_loss.numel() == input.numel(), "fused_wloss: grad_loss must have ",
+                input.numel(), " elements, got ", grad_loss.sizes());
+    grad_elems = grad_loss.to(acc).contiguous();
+    p.args.grad_elems = grad_elems.data_ptr();
+  } else {
+    double g = grad_loss.to(at::kDouble).item<double>();  // host memory: no device sync
+    if (reduction != kSum) g /= static_cast<double>(input.numel());
+    p.args.grad_scalar = g;
+  }
+  p.args.grad_input = grad_input.data_ptr();
+  if (p.args.num_chunks > 0) {
+    const BceBackwardFn fn = kernels().bce_backward[di];
+    at::parallel_for(0, p.args.num_chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) fn(p.args, c);
+    });
+  }
+  return grad_input;
+}
+
+TORCH_LIBRARY_IMPL(fused_wloss, CPU, m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward_cpu);
+  m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
+  m.impl("bce_forward", &bce_forward_cpu);
+  m.impl("bce_backward", &bce_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fused_wloss

@@ -1,0 +1,74 @@
+// The fused_wloss operators: schemas registered with the PyTorch dispatcher, and the Python module
+// fused_wloss._C that loads them. Implementations: csrc/cpu/losses_cpu.cpp (CPU). Autograd, fake
+// (meta) kernels and the Python wrappers: fused_wloss/ops.py.
+//
+// One forward/backward pair per loss, with the options as arguments:
+//   reduction: 0 none, 1 sum, 2 mean, 3 sample_mean
+//   scheme:    0 no dynamic weights, 1 inverse, 2 inverse_sqrt, 3 effective_number
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/kernel_table.h"
+
+namespace fused_wloss {
+namespace cpu {
+void set_kernel_table(const KernelTable* table);
+const KernelTable* kernel_table_or_null();
+}  // namespace cpu
+}  // namespace fused_wloss
+
+TORCH_LIBRARY(fused_wloss, m) {
+  // Returns the loss, the per-element fp32 (fp64 for fp64 input) log-sum-exp, the class weights
+  // applied (static x dynamic; empty when there are none) and the normaliser of the reduction.
+  m.def(
+      "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, Tensor? sample_weight, "
+      "int ignore_index, float label_smoothing, int reduction, int scheme, float smoothing, "
+      "float beta) -> (Tensor loss, Tensor lse, Tensor class_weight, Tensor norm)");
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor class_weight, "
+      "Tensor? sample_weight, Tensor lse, Tensor norm, int ignore_index, float label_smoothing, "
+      "int reduction) -> Tensor");
+  // Returns the loss and the dynamic per-label weights of the negative and the positive part
+  // (empty without dynamic weighting).
+  m.def(
+      "bce_forward(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "Tensor? sample_weight, int reduction, int scheme, float smoothing, float beta, "
+      "bool balanced) -> (Tensor loss, Tensor neg_label_weight, Tensor pos_label_weight)");
+  m.def(
+      "bce_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor? pos_weight, Tensor? sample_weight, Tensor neg_label_weight, "
+      "Tensor pos_label_weight, int reduction) -> Tensor");
+}
+
+// ---- the Python module: install the CPU kernel table of one instruction set ----------------------
+
+static PyObject* set_cpu_kernels(PyObject*, PyObject* capsule) {
+  void* table = PyCapsule_GetPointer(capsule, FWL_KERNEL_TABLE_CAPSULE);
+  if (table == nullptr) return nullptr;  // PyCapsule_GetPointer set a TypeError/ValueError
+  fused_wloss::cpu::set_kernel_table(static_cast<const fused_wloss::cpu::KernelTable*>(table));
+  Py_RETURN_NONE;
+}
+
+static PyObject* cpu_kernels_isa(PyObject*, PyObject*) {
+  const fused_wloss::cpu::KernelTable* t = fused_wloss::cpu::kernel_table_or_null();
+  if (t == nullptr) Py_RETURN_NONE;
+  return PyUnicode_FromString(t->isa);
+}
+
+static PyMethodDef fwl_methods[] = {
+    {"set_cpu_kernels", set_cpu_kernels, METH_O,
+     "Install the CPU kernels of a fused_wloss._cpu_<isa> module (its kernel_table capsule)."},
+    {"cpu_kernels_isa", cpu_kernels_isa, METH_NOARGS,
+     "The instruction set of the installed CPU kernels, or None."},
+    {nullptr, nullptr, 0, nullptr}};
+
+#define FWL_STR2(x) #x
+#define FWL_STR(x) FWL_STR2(x)
+#define FWL_CONCAT2(a, b) a##b
+#define FWL_CONCAT(a, b) FWL_CONCAT2(a, b)
+
+static PyModuleDef fwl_module = {PyModuleDef_HEAD_INIT, FWL_STR(TORCH_EXTENSION_NAME),
+                                 "fused_wloss operators (registered with torch.ops.fused_wloss)",
+                                 -1, fwl_methods};
+
+PyMODINIT_FUNC FWL_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&fwl_module); }

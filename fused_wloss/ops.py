@@ -1,0 +1,197 @@
+"""The compiled operators seen from Python: fake kernels, autograd formulas and the thin wrappers
+the public functions call.
+
+``torch.ops.fused_wloss`` holds one forward/backward pair per loss (schemas in csrc/ops.cpp). The
+backward is an operator of its own, so autograd and torch.compile only ever see dispatcher ops, and
+the forward saves O(N) per-row statistics for it, never an N x C tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import reference
+from ._weighting import BatchWeighting
+
+REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2, "sample_mean": 3}
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+_ops = torch.ops.fused_wloss
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _wants_grad(t: Optional[torch.Tensor]) -> bool:
+    return t is not None and t.requires_grad
+
+
+def _scheme_args(weighting: Optional[BatchWeighting]):
+    if weighting is None:
+        return 0, 1.0, 0.999, False
+    return weighting.scheme_code, weighting.smoothing, weighting.beta, weighting.balanced
+
+
+# ---- cross-entropy --------------------------------------------------------------------------------
+
+@torch.library.register_fake("fused_wloss::cross_entropy_forward")
+def _(input, target, weight, sample_weight, ignore_index, label_smoothing, reduction, scheme, smoothing, beta):
+    torch._check(input.dim() >= 1, lambda: "cross_entropy_forward: input must have at least 1 dimension")
+    torch._check(target.dtype in (torch.int64, torch.int32), lambda: "cross_entropy_forward: target must be int64 or int32")
+    loss_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    acc = _acc_dtype(input.dtype)
+    loss = input.new_empty(loss_shape if reduction == 0 else ())
+    lse = input.new_empty((math.prod(loss_shape),), dtype=acc)
+    has_class_weight = weight is not None or scheme != 0
+    class_weight = input.new_empty((num_classes,) if has_class_weight else (0,), dtype=acc)
+    return loss, lse, class_weight, input.new_empty((), dtype=acc)
+
+
+@torch.library.register_fake("fused_wloss::cross_entropy_backward")
+def _(grad_loss, input, target, class_weight, sample_weight, lse, norm, ignore_index, label_smoothing, reduction):
+    return input.new_empty(input.shape)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    input, target, _weight, sample_weight, ignore_index, label_smoothing, reduction = inputs[:7]
+    _loss, lse, class_weight, norm = output
+    ctx.mark_non_differentiable(lse, class_weight, norm)
+    ctx.options = (ignore_index, label_smoothing, reduction)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(input, target, sample_weight, lse, class_weight, norm)
+
+
+def _ce_backward(ctx, grad_loss, *_unused):
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        raise RuntimeError(
+            "fused_wloss.cross_entropy_forward: gradients with respect to weight or sample_weight are "
+            "not computed by the kernels; fused_wloss.cross_entropy sends such calls to the reference"
+        )
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        input, target, sample_weight, lse, class_weight, norm = ctx.saved_tensors
+        grad_input = _ops.cross_entropy_backward(
+            grad_loss, input, target, class_weight, sample_weight, lse, norm, *ctx.options
+        )
+    return (grad_input,) + (None,) * 9
+
+
+torch.library.register_autograd(
+    "fused_wloss::cross_entropy_forward", _ce_backward, setup_context=_ce_setup_context
+)
+
+
+def ce_supported(input, target, weight, sample_weight, prob_target: bool) -> bool:
+    """Whether the kernels serve this call; the others go to the reference."""
+    return not (
+        prob_target
+        or input.dtype not in KERNEL_DTYPES
+        or _wants_grad(weight)
+        or _wants_grad(sample_weight)
+        or target.requires_grad
+    )
+
+
+def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_weight,
+                  weighting: Optional[BatchWeighting], prob_target: bool):
+    """The public function's kernel path; arguments already checked."""
+    if not ce_supported(input, target, weight, sample_weight, prob_target):
+        from ._checks import check_target_range
+
+        if not prob_target:
+            check_target_range(target, input.shape[0 if input.dim() == 1 else 1], ignore_index)
+        return reference.cross_entropy_checked(
+            input, target, weight, ignore_index, reduction, label_smoothing, sample_weight,
+            weighting, prob_target,
+        )
+    scheme, smoothing, beta, _ = _scheme_args(weighting)
+    loss, _lse, _class_weight, _norm = _ops.cross_entropy_forward(
+        input, target, weight, sample_weight, ignore_index, label_smoothing,
+        REDUCTION_CODES[reduction], scheme, smoothing, beta,
+    )
+    return loss
+
+
+# ---- binary cross-entropy -------------------------------------------------------------------------
+
+@torch.library.register_fake("fused_wloss::bce_forward")
+def _(input, target, weight, pos_weight, sample_weight, reduction, scheme, smoothing, beta, balanced):
+    torch._check(target.shape == input.shape, lambda: "bce_forward: target must have the input's shape")
+    acc = _acc_dtype(input.dtype)
+    num_labels = input.shape[-1] if input.dim() >= 2 else 1
+    label_shape = (num_labels,) if scheme != 0 else (0,)
+    loss = input.new_empty(input.shape if reduction == 0 else ())
+    return loss, input.new_empty(label_shape, dtype=acc), input.new_empty(label_shape, dtype=acc)
+
+
+@torch.library.register_fake("fused_wloss::bce_backward")
+def _(grad_loss, input, target, weight, pos_weight, sample_weight, neg_label_weight, pos_label_weight, reduction):
+    return input.new_empty(input.shape)
+
+
+def _bce_setup_context(ctx, inputs, output):
+    input, target, weight, pos_weight, sample_weight, reduction = inputs[:6]
+    _loss, neg_label_weight, pos_label_weight = output
+    ctx.mark_non_differentiable(neg_label_weight, pos_label_weight)
+    ctx.reduction = reduction
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(input, target, weight, pos_weight, sample_weight, neg_label_weight, pos_label_weight)
+
+
+def _bce_backward(ctx, grad_loss, *_unused):
+    if any(ctx.needs_input_grad[1:5]):
+        raise RuntimeError(
+            "fused_wloss.bce_forward: gradients with respect to target, weight, pos_weight or "
+            "sample_weight are not computed by the kernels; fused_wloss.binary_cross_entropy_with_logits "
+            "sends such calls to the reference"
+        )
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _ops.bce_backward(grad_loss, *ctx.saved_tensors, ctx.reduction)
+    return (grad_input,) + (None,) * 9
+
+
+torch.library.register_autograd("fused_wloss::bce_forward", _bce_backward, setup_context=_bce_setup_context)
+
+
+def bce_supported(input, target, weight, pos_weight, sample_weight) -> bool:
+    return not (
+        input.dtype not in KERNEL_DTYPES
+        or target.dtype != input.dtype
+        or target.requires_grad
+        or _wants_grad(weight)
+        or _wants_grad(pos_weight)
+        or _wants_grad(sample_weight)
+    )
+
+
+def binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight, sample_weight,
+                                     weighting: Optional[BatchWeighting]):
+    """The public function's kernel path; arguments already checked."""
+    if not bce_supported(input, target, weight, pos_weight, sample_weight):
+        return reference.bce_checked(input, target, weight, reduction, pos_weight, sample_weight, weighting)
+    scheme, smoothing, beta, balanced = _scheme_args(weighting)
+    loss, _neg, _pos = _ops.bce_forward(
+        input, target, weight, pos_weight, sample_weight, REDUCTION_CODES[reduction],
+        scheme, smoothing, beta, balanced,
+    )
+    return loss
+
+
+# ---- double backward: refused with a clear message -------------------------------------------------
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fused_wloss: double backward (a gradient of the gradient, e.g. create_graph=True followed by "
+        "another backward) is not supported by the fused kernels; use fused_wloss.reference for "
+        "higher-order derivatives"
+    )
+
+
+for _name in ("fused_wloss::cross_entropy_backward", "fused_wloss::bce_backward"):
+    torch.library.register_autograd(_name, _refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
