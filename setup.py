@@ -24,7 +24,8 @@ def extensions():
     exts = []
     for name, s in build.extension_specs().items():
         rel = [os.path.relpath(p, build.ROOT) for p in s["sources"]]
-        exts.append(CppExtension(f"fused_wloss.{name}", rel, extra_compile_args={"cxx": s["cflags"]}))
+        exts.append(CppExtension(f"fused_wloss.{name}", rel, extra_compile_args={"cxx": s["cflags"]},
+                                 extra_link_args=s["ldflags"]))
         print(f"[fused_wloss] extension fused_wloss.{name}: {' '.join(rel)} | {' '.join(s['cflags'])}", file=sys.stderr)
     print(f"[fused_wloss] MAX_JOBS={os.environ.get('MAX_JOBS', '(ninja default)')}", file=sys.stderr)
     return exts, {"build_ext": BuildExtension}

@@ -40,11 +40,17 @@ def isa_sources(isa: str) -> List[str]:
     return [os.path.join(CSRC, "cpu", f"kernels_{isa}.cpp")]
 
 
+# at::parallel_for is a header template whose OpenMP pragmas do nothing unless the extension itself
+# is compiled with -fopenmp: without it every operator would run on one thread. Linking -fopenmp
+# names libgomp.so.1, which resolves to the copy torch has already loaded.
+PARALLEL_FLAGS = ["-fopenmp"]
+
+
 def extension_specs() -> Dict[str, dict]:
-    """Module name (inside the package) -> sources and extra compile flags."""
-    specs = {"_C": {"sources": c_sources(), "cflags": list(COMMON_CFLAGS)}}
+    """Module name (inside the package) -> sources, extra compile flags and extra link flags."""
+    specs = {"_C": {"sources": c_sources(), "cflags": COMMON_CFLAGS + PARALLEL_FLAGS, "ldflags": PARALLEL_FLAGS}}
     for isa, flags in ISA_CFLAGS.items():
-        specs[f"_cpu_{isa}"] = {"sources": isa_sources(isa), "cflags": COMMON_CFLAGS + flags}
+        specs[f"_cpu_{isa}"] = {"sources": isa_sources(isa), "cflags": COMMON_CFLAGS + flags + ["-fvisibility=hidden"], "ldflags": []}
     return specs
 
 

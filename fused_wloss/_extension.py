@@ -49,7 +49,8 @@ def _jit_build():
         os.makedirs(directory, exist_ok=True)
         return cpp_extension.load(
             name=f"fused_wloss{name}", sources=specs[name]["sources"],
-            extra_cflags=specs[name]["cflags"], build_directory=directory, verbose=verbose,
+            extra_cflags=specs[name]["cflags"], extra_ldflags=specs[name]["ldflags"],
+            build_directory=directory, verbose=verbose,
         )
 
     C = build("_C")

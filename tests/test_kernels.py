@@ -1,0 +1,394 @@
+"""The compiled CPU kernels against the reference: every layout and chunking path, every
+instruction-set build, every dtype; opcheck, gradcheck, determinism, double backward, int64 indexing.
+
+Shapes are chosen to reach each path of csrc/cpu/kernels_impl.h: the row path (C >= 32) with
+vector tails, the tiled path (C < 32) with partial tiles, the K-dim column path with partial
+vectors, and several chunks of each (see make_ce_layout in csrc/cpu/kernel_table.h).
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_wloss
+from fused_wloss import BatchWeighting, _extension, reference
+
+pytestmark = pytest.mark.skipif(
+    fused_wloss.backend("cpu") != "extension",
+    reason=f"compiled CPU kernels not loaded: {_extension.load_error()}",
+)
+
+
+@pytest.fixture(params=_extension.available_cpu_isas() or ["none"])
+def isa(request):
+    """Run the test once with the kernels of every instruction set this CPU runs."""
+    before = _extension.cpu_isa()
+    _extension.use_cpu_isa(request.param)
+    yield request.param
+    _extension.use_cpu_isa(before.lower() if before else request.param)
+
+
+CE_SHAPES = {
+    "rows-tail": (6, 45),  # C not a multiple of any vector width
+    "rows-chunks": (250, 300),  # 109 rows a chunk: three chunks
+    "tiled-partial": (37, 7),  # two full tiles and a partial one
+    "tiled-chunks": (3500, 20),  # 1648 rows a chunk: three chunks
+    "tiled-c1": (19, 1),
+    "kdim-tail": (3, 6, 37),  # P = 37: partial vectors
+    "kdim-chunks": (2, 40, 900),  # 816 pixels a chunk: two chunks per sample
+    "kdim-3d": (2, 3, 5, 7),
+    "unbatched": (33,),
+}
+
+CE_OPTIONS = {
+    "plain": {},
+    "weight-ignore": {"weight": True, "ignore": True},
+    "smooth-weight": {"weight": True, "label_smoothing": 0.2, "ignore": True},
+    "dynamic-sample": {"class_weighting": "inverse", "sample_weight": True, "ignore": True},
+    "everything": {"weight": True, "label_smoothing": 0.1, "sample_weight": True, "ignore": True,
+                   "class_weighting": BatchWeighting("effective_number", beta=0.99)},
+    "inverse-sqrt": {"class_weighting": BatchWeighting("inverse_sqrt", smoothing=0.5)},
+}
+
+
+def _ce_inputs(shape, options, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    num_classes = shape[0] if len(shape) == 1 else shape[1]
+    tshape = () if len(shape) == 1 else shape[:1] + shape[2:]
+    t = torch.randint(0, num_classes, tshape, generator=gen)
+    kwargs = {}
+    if options.get("ignore") and t.numel() > 1:
+        t = torch.where(torch.rand(tshape, generator=gen) < 0.2, torch.full_like(t, -100), t)
+    if options.get("weight"):
+        kwargs["weight"] = torch.rand(num_classes, generator=gen, dtype=torch.float64).to(dtype) + 0.2
+    if options.get("sample_weight"):
+        kwargs["sample_weight"] = torch.rand(tshape, generator=gen, dtype=torch.float64).to(dtype) + 0.1
+    for k in ("label_smoothing", "class_weighting"):
+        if k in options:
+            kwargs[k] = options[k]
+    return x, t, kwargs
+
+
+def _value_and_grad(fn, x, *args, grad_seed=7, **kwargs):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, *args, **kwargs)
+    g = torch.rand(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(out.dtype)
+    (grad,) = torch.autograd.grad(out, x, g)
+    return out.detach(), grad
+
+
+def _ref_in_float64(fn_ref, x, *args, **kwargs):
+    kwargs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+    return _value_and_grad(fn_ref, x.double(), *args, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "sample_mean"])
+@pytest.mark.parametrize("options", list(CE_OPTIONS), ids=str)
+@pytest.mark.parametrize("shape", list(CE_SHAPES), ids=str)
+def test_cross_entropy_paths_match_reference(isa, shape, options, reduction):
+    x, t, kwargs = _ce_inputs(CE_SHAPES[shape], CE_OPTIONS[options])
+    got = _value_and_grad(fused_wloss.cross_entropy, x, t, reduction=reduction, **kwargs)
+    expected = _value_and_grad(reference.cross_entropy, x, t, reduction=reduction, **kwargs)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", ["rows-tail", "rows-chunks", "tiled-partial", "kdim-tail", "kdim-chunks"])
+@pytest.mark.parametrize("options", ["plain", "everything"])
+def test_cross_entropy_low_precision_error_within_twice_torch(isa, dtype, shape, options):
+    """Our error against a float64 computation is at most 2x torch's own error at the same dtype
+    (plus a floor of a few units in the last place, for errors torch happens to get exactly right)."""
+    x64, t, kwargs64 = _ce_inputs(CE_SHAPES[shape], CE_OPTIONS[options])
+    x = x64.to(dtype)
+    kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in kwargs64.items()}
+    exact = _ref_in_float64(reference.cross_entropy, x, t, reduction="none", **kwargs)
+    ours = _value_and_grad(fused_wloss.cross_entropy, x, t, reduction="none", **kwargs)
+    # torch at this dtype: its own function where it has the option, else the reference's torch ops
+    # run in this dtype without upcasting
+    torch_kwargs = {k: v for k, v in kwargs.items() if k in ("weight", "label_smoothing")}
+    if "class_weighting" in kwargs or "sample_weight" in kwargs:
+        theirs = _value_and_grad(_reference_in_dtype, x, t, reduction="none", **kwargs)
+    else:
+        theirs = _value_and_grad(F.cross_entropy, x, t, reduction="none", **torch_kwargs)
+    eps = torch.finfo(dtype).eps
+    for o, th, ex in zip(ours, theirs, exact):
+        err_ours = (o.double() - ex).abs().max().item()
+        err_torch = (th.double() - ex).abs().max().item()
+        scale = ex.abs().max().item()
+        assert err_ours <= 2 * err_torch + 4 * eps * scale, (err_ours, err_torch)
+
+
+def _reference_in_dtype(x, t, **kwargs):
+    """The reference's formulas evaluated by torch in x's own dtype (how torch would run them)."""
+    from fused_wloss import _checks
+
+    args = _checks.check_cross_entropy(x, t, kwargs.get("weight"), -100, kwargs["reduction"],
+                                       kwargs.get("label_smoothing", 0.0), kwargs.get("sample_weight"),
+                                       kwargs.get("class_weighting"))
+    orig = reference._compute_dtype
+    reference._compute_dtype = lambda dtype: dtype
+    try:
+        return reference.cross_entropy_checked(x, t, kwargs.get("weight"), -100, args.reduction,
+                                               kwargs.get("label_smoothing", 0.0), kwargs.get("sample_weight"),
+                                               args.weighting, False)
+    finally:
+        reference._compute_dtype = orig
+
+
+def test_noncontiguous_inputs(isa):
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 64, generator=gen, dtype=torch.float64)
+    cases = [
+        (base[:, ::2], torch.randint(0, 32, (40,), generator=gen)),  # strided classes
+        (base.t()[:50], torch.randint(0, 40, (50,), generator=gen)),  # transposed
+        (torch.randn(4, 9, 6, 5, generator=gen, dtype=torch.float64).permute(0, 1, 3, 2),
+         torch.randint(0, 9, (4, 5, 6), generator=gen)),  # permuted spatial dims
+    ]
+    for x, t in cases:
+        assert not x.is_contiguous()
+        for kwargs in ({}, {"class_weighting": "inverse", "label_smoothing": 0.1}):
+            got = _value_and_grad(fused_wloss.cross_entropy, x, t, reduction="none", **kwargs)
+            expected = _value_and_grad(F.cross_entropy if not kwargs else reference.cross_entropy, x, t,
+                                       reduction="none", **kwargs)
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-13)
+        # a non-contiguous target
+        t2 = torch.stack([t, t], -1)[..., 0]
+        torch.testing.assert_close(fused_wloss.cross_entropy(x, t2), F.cross_entropy(x, t))
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3), (4, 5, 0), (2, 0)], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_inputs(shape, reduction):
+    x = torch.randn(shape, requires_grad=True)
+    t = torch.zeros(shape[:1] + shape[2:], dtype=torch.long)
+    if shape[1] == 0 and t.numel():
+        return  # no class to point at
+    got = fused_wloss.cross_entropy(x, t, reduction=reduction)
+    expected = F.cross_entropy(x.detach(), t, reduction=reduction)
+    torch.testing.assert_close(got.detach(), expected, equal_nan=True)
+    (g,) = torch.autograd.grad(got.sum(), x)
+    assert g.shape == x.shape
+    b = fused_wloss.binary_cross_entropy_with_logits(x, torch.rand(shape), reduction=reduction)
+    torch.testing.assert_close(b.detach(), F.binary_cross_entropy_with_logits(x.detach(), torch.rand(shape), reduction=reduction), equal_nan=True)
+
+
+# ---- BCE ----------------------------------------------------------------------------------------
+
+BCE_SHAPES = {"small": (6, 5), "wide": (7, 45), "chunks": (2000, 13), "1d-chunks": (20000,), "3d": (3, 5, 17), "0d": ()}
+BCE_OPTIONS = {
+    "plain": {},
+    "label-weights": {"weight": "label", "pos_weight": True},
+    "full-weight": {"weight": "full", "sample_weight": True},
+    "inverse": {"class_weighting": "inverse", "pos_weight": True},
+    "balanced-everything": {"class_weighting": BatchWeighting("inverse_sqrt", balanced=True), "weight": "full",
+                            "pos_weight": True, "sample_weight": True},
+    "row-weight": {"weight": "row"},
+}
+
+
+def _bce_inputs(shape, options, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    t = (torch.rand(shape, generator=gen, dtype=torch.float64) < 0.3).to(dtype)
+    labels = shape[-1:] if len(shape) >= 2 else (1,) if len(shape) == 1 else ()
+    rows = shape[:-1] if len(shape) >= 2 else shape
+    kwargs = {}
+    w = options.get("weight")
+    if w == "label":
+        kwargs["weight"] = torch.rand(labels, generator=gen, dtype=torch.float64).to(dtype) + 0.2
+    elif w == "full":
+        kwargs["weight"] = torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype) + 0.2
+    elif w == "row" and len(shape) >= 2:
+        kwargs["weight"] = torch.rand(rows + (1,), generator=gen, dtype=torch.float64).to(dtype) + 0.2
+    if options.get("pos_weight"):
+        kwargs["pos_weight"] = torch.rand(labels, generator=gen, dtype=torch.float64).to(dtype) * 3 + 0.2
+    if options.get("sample_weight"):
+        kwargs["sample_weight"] = torch.rand(rows, generator=gen, dtype=torch.float64).to(dtype) + 0.1
+    if "class_weighting" in options:
+        kwargs["class_weighting"] = options["class_weighting"]
+    return x, t, kwargs
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("options", list(BCE_OPTIONS), ids=str)
+@pytest.mark.parametrize("shape", list(BCE_SHAPES), ids=str)
+def test_bce_paths_match_reference(isa, shape, options, reduction):
+    x, t, kwargs = _bce_inputs(BCE_SHAPES[shape], BCE_OPTIONS[options])
+    got = _value_and_grad(fused_wloss.binary_cross_entropy_with_logits, x, t, reduction=reduction, **kwargs)
+    expected = _value_and_grad(reference.binary_cross_entropy_with_logits, x, t, reduction=reduction, **kwargs)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", ["plain", "label-weights"])
+def test_bce_low_precision_error_within_twice_torch(isa, dtype, options):
+    x64, t64, kw64 = _bce_inputs((300, 45), BCE_OPTIONS[options])
+    x, t = x64.to(dtype), t64.to(dtype)
+    kwargs = {k: v.to(dtype) for k, v in kw64.items()}
+    exact = _value_and_grad(F.binary_cross_entropy_with_logits, x.double(), t.double(), reduction="none",
+                            **{k: v.double() for k, v in kwargs.items()})
+    ours = _value_and_grad(fused_wloss.binary_cross_entropy_with_logits, x, t, reduction="none", **kwargs)
+    theirs = _value_and_grad(F.binary_cross_entropy_with_logits, x, t, reduction="none", **kwargs)
+    eps = torch.finfo(dtype).eps
+    for o, th, ex in zip(ours, theirs, exact):
+        err_ours = (o.double() - ex).abs().max().item()
+        err_torch = (th.double() - ex).abs().max().item()
+        assert err_ours <= 2 * err_torch + 4 * eps * ex.abs().max().item(), (err_ours, err_torch)
+
+
+def test_bce_extreme_logits_are_finite_and_exact():
+    x = torch.tensor([[-200.0, -30.0, 0.0, 30.0, 200.0]], dtype=torch.float64)
+    t = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        got = _value_and_grad(fused_wloss.binary_cross_entropy_with_logits, x.to(dtype), t.to(dtype), reduction="none")
+        expected = _value_and_grad(F.binary_cross_entropy_with_logits, x.to(dtype), t.to(dtype), reduction="none")
+        for g, e in zip(got, expected):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, e)
+
+
+# ---- dispatcher-level checks --------------------------------------------------------------------
+
+def _op_samples():
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(9, 6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 6, (9, 4), generator=gen)
+    t[0, 0] = -100
+    sw = torch.rand(9, 4, generator=gen, dtype=torch.float64)
+    w = torch.rand(6, generator=gen, dtype=torch.float64)
+    yield "ce", (x, t, w, sw, -100, 0.1, 2, 1, 1.0, 0.999)
+    yield "ce", (x, t, None, None, -100, 0.0, 0, 3, 1.0, 0.9)
+    x2 = torch.randn(50, 33, generator=gen, dtype=torch.float32, requires_grad=True)
+    yield "ce", (x2, torch.randint(0, 33, (50,), generator=gen).int(), None, None, -100, 0.0, 3, 1, 1.0, 0.999)
+    xb = torch.randn(12, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    tb = (torch.rand(12, 5, generator=gen) < 0.4).double()
+    yield "bce", (xb, tb, torch.rand(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5,
+                  torch.rand(12, dtype=torch.float64), 2, 1, 1.0, 0.999, True)
+    yield "bce", (xb, tb, None, None, None, 0, 0, 1.0, 0.999, False)
+
+
+@pytest.mark.parametrize("kind, args", list(_op_samples()), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(kind, args):
+    op = torch.ops.fused_wloss.cross_entropy_forward if kind == "ce" else torch.ops.fused_wloss.bce_forward
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("case", ["kdim-ignore-smooth-dynamic-sample", "rows", "bce-balanced", "bce-none"])
+def test_gradcheck(case):
+    gen = torch.Generator().manual_seed(5)
+    if case == "kdim-ignore-smooth-dynamic-sample":
+        x = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+        t = torch.randint(0, 5, (3, 4), generator=gen)
+        t[1, 2] = -100
+        sw = torch.rand(3, 4, generator=gen, dtype=torch.float64)
+        w = torch.rand(5, generator=gen, dtype=torch.float64)
+        fn = lambda x: fused_wloss.cross_entropy(x, t, label_smoothing=0.2, sample_weight=sw,  # noqa: E731
+                                                 class_weighting="inverse", weight=w)
+    elif case == "rows":
+        x = torch.randn(4, 37, generator=gen, dtype=torch.float64, requires_grad=True)
+        t = torch.randint(0, 37, (4,), generator=gen)
+        fn = lambda x: fused_wloss.cross_entropy(x, t, reduction="none", class_weighting="inverse_sqrt")  # noqa: E731
+    elif case == "bce-balanced":
+        x = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+        t = (torch.rand(6, 4, generator=gen) < 0.5).double()
+        sw = torch.rand(6, generator=gen, dtype=torch.float64)
+        pw = torch.rand(4, generator=gen, dtype=torch.float64) + 0.5
+        fn = lambda x: fused_wloss.binary_cross_entropy_with_logits(  # noqa: E731
+            x, t, pos_weight=pw, sample_weight=sw, class_weighting="balanced")
+    else:
+        x = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+        t = torch.rand(3, 4, 5, generator=gen, dtype=torch.float64)
+        w = torch.rand(3, 4, 5, generator=gen, dtype=torch.float64)
+        fn = lambda x: fused_wloss.binary_cross_entropy_with_logits(x, t, reduction="none", weight=w)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_double_backward_is_refused_clearly():
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 5, (4,))
+    (g,) = torch.autograd.grad(fused_wloss.cross_entropy(x, t), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+    xb = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(fused_wloss.binary_cross_entropy_with_logits(xb, torch.rand(4, 5, dtype=torch.float64)), xb, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_gradients_for_weights_go_to_the_reference():
+    """The kernels differentiate the logits only; a call that needs the gradient of a weight
+    falls back to the reference instead of returning a silent None."""
+    x = torch.randn(5, 3, dtype=torch.float64)
+    t = torch.rand(5, 3, dtype=torch.float64)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    (gw,) = torch.autograd.grad(fused_wloss.binary_cross_entropy_with_logits(x, t, weight=w), w)
+    expected = F.binary_cross_entropy_with_logits(x, t, reduction="none").sum(0) / x.numel()
+    torch.testing.assert_close(gw, expected)
+    sw = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (5,))
+    (gs,) = torch.autograd.grad(fused_wloss.cross_entropy(x, y, sample_weight=sw, reduction="sum"), sw)
+    torch.testing.assert_close(gs, F.cross_entropy(x, y, reduction="none"))
+
+
+# ---- determinism and threads -------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", ["rows-chunks", "tiled-chunks", "kdim-chunks"])
+def test_bitwise_repeatable_across_runs_and_thread_counts(shape):
+    x, t, kwargs = _ce_inputs(CE_SHAPES[shape], CE_OPTIONS["everything"], dtype=torch.float32)
+    xb, tb, kwb = _bce_inputs(BCE_SHAPES["chunks"], BCE_OPTIONS["balanced-everything"], dtype=torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 1):
+            torch.set_num_threads(n)
+            ce = _value_and_grad(fused_wloss.cross_entropy, x, t, **kwargs)
+            bce = _value_and_grad(fused_wloss.binary_cross_entropy_with_logits, xb, tb, **kwb)
+            results.append(ce + bce)
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[1:]:
+        for a, b in zip(r, results[0]):
+            assert torch.equal(a, b)
+
+
+# ---- int64 indexing ------------------------------------------------------------------------------
+
+def _available_memory_gb():
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+@pytest.mark.skipif(os.environ.get("FUSED_WLOSS_SKIP_BIG") == "1", reason="FUSED_WLOSS_SKIP_BIG=1")
+@pytest.mark.skipif(_available_memory_gb() < 12, reason="needs about 9 GB of free memory for a 2^31-element tensor")
+def test_more_than_2_31_logits():
+    """int64 offsets: a bfloat16 input of 2^31 + 2^20 elements, forward and backward, checked
+    against the reference on rows at both ends of the tensor."""
+    num_classes = 1024
+    n = (2**31 + 2**20) // num_classes
+    x = torch.empty(n, num_classes, dtype=torch.bfloat16)
+    x[:64].normal_()
+    x[-64:].normal_()
+    x[64:-64].fill_(0.5)
+    t = torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(0))
+    x.requires_grad_()
+    none = fused_wloss.cross_entropy(x, t, reduction="none")
+    (grad,) = torch.autograd.grad(none.sum(), x)
+    for rows in (slice(0, 64), slice(n - 64, n)):
+        xs = x.detach()[rows].float().requires_grad_()
+        expected = reference.cross_entropy(xs, t[rows], reduction="none")
+        (eg,) = torch.autograd.grad(expected.sum(), xs)
+        torch.testing.assert_close(none[rows].float(), expected, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(grad[rows].float(), eg, rtol=1e-2, atol=1e-4)
+    middle = float(torch.log(torch.tensor(float(num_classes))))
+    assert abs(float(none.detach()[n // 2]) - middle) < 1e-2
