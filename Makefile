@@ -18,14 +18,13 @@ setup: $(VENV)/.installed
 
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet -r requirements.txt
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 	$(VPY) -m pip install --no-build-isolation -e . -v > $(VENV)/build.log 2>&1 \
 	  || (tail -n 60 $(VENV)/build.log; echo "build failed: full log in $(VENV)/build.log"; exit 1)
-	@grep -E '^\[fused_wloss\]' $(VENV)/build.log || true
+	@grep -E '\[fused_wloss\]' $(VENV)/build.log | sed 's/^ *//' | awk '!seen[$$0]++' || true
 	$(VPY) -c "import fused_wloss; print('fused_wloss', fused_wloss.__version__, 'cpu backend:', fused_wloss.backend('cpu'))"
 	touch $@
 

@@ -55,11 +55,14 @@ def _reduce(loss: torch.Tensor, reduction: str, mean_denominator, sample_mean_de
     denominator = mean_denominator if reduction == "mean" else sample_mean_denominator
     if not isinstance(denominator, torch.Tensor):
         return total / denominator  # an element count: 0 only for an empty batch
-    # A zero normaliser (every target ignored) gives NaN like torch, and a zero gradient like
-    # torch's: dividing by the raw zero would send inf * 0 = NaN into the backward.
+    # A zero normaliser gives NaN, as torch: the value, and the gradient of every element that
+    # takes part (ignored elements are cut out of the graph by the caller, so they keep a zero
+    # gradient, as in torch). Multiplying by NaN rather than dividing by 0 keeps a loss whose
+    # numerator is positive (label smoothing) from coming out as +inf.
+    denominator = denominator.to(total.dtype)  # an int64 count would make 1 / count float32
     empty = denominator == 0
     safe = torch.where(empty, torch.ones_like(denominator), denominator)
-    return torch.where(empty, torch.full_like(total, float("nan")), total / safe)
+    return total * torch.where(empty, torch.full_like(total, float("nan")), 1.0 / safe)
 
 
 def cross_entropy(
@@ -156,6 +159,8 @@ def cross_entropy_checked(
             if sample_weight is not None:
                 row_w = row_w * sample_weight.to(dtype)
             loss = (1.0 - eps) * loss + (eps / num_classes) * row_w * smooth
+        # ignored elements leave the graph entirely: their gradient is 0 whatever the normaliser
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
         mean_denominator = target_w.sum()
         sample_mean_denominator = valid.sum()
 
@@ -200,13 +205,15 @@ def bce_checked(
     t = target.to(dtype)
     neg_w = pos_w = None  # a and b of the module docstring; None means 1
     if weighting is not None:
-        num_labels = x.shape[-1] if x.dim() >= 2 else 1
-        rows_t = t.detach().reshape(-1, num_labels)
+        # counts per label: sums over every dimension but the last (one label for 0-d and 1-D)
+        td = t.detach()
+        rows = tuple(range(x.dim() - 1)) if x.dim() >= 2 else tuple(range(x.dim()))
+        label_sum = lambda v: v.sum(dim=rows) if x.dim() >= 2 else v.sum().reshape(1)  # noqa: E731
         if weighting.balanced:
-            pos_w = weighting.weights(rows_t.sum(dim=0))
-            neg_w = weighting.weights((1.0 - rows_t).sum(dim=0))
+            pos_w = weighting.weights(label_sum(td))
+            neg_w = weighting.weights(label_sum(1.0 - td))
         else:
-            pos_w = neg_w = weighting.weights(rows_t.sum(dim=0))
+            pos_w = neg_w = weighting.weights(label_sum(td))
         if x.dim() == 0:  # a (1,) weight would turn the 0-d loss into shape (1,)
             pos_w, neg_w = pos_w.reshape(()), neg_w.reshape(())
     if pos_weight is not None:

@@ -52,3 +52,26 @@ def test_module_compiles_fullgraph():
     x, y = torch.randn(16, 4, generator=gen), torch.randint(0, 4, (16,), generator=gen)
     loss = fused_wloss.CrossEntropyLoss(class_weighting="inverse")
     _compare_compiled(lambda x, y: loss(x, y), x, y)
+
+
+def test_inductor_training_step_with_dynamic_weights():
+    """The default backend (inductor) around the custom operators: a linear layer and the fused loss
+    with batch weights in one full graph, whose backward AOTAutograd compiles too."""
+    gen = torch.Generator().manual_seed(3)
+    layer = torch.nn.Linear(8, 5)
+    x = torch.randn(64, 8, generator=gen)
+    y = torch.randint(0, 5, (64,), generator=gen)
+    criterion = fused_wloss.CrossEntropyLoss(class_weighting="inverse", reduction="sample_mean")
+
+    def loss_fn(x, y):
+        return criterion(layer(x), y)
+
+    torch._dynamo.reset()
+    expected = loss_fn(x, y)
+    expected.backward()
+    expected_grad = layer.weight.grad.clone()
+    layer.zero_grad()
+    got = torch.compile(loss_fn, fullgraph=True)(x, y)
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(layer.weight.grad, expected_grad)

@@ -8,7 +8,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <atomic>
+#include <cstdlib>
+#include <limits>
 #include <vector>
 
 #include "../fused_wloss_math.h"
@@ -153,6 +157,28 @@ at::Tensor ce_class_weights(const at::Tensor& target, const c10::optional<at::Te
   return class_w;
 }
 
+// The gradient of the logits is as large as the logits and written once, so for a large one the
+// cost of first touching fresh pages (a fault per 4 KiB) rivals the kernel itself. Large outputs
+// therefore get 2 MiB-aligned memory advised for transparent huge pages (one fault per 2 MiB where
+// the kernel grants them); small ones come from torch's allocator as usual.
+at::Tensor empty_large_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  constexpr size_t kHugePage = size_t(2) << 20;
+  constexpr size_t kThreshold = size_t(8) << 20;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
+                       c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes >= kThreshold) {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* p = nullptr;
+    if (posix_memalign(&p, kHugePage, rounded) == 0) {
+      madvise(p, rounded, MADV_HUGEPAGE);  // advice only: without THP this is ordinary memory
+      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
 double sum_in_order(const at::Tensor& t, int64_t fallback) {
   if (!t.defined()) return static_cast<double>(fallback);
   const at::Tensor d = t.to(at::kDouble);
@@ -215,8 +241,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   double norm = 1.0;
   if (reduction == kMean) norm = weight_sum;
   if (reduction == kSampleMean) norm = static_cast<double>(valid);
-  at::Tensor loss = reduction == kNone ? loss_rows
-                                       : at::scalar_tensor(loss_sum / norm, x.options());
+  // a zero normaliser gives NaN, as torch (not +inf when label smoothing makes loss_sum > 0)
+  const double value = norm == 0.0 ? std::numeric_limits<double>::quiet_NaN() : loss_sum / norm;
+  at::Tensor loss = reduction == kNone ? loss_rows : at::scalar_tensor(value, x.options());
   return {loss, lse, class_w.defined() ? class_w : at::empty({0}, x.options().dtype(acc)),
           at::scalar_tensor(norm, x.options().dtype(acc))};
 }
@@ -238,7 +265,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
       class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
   const at::Tensor lse_acc = lse.to(acc).contiguous();
-  at::Tensor grad_input = at::empty(x.sizes(), x.options());
+  at::Tensor grad_input = empty_large_output(x.sizes(), x.options());
 
   CeBackwardArgs args{};
   args.layout = make_ce_layout(s.N, s.C, s.P);
@@ -261,7 +288,11 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
     TORCH_CHECK(grad_loss.numel() == 1, "fused_wloss: grad_loss of a reduced loss must have one "
                 "element, got ", grad_loss.sizes());
     double g = grad_loss.to(at::kDouble).item<double>();  // host memory: no device sync
-    if (reduction == kMean || reduction == kSampleMean) g /= norm.to(at::kDouble).item<double>();
+    if (reduction == kMean || reduction == kSampleMean) {
+      // zero normaliser: NaN for every element that takes part, as torch; ignored elements keep 0
+      const double n = norm.to(at::kDouble).item<double>();
+      g = n == 0.0 ? std::numeric_limits<double>::quiet_NaN() : g / n;
+    }
     args.grad_scalar = g;
   }
   args.grad_input = grad_input.data_ptr();
@@ -289,8 +320,8 @@ BceShape bce_shape(const at::Tensor& input, const at::Tensor& target) {
   TORCH_CHECK(target.scalar_type() == input.scalar_type(),
               "fused_wloss.binary_cross_entropy_with_logits: target must have the input's dtype ",
               input.scalar_type(), ", got ", target.scalar_type());
-  const int64_t L = input.dim() >= 2 ? input.size(-1) : 1;
-  return {L > 0 ? input.numel() / L : 0, L};
+  if (input.dim() < 2) return {input.numel(), 1};
+  return {c10::multiply_integers(input.sizes().slice(0, input.dim() - 1)), input.size(-1)};
 }
 
 // A weight broadcastable to the input, as a per-label vector (L) when it is constant along every
@@ -464,7 +495,7 @@ at::Tensor bce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input
   const at::ScalarType acc = acc_dtype(input.scalar_type());
   BcePlan p = make_bce_plan(input, target, weight, pos_weight, sample_weight, neg_label_weight,
                             pos_label_weight);
-  at::Tensor grad_input = at::empty(input.sizes(), input.options());
+  at::Tensor grad_input = empty_large_output(input.sizes(), input.options());
   at::Tensor grad_elems;
   if (reduction == kNone) {
     TORCH_CHECK(grad_loss.numel() == input.numel(), "fused_wloss: grad_loss must have ",
