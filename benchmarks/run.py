@@ -72,6 +72,8 @@ def check_case(case, impls, x, y, w, dtype):
 
 
 def run_case(case: Case, device, dtype, with_compile: bool):
+    if with_compile:
+        torch._dynamo.reset()  # each case compiles afresh: no recompile limit across shapes
     x, y, w = case.make_inputs(device, dtype)
     impls = implementations(case, with_compile)
     problem = check_case(case, impls, x, y, w, dtype)
@@ -99,7 +101,10 @@ def run_case(case: Case, device, dtype, with_compile: bool):
     row["timings"]["floor"] = {"fwd": measure(lambda: x.sum(), device),
                                "fwd+bwd": measure(lambda: (x.sum(), x.clone()), device)}
     for name, fn in impls.items():
-        row["timings"][name] = {"fwd": measure(fwd(fn), device), "fwd+bwd": measure(fwd_bwd(fn), device)}
+        try:
+            row["timings"][name] = {"fwd": measure(fwd(fn), device), "fwd+bwd": measure(fwd_bwd(fn), device)}
+        except Exception as e:  # a baseline that fails (e.g. a compile error) is reported, not fatal
+            row.setdefault("baseline_errors", {})[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return row
 
 
@@ -124,8 +129,11 @@ def _cpu_model():
 
 
 def format_table(rows, mode):
-    impls = [k for k in rows[0]["timings"] if k != "floor"] if rows else []
-    head = f"{'case':32} {'MB':>7} " + " ".join(f"{n:>14}" for n in impls) + f" {'floor':>9}  ratios: their time / ours (> 1: fused_wloss is faster)"
+    impls = []
+    for row in rows:
+        impls += [k for k in row["timings"] if k != "floor" and k not in impls]
+    head = (f"{'case':32} {'MB':>7} " + " ".join(f"{n:>14}" for n in impls)
+            + f" {'floor':>9}  ratios: their time / ours (> 1: fused_wloss is faster)")
     lines = [f"== {mode} (median ms) ==", head]
     for row in rows:
         if "error" in row:
@@ -133,10 +141,12 @@ def format_table(rows, mode):
             continue
         t = {k: v[mode]["median_ms"] for k, v in row["timings"].items()}
         ours = t["fused_wloss"]
-        ratios = [f"{n} {t[n] / ours:.2f}x" for n in impls if n != "fused_wloss"]
-        ratios.append(f"floor/ours {t['floor'] / ours:.2f}")
-        lines.append(f"{row['case']:32} {row['logits_mb']:7.1f} " + " ".join(f"{t[n]:14.3f}" for n in impls)
-                     + f" {t['floor']:9.3f}  " + ", ".join(ratios))
+        cells = " ".join(f"{t[n]:14.3f}" if n in t else f"{'-':>14}" for n in impls)
+        ratios = [f"{n} {t[n] / ours:.2f}x" for n in impls if n != "fused_wloss" and n in t]
+        ratios.append(f"ours/floor {ours / t['floor']:.2f}")
+        lines.append(f"{row['case']:32} {row['logits_mb']:7.1f} {cells} {t['floor']:9.3f}  " + ", ".join(ratios))
+        for name, err in row.get("baseline_errors", {}).items():
+            lines.append(f"{'':32} {name} failed: {err}")
     return "\n".join(lines)
 
 

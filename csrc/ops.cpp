@@ -14,6 +14,7 @@ namespace fused_wloss {
 namespace cpu {
 void set_kernel_table(const KernelTable* table);
 const KernelTable* kernel_table_or_null();
+void empty_cpu_cache();
 }  // namespace cpu
 }  // namespace fused_wloss
 
@@ -55,7 +56,14 @@ static PyObject* cpu_kernels_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(t->isa);
 }
 
+static PyObject* empty_cpu_cache(PyObject*, PyObject*) {
+  fused_wloss::cpu::empty_cpu_cache();
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef fwl_methods[] = {
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
+     "Return the gradient blocks cached for reuse (see FUSED_WLOSS_CPU_CACHE_MB) to the system."},
     {"set_cpu_kernels", set_cpu_kernels, METH_O,
      "Install the CPU kernels of a fused_wloss._cpu_<isa> module (its kernel_table capsule)."},
     {"cpu_kernels_isa", cpu_kernels_isa, METH_NOARGS,

@@ -279,6 +279,23 @@ def test_opcheck(kind, args):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("kind, args", list(_op_samples()), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck_backward_ops(kind, args):
+    """The backward operators on what their forward saved, with a non-trivial upstream gradient."""
+    ops = torch.ops.fused_wloss
+    if kind == "ce":
+        x, t, _w, sw, ignore_index, smoothing, reduction = args[:7]
+        loss, lse, class_weight, norm = ops.cross_entropy_forward(*args)
+        grad = torch.rand_like(loss) + 0.5
+        torch.library.opcheck(ops.cross_entropy_backward,
+                              (grad, x.detach(), t, class_weight, sw, lse, norm, ignore_index, smoothing, reduction))
+    else:
+        x, t, w, pw, sw, reduction = args[:6]
+        loss, neg, pos = ops.bce_forward(*args)
+        grad = torch.rand_like(loss) + 0.5
+        torch.library.opcheck(ops.bce_backward, (grad, x.detach(), t, w, pw, sw, neg, pos, reduction))
+
+
 @pytest.mark.parametrize("case", ["kdim-ignore-smooth-dynamic-sample", "rows", "bce-balanced", "bce-none"])
 def test_gradcheck(case):
     gen = torch.Generator().manual_seed(5)

@@ -38,6 +38,9 @@ inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
+constexpr double kLog2e = 1.44269504088896340736;
+constexpr double kLn2 = 0.69314718055994530942;
+
 template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
@@ -81,36 +84,48 @@ struct Io<float> : IoNative<float> {};
 template <>
 struct Io<double> : IoNative<double> {};
 
-// exp for the arguments the kernels use (all <= 0 up to rounding: x - max, x - lse, -|x|), to
-// about 1 ulp in float: a Cody-Waite reduction x = n ln2 + r, a degree-6 polynomial for e^r (the
-// Cephes expf coefficients) and 2^n built in the exponent bits. Inlined it is a dozen vector
-// instructions, several times cheaper than a call to Sleef's expf and more accurate than at::vec's
-// exp_u20. Arguments are clamped below at -88, where n = -127 makes the exponent field, and so
-// the result, exactly 0: exp(-inf) = 0 with no blend. NaN propagates (clamp_min is max(lo, x),
-// which returns x when x is NaN).
-// Arguments above 88 are not supported.
-inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
+// 2^t for t <= 0 (up to rounding), to about 1 ulp in float: t = n + f with n = round(t) and
+// |f| <= 1/2, a degree-6 polynomial for 2^f (a least-squares fit of relative error on Chebyshev
+// nodes, 2e-9 before float rounding) and 2^n built in the exponent bits. Inlined it is about a
+// dozen vector instructions, several times cheaper than a call to Sleef's expf. t is clamped
+// below at -127, where n = -127 makes the exponent field, and so the result, exactly 0: 2^-inf = 0
+// with no blend. NaN propagates (clamp_min is max(lo, t), which returns t when t is NaN).
+// Arguments above 127 are not supported.
+inline Vectorized<float> exp2_nonpositive(const Vectorized<float>& t) {
   using V = Vectorized<float>;
   using Vi = Vectorized<int32_t>;
-  const V xc = at::vec::clamp_min(x, V(-88.0f));
-  const V n = (xc * V(1.44269504088896341f)).round();
-  V r = at::vec::fmadd(n, V(-0.693359375f), xc);
-  r = at::vec::fmadd(n, V(2.12194440e-4f), r);
-  V p(1.9875691500e-4f);
-  p = at::vec::fmadd(p, r, V(1.3981999507e-3f));
-  p = at::vec::fmadd(p, r, V(8.3334519073e-3f));
-  p = at::vec::fmadd(p, r, V(4.1665795894e-2f));
-  p = at::vec::fmadd(p, r, V(1.6666665459e-1f));
-  p = at::vec::fmadd(p, r, V(5.0000001201e-1f));
-  const V y = at::vec::fmadd(p, r * r, r) + V(1.0f);
+  const V tc = at::vec::clamp_min(t, V(-127.0f));
+  const V n = tc.round();
+  const V f = tc - n;
+  V p(1.533757750e-04f);
+  p = at::vec::fmadd(p, f, V(1.339985989e-03f));
+  p = at::vec::fmadd(p, f, V(9.618519805e-03f));
+  p = at::vec::fmadd(p, f, V(5.550329015e-02f));
+  p = at::vec::fmadd(p, f, V(2.402264625e-01f));
+  p = at::vec::fmadd(p, f, V(6.931471825e-01f));
+  p = at::vec::fmadd(p, f, V(1.0f));
   const Vi scale = (at::vec::convert_to_int_of_same_size(n) + Vi(127)) << Vi(23);
-  return y * at::vec::cast<float>(scale);
+  return p * at::vec::cast<float>(scale);
 }
 
-inline Vectorized<double> exp_nonpositive(const Vectorized<double>& x) { return x.exp(); }
+// exp(x - m) for x <= m, with `neg_m` = -m broadcast. x - m is formed first (exact when x is near
+// m) and then scaled to base 2: a single fma of x * log2(e) - m * log2(e) would round the shift
+// m * log2(e), as large as the logits, and carry that error into every term of the row.
+inline Vectorized<float> exp_shifted(const Vectorized<float>& x, const Vectorized<float>& neg_m) {
+  return exp2_nonpositive((x + neg_m) * Vectorized<float>(kLog2e));
+}
+
+// float64 (gradcheck's precision): Sleef's exp.
+inline Vectorized<double> exp_shifted(const Vectorized<double>& x, const Vectorized<double>& neg_m) {
+  return (x + neg_m).exp();
+}
+
+// The broadcast second argument of exp_shifted for a maximum (or log-sum-exp) `m`.
+inline Vectorized<float> shift_of(const Vectorized<float>& m) { return Vectorized<float>(0.0f) - m; }
+inline Vectorized<double> shift_of(const Vectorized<double>& m) { return Vectorized<double>(0.0) - m; }
 
 // max(acc, v) without NaN bookkeeping: a NaN in a row is caught where it matters, by the sum of
-// exponentials (x - max is NaN there, and exp_nonpositive propagates it).
+// exponentials (x - max is NaN there, and exp_shifted propagates it).
 template <typename V>
 inline V running_max(const V& acc, const V& v) {
   return at::vec::clamp_min(v, acc);
@@ -237,15 +252,15 @@ struct CeForward {
       m = nan_max(m, v);
       if (smooth) sum_wx += cw ? cw[k] * v : v;
     }
-    const Vec vm(m);
+    const Vec sh = shift_of(Vec(m));
     Vec s0(acc_t(0)), s1(acc_t(0)), s2(acc_t(0)), s3(acc_t(0));
     for (c = 0; c + 4 * V <= C; c += 4 * V) {
-      s0 = s0 + exp_nonpositive(IO::load(xr + c) - vm);
-      s1 = s1 + exp_nonpositive(IO::load(xr + c + V) - vm);
-      s2 = s2 + exp_nonpositive(IO::load(xr + c + 2 * V) - vm);
-      s3 = s3 + exp_nonpositive(IO::load(xr + c + 3 * V) - vm);
+      s0 = s0 + exp_shifted(IO::load(xr + c), sh);
+      s1 = s1 + exp_shifted(IO::load(xr + c + V), sh);
+      s2 = s2 + exp_shifted(IO::load(xr + c + 2 * V), sh);
+      s3 = s3 + exp_shifted(IO::load(xr + c + 3 * V), sh);
     }
-    for (; c + V <= C; c += V) s0 = s0 + exp_nonpositive(IO::load(xr + c) - vm);
+    for (; c + V <= C; c += V) s0 = s0 + exp_shifted(IO::load(xr + c), sh);
     acc_t s = reduce_sum((s0 + s1) + (s2 + s3));
     for (int64_t k = c; k < C; ++k) s += std::exp(static_cast<acc_t>(xr[k]) - m);
     finish_row(r, m + std::log(s), sum_wx, part);
@@ -264,10 +279,11 @@ struct CeForward {
       vmax = running_max(vmax, v);
       if (smooth) vwx = vwx + v * Vec(cw ? cw[c] : acc_t(1));
     }
+    const Vec sh = shift_of(vmax);
     Vec vs(acc_t(0));
     for (int64_t c = 0; c < C; ++c) {
       const Vec v = n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
-      vs = vs + exp_nonpositive(v - vmax);
+      vs = vs + exp_shifted(v, sh);
     }
     (vmax + vs.log()).store(lse);
     vwx.store(sum_wx);
@@ -378,11 +394,11 @@ struct CeBackward {
       return;
     }
     const acc_t m = lse[r];
-    const Vec va(k.a), ve(k.e), vm(m);
+    const Vec va(k.a), ve(k.e), sh = shift_of(Vec(m));
     const bool with_e = k.e != acc_t(0);
     int64_t c = 0;
     for (; c + V <= C; c += V) {
-      Vec g = va * exp_nonpositive(IO::load(xr + c) - vm);
+      Vec g = va * exp_shifted(IO::load(xr + c), sh);
       if (with_e) g = g - ve * (cw ? Vec::loadu(cw + c) : Vec(acc_t(1)));
       IO::store(gr + c, g);
     }
@@ -402,10 +418,10 @@ struct CeBackward {
                const acc_t* ke, const acc_t* m, bool with_e) const {
     using CIO = Io<io_t>;
     const int64_t C = a.layout.C;
-    const Vec va = Vec::loadu(ka), ve = Vec::loadu(ke), vm = Vec::loadu(m);
+    const Vec va = Vec::loadu(ka), ve = Vec::loadu(ke), sh = shift_of(Vec::loadu(m));
     for (int64_t c = 0; c < C; ++c) {
       const Vec v = n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
-      Vec g = va * exp_nonpositive(v - vm);
+      Vec g = va * exp_shifted(v, sh);
       if (with_e) g = g - ve * Vec(cw ? cw[c] : acc_t(1));
       CIO::store(out + c * stride, g, n);
     }
@@ -544,7 +560,7 @@ struct Bce {
 
   static Vec softplus_neg(const Vec& v) {  // max(-x, 0) + log1p(exp(-|x|))
     const Vec zero(acc_t(0));
-    const Vec e = exp_nonpositive(zero - v.abs());  // in (0, 1]
+    const Vec e = exp_shifted(zero - v.abs(), zero);  // exp(-|x|), in (0, 1]
     // log1p(e) = log(u) * e / (u - 1) with u = 1 + e (exact where u rounds to 1: then e)
     const Vec one(acc_t(1));
     const Vec u = one + e;
@@ -599,7 +615,7 @@ struct Bce {
       Vec neg, pos, w;
       weights(i, j, n, r0, &neg, &pos, &w);
       // sigmoid(x) and sigmoid(-x) from one exp(-|x|), exact in both tails
-      const Vec e = exp_nonpositive(zero - vx.abs());
+      const Vec e = exp_shifted(zero - vx.abs(), zero);
       const Vec inv = one / (one + e);
       const Vec nonneg = vx >= zero;  // all-ones lanes where x >= 0
       const Vec sig = Vec::blendv(e * inv, inv, nonneg);
