@@ -62,6 +62,7 @@ struct CeBackwardArgs {
   const void* grad_rows;     // acc_t[N * P] upstream gradient per row ("none"), or nullptr
   double grad_scalar;        // upstream gradient / normaliser, when grad_rows is nullptr
   void* grad_input;          // scalar_t[N * C * P]
+  bool streaming_stores;     // write the rows layout's gradient with non-temporal stores
 };
 
 // Binary cross-entropy: input viewed as (rows, L) contiguous, chunks of whole rows.

@@ -376,6 +376,8 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
     args.grad_scalar = g;
   }
   args.grad_input = grad_input.data_ptr();
+  // stream a gradient too large to stay in cache (a few times the last-level cache of one core)
+  args.streaming_stores = grad_input.nbytes() >= (size_t(16) << 20);
   if (rows > 0 && s.C > 0) {
     const CeBackwardFn fn = kernels().ce_backward[di];
     at::parallel_for(0, args.layout.num_chunks, 1, [&](int64_t begin, int64_t end) {
