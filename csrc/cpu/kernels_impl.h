@@ -540,8 +540,8 @@ struct CeBackward {
           std::fill(gr, gr + l.C, scalar_t(0));
           continue;
         }
-        const acc_t p_t = std::exp(tile[tt[j] * kTileLanes + j] - m[j]);
-        gtile[tt[j] * kTileLanes + j] = ce_true_class_grad<acc_t>({ka[j], kb[j], ke[j]}, p_t, wt[j]);
+        // the tile holds a p_t - e W_t at the true class, in acc_t: subtract b there
+        gtile[tt[j] * kTileLanes + j] -= kb[j];
         for (int64_t c = 0; c < l.C; ++c) gr[c] = static_cast<scalar_t>(gtile[c * kTileLanes + j]);
       }
     }

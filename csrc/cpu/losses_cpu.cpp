@@ -162,7 +162,7 @@ at::Tensor ce_class_weights(const at::Tensor& target, const c10::optional<at::Te
 // The gradient of the logits is as large as the logits and written once, so for a large one the
 // cost of fresh pages (the kernel zeroes every page on first touch) rivals the kernel itself: in a
 // profile of a 32 MB backward, clear_page took more time than the gradient arithmetic. Large
-// outputs therefore come from a small cache of blocks that earlier gradients released (a training
+// outputs (1 MiB and more) therefore come from a small cache of blocks that earlier gradients released (a training
 // loop frees each step's logits gradient before the next backward), the way torch's CUDA caching
 // allocator keeps device memory. New blocks are 2 MiB-aligned and advised for transparent huge
 // pages. The cache holds at most FUSED_WLOSS_CPU_CACHE_MB megabytes of released blocks (default
@@ -193,11 +193,13 @@ class OutputCache {
         return p;
       }
     }
-    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    // huge-page blocks from 2 MiB up; smaller ones page-aligned
+    const size_t align = bytes >= kHugePage ? kHugePage : kPage;
+    const size_t rounded = (bytes + align - 1) / align * align;
     void* p = nullptr;
-    if (posix_memalign(&p, kHugePage, rounded) != 0) return nullptr;
+    if (posix_memalign(&p, align, rounded) != 0) return nullptr;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(p, rounded, MADV_HUGEPAGE);  // advice only: without THP this is ordinary memory
+    if (align == kHugePage) madvise(p, rounded, MADV_HUGEPAGE);  // advice only
 #endif
     *capacity = rounded;
     return p;
@@ -226,6 +228,7 @@ class OutputCache {
   }
 
   static constexpr size_t kHugePage = size_t(2) << 20;
+  static constexpr size_t kPage = 4096;
 
  private:
   OutputCache() {
@@ -239,7 +242,7 @@ class OutputCache {
 };
 
 at::Tensor empty_large_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  constexpr size_t kThreshold = size_t(8) << 20;
+  constexpr size_t kThreshold = size_t(1) << 20;  // below this, torch's allocator is as good
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
                        c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
   if (bytes >= kThreshold) {
