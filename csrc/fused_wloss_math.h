@@ -72,15 +72,16 @@ FWL_HD acc_t log_sum_exp(SoftmaxState<acc_t> s) {
   return s.max + std::log(s.sum);
 }
 
-// Softmax cross-entropy of one element with index target t, given its log-sum-exp `lse`:
-//   (1 - eps) W_t (lse - x_t) + eps / C (lse * sum_c W_c - sum_c W_c x_c)
-// scaled by the element's weight (sample weight, 0 if ignored). `w_t` is W[t] (1 without class
-// weights), `sum_w` is sum_c W_c (C without class weights) and `sum_wx` is sum_c W_c x_c.
+// Softmax cross-entropy of one element with index target t:
+//   (1 - eps) W_t (lse - x_t) + eps / C sum_c W_c (lse - x_c)
+// from `nll` = lse - x_t and `smooth` = sum_c W_c (lse - x_c), each formed by the caller from
+// differences to the row maximum (lse - x = (m - x) + log s), never as a difference of two
+// large numbers. `w_t` is W[t] (1 without class weights). The caller scales by the element's
+// weight (sample weight, 0 if ignored).
 template <typename acc_t>
-FWL_HD acc_t ce_index_loss(acc_t lse, acc_t x_t, acc_t w_t, acc_t sum_w, acc_t sum_wx,
-                           acc_t eps, acc_t num_classes) {
-  acc_t loss = (acc_t(1) - eps) * w_t * (lse - x_t);
-  if (eps > acc_t(0)) loss += eps / num_classes * (lse * sum_w - sum_wx);
+FWL_HD acc_t ce_index_loss(acc_t nll, acc_t smooth, acc_t w_t, acc_t eps, acc_t num_classes) {
+  acc_t loss = (acc_t(1) - eps) * w_t * nll;
+  if (eps > acc_t(0)) loss += eps / num_classes * smooth;
   return loss;
 }
 

@@ -19,8 +19,9 @@ void empty_cpu_cache();
 }  // namespace fused_wloss
 
 TORCH_LIBRARY(fused_wloss, m) {
-  // Returns the loss, the per-element fp32 (fp64 for fp64 input) log-sum-exp, the class weights
-  // applied (static x dynamic; empty when there are none) and the normaliser of the reduction.
+  // Returns the loss, the per-element log-sum-exp (float64: the backward forms x - lse exactly
+  // for large logits too), the class weights applied (static x dynamic; empty when there are
+  // none) and the normaliser of the reduction.
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, Tensor? sample_weight, "
       "int ignore_index, float label_smoothing, int reduction, int scheme, float smoothing, "

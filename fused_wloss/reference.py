@@ -145,9 +145,12 @@ def cross_entropy_checked(
             counts.scatter_add_(0, safe_t.flatten(), valid.flatten().long())
             dynamic = weighting.weights(counts.to(dtype))
             class_w = dynamic if class_w is None else class_w * dynamic
-        nll = -logp.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+        if num_classes > 0:
+            nll = -logp.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+        else:  # no class: every target is ignored (the range check saw to it)
+            nll = torch.zeros(t.shape, dtype=dtype, device=t.device)
         target_w = valid.to(dtype)
-        if class_w is not None:
+        if class_w is not None and num_classes > 0:
             target_w = torch.where(valid, class_w[safe_t], 0.0)
         if sample_weight is not None:
             target_w = target_w * sample_weight.to(dtype)

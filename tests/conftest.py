@@ -1,10 +1,16 @@
 import os
+import tempfile
 
-import pytest
-import torch
+# A private inductor cache per test session: the on-disk FX graph cache does not key on a custom
+# operator's fake kernel, so graphs compiled against an earlier build of the operators could be
+# replayed against a newer one.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fused_wloss_inductor_"))
 
-import fused_wloss
-from fused_wloss import reference
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fused_wloss  # noqa: E402
+from fused_wloss import reference  # noqa: E402
 
 # The implementations every semantic test runs: the public functions (the compiled extension where
 # it serves the device, see fused_wloss.backend) and the reference itself.

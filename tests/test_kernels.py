@@ -429,3 +429,44 @@ def test_streamed_gradient_matches_reference(isa, num_classes):
                                    **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
         torch.testing.assert_close(got[0].double(), expected[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e5])
+@pytest.mark.parametrize("shape, smoothing", [((8, 100), 0.0), ((8, 1000), 0.1), ((4, 7), 0.1), ((2, 9, 20), 0.1)],
+                         ids=["rows", "rows-smooth", "tiled-smooth", "kdim-smooth"])
+def test_large_logits_keep_float32_accuracy(isa, offset, shape, smoothing):
+    """Logits around 1e4..1e5: the kernels form every lse - x from differences to the row maximum
+    (and save lse in float64), so their error stays within 2x torch's own float32 error."""
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) + offset).float()
+    t = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=gen)
+    kwargs = {"reduction": "none", "label_smoothing": smoothing}
+    exact = _value_and_grad(F.cross_entropy, x.double(), t, **kwargs)
+    ours = _value_and_grad(fused_wloss.cross_entropy, x, t, **kwargs)
+    theirs = _value_and_grad(F.cross_entropy, x, t, **kwargs)
+    eps = torch.finfo(torch.float32).eps
+    for o, th, ex in zip(ours, theirs, exact):
+        err_ours = (o.double() - ex).abs().max().item()
+        err_torch = (th.double() - ex).abs().max().item()
+        assert err_ours <= 2 * err_torch + 4 * eps * ex.abs().max().item(), (err_ours, err_torch)
+
+
+def test_no_classes():
+    """C = 0: only ignored targets are valid (each element's loss is 0), anything else is an
+    IndexError, as in the reference."""
+    x = torch.empty(3, 0, requires_grad=True)
+    for fn in (fused_wloss.cross_entropy, reference.cross_entropy):
+        with pytest.raises(IndexError, match=r"found 0 at element 0"):
+            fn(x, torch.tensor([0, 5, -100]), reduction="none")
+        ignored = torch.full((3,), -100)
+        assert torch.equal(fn(x, ignored, reduction="none").detach(), torch.zeros(3))
+        assert fn(x, ignored, reduction="sum").item() == 0.0
+        assert torch.isnan(fn(x, ignored, reduction="mean"))
+
+
+def test_bce_backward_rejects_label_weights_of_the_wrong_size():
+    x = torch.randn(4, 8)
+    t = torch.rand(4, 8)
+    g = torch.ones(())
+    with pytest.raises(RuntimeError, match="neg_label_weight must have 0 or 8 elements, got 1"):
+        torch.ops.fused_wloss.bce_backward(g, x, t, None, None, None, torch.ones(1), torch.ones(1), 1)

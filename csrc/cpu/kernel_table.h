@@ -36,7 +36,8 @@ struct CeForwardArgs {
   int64_t ignore_index;
   double label_smoothing;
   void* loss_out;            // scalar_t[N * P] for reduction "none", else nullptr
-  void* lse_out;             // acc_t[N * P]
+  double* lse_out;           // [N * P]: log-sum-exp in float64, so that the backward can form
+                             // x - lse exactly even for large logits
 };
 
 // What one chunk of the forward adds up; reduced over chunks in chunk order.
@@ -58,7 +59,7 @@ struct CeBackwardArgs {
   double sum_w;
   int64_t ignore_index;
   double label_smoothing;
-  const void* lse;           // acc_t[N * P]
+  const double* lse;         // [N * P], from the forward
   const void* grad_rows;     // acc_t[N * P] upstream gradient per row ("none"), or nullptr
   double grad_scalar;        // upstream gradient / normaliser, when grad_rows is nullptr
   void* grad_input;          // scalar_t[N * C * P]

@@ -120,6 +120,12 @@ inline Vectorized<double> exp_shifted(const Vectorized<double>& x, const Vectori
   return (x + neg_m).exp();
 }
 
+// exp(d) for a difference d = x - m <= 0 the caller has already formed.
+inline Vectorized<float> exp_of_difference(const Vectorized<float>& d) {
+  return exp2_nonpositive(d * Vectorized<float>(kLog2e));
+}
+inline Vectorized<double> exp_of_difference(const Vectorized<double>& d) { return d.exp(); }
+
 // The broadcast second argument of exp_shifted for a maximum (or log-sum-exp) `m`.
 inline Vectorized<float> shift_of(const Vectorized<float>& m) { return Vectorized<float>(0.0f) - m; }
 inline Vectorized<double> shift_of(const Vectorized<double>& m) { return Vectorized<double>(0.0) - m; }
@@ -191,9 +197,9 @@ struct CeForward {
   const scalar_t* x;
   const acc_t* cw;
   const acc_t* sw;
-  acc_t* lse_out;
+  double* lse_out;
   scalar_t* loss_out;
-  acc_t eps, num_classes, sum_w;
+  double eps, num_classes, sum_w;
   bool smooth;
 
   explicit CeForward(const CeForwardArgs& args)
@@ -201,19 +207,22 @@ struct CeForward {
         x(static_cast<const scalar_t*>(args.input)),
         cw(static_cast<const acc_t*>(args.class_w)),
         sw(static_cast<const acc_t*>(args.sample_w)),
-        lse_out(static_cast<acc_t*>(args.lse_out)),
+        lse_out(args.lse_out),
         loss_out(static_cast<scalar_t*>(args.loss_out)),
-        eps(static_cast<acc_t>(args.label_smoothing)),
-        num_classes(static_cast<acc_t>(args.layout.C)),
-        sum_w(static_cast<acc_t>(args.sum_w)),
+        eps(args.label_smoothing),
+        num_classes(static_cast<double>(args.layout.C)),
+        sum_w(args.sum_w),
         smooth(args.label_smoothing > 0.0) {}
 
-  // The per-row epilogue: gather the target logit, apply the weights, add to the partials.
-  void finish_row(int64_t row, acc_t lse, acc_t sum_wx, CePartial* part) const {
+  // The per-row epilogue, from the row maximum m, the log of the sum of exp(x - m) and
+  // sum_wd = sum_c W_c (x_c - m): gather the target logit, apply the weights, add to the
+  // partials. In float64, with every lse - x formed as (m - x) + log s.
+  void finish_row(int64_t row, acc_t m, acc_t log_s, acc_t sum_wd, CePartial* part) const {
     const CeLayout& l = a.layout;
-    lse_out[row] = lse;
+    const double md = static_cast<double>(m), ls = static_cast<double>(log_s);
+    lse_out[row] = md + ls;
     const int64_t t = load_target(a.target, a.target_int32, row);
-    acc_t loss = 0;
+    double loss = 0;
     if (t != a.ignore_index) {
       if (t < 0 || t >= l.C) {
         if (part->bad_row < 0) {
@@ -221,98 +230,93 @@ struct CeForward {
           part->bad_value = t;
         }
       } else {
-        const acc_t x_t = static_cast<acc_t>(x[ce_row_offset(row, l.C, l.P) + t * l.P]);
-        const acc_t w_t = cw ? cw[t] : acc_t(1);
-        const acc_t s = sw ? sw[row] : acc_t(1);
-        loss = s * ce_index_loss(lse, x_t, w_t, sum_w, sum_wx, eps, num_classes);
-        part->loss_sum += static_cast<double>(loss);
-        part->weight_sum += static_cast<double>(s * w_t);
+        const double x_t = static_cast<double>(x[ce_row_offset(row, l.C, l.P) + t * l.P]);
+        const double w_t = cw ? static_cast<double>(cw[t]) : 1.0;
+        const double s = sw ? static_cast<double>(sw[row]) : 1.0;
+        const double nll = (md - x_t) + ls;
+        const double smooth_sum = smooth ? sum_w * ls - static_cast<double>(sum_wd) : 0.0;
+        loss = s * ce_index_loss(nll, smooth_sum, w_t, eps, num_classes);
+        part->loss_sum += loss;
+        part->weight_sum += s * w_t;
         part->valid += 1;
       }
     }
     if (loss_out) loss_out[row] = static_cast<scalar_t>(loss);
   }
 
-  // rows layout: vectors along one row of C contiguous classes. Four independent accumulators per
-  // sweep, so the max and add latency chains do not serialise the loop.
+  // rows layout: vectors along one row of C contiguous classes; a max sweep, then a sweep of
+  // exp(x - m) (and of W (x - m) for label smoothing) from cache. Four independent accumulators
+  // per sweep, so the max and add latency chains do not serialise the loop.
   void row(int64_t r, CePartial* part) const {
     const int64_t C = a.layout.C;
     const scalar_t* xr = x + r * C;
     constexpr int64_t V = Vec::size();
     const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
     Vec m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
-    Vec w0(acc_t(0)), w1(acc_t(0)), w2(acc_t(0)), w3(acc_t(0));
-    auto wx = [&](const Vec& v, int64_t c) { return cw ? v * Vec::loadu(cw + c) : v; };
     int64_t c = 0;
     for (; c + 4 * V <= C; c += 4 * V) {
-      const Vec v0 = IO::load(xr + c), v1 = IO::load(xr + c + V);
-      const Vec v2 = IO::load(xr + c + 2 * V), v3 = IO::load(xr + c + 3 * V);
-      m0 = running_max(m0, v0);
-      m1 = running_max(m1, v1);
-      m2 = running_max(m2, v2);
-      m3 = running_max(m3, v3);
-      if (smooth) {
-        w0 = w0 + wx(v0, c);
-        w1 = w1 + wx(v1, c + V);
-        w2 = w2 + wx(v2, c + 2 * V);
-        w3 = w3 + wx(v3, c + 3 * V);
-      }
+      m0 = running_max(m0, IO::load(xr + c));
+      m1 = running_max(m1, IO::load(xr + c + V));
+      m2 = running_max(m2, IO::load(xr + c + 2 * V));
+      m3 = running_max(m3, IO::load(xr + c + 3 * V));
     }
-    for (; c + V <= C; c += V) {
-      const Vec v = IO::load(xr + c);
-      m0 = running_max(m0, v);
-      if (smooth) w0 = w0 + wx(v, c);
-    }
-    const int64_t vec_end = c;
+    for (; c + V <= C; c += V) m0 = running_max(m0, IO::load(xr + c));
     acc_t m = reduce_max(running_max(running_max(m0, m1), running_max(m2, m3)));
-    acc_t sum_wx = smooth ? reduce_sum((w0 + w1) + (w2 + w3)) : acc_t(0);
-    for (int64_t k = vec_end; k < C; ++k) {
-      const acc_t v = static_cast<acc_t>(xr[k]);
-      m = nan_max(m, v);
-      if (smooth) sum_wx += cw ? cw[k] * v : v;
-    }
+    for (int64_t k = c; k < C; ++k) m = nan_max(m, static_cast<acc_t>(xr[k]));
+
     const Vec sh = shift_of(Vec(m));
     Vec s0(acc_t(0)), s1(acc_t(0)), s2(acc_t(0)), s3(acc_t(0));
+    Vec w0(acc_t(0)), w1(acc_t(0));
+    auto sweep = [&](int64_t at, Vec& s_acc, Vec& w_acc) {
+      const Vec d = IO::load(xr + at) + sh;
+      s_acc = s_acc + exp_of_difference(d);
+      if (smooth) w_acc = w_acc + (cw ? d * Vec::loadu(cw + at) : d);
+    };
     for (c = 0; c + 4 * V <= C; c += 4 * V) {
-      s0 = s0 + exp_shifted(IO::load(xr + c), sh);
-      s1 = s1 + exp_shifted(IO::load(xr + c + V), sh);
-      s2 = s2 + exp_shifted(IO::load(xr + c + 2 * V), sh);
-      s3 = s3 + exp_shifted(IO::load(xr + c + 3 * V), sh);
+      sweep(c, s0, w0);
+      sweep(c + V, s1, w1);
+      sweep(c + 2 * V, s2, w0);
+      sweep(c + 3 * V, s3, w1);
     }
-    for (; c + V <= C; c += V) s0 = s0 + exp_shifted(IO::load(xr + c), sh);
+    for (; c + V <= C; c += V) sweep(c, s0, w0);
     acc_t s = reduce_sum((s0 + s1) + (s2 + s3));
-    for (int64_t k = c; k < C; ++k) s += std::exp(static_cast<acc_t>(xr[k]) - m);
-    finish_row(r, m + std::log(s), sum_wx, part);
+    acc_t sum_wd = smooth ? reduce_sum(w0 + w1) : acc_t(0);
+    for (int64_t k = c; k < C; ++k) {
+      const acc_t d = static_cast<acc_t>(xr[k]) - m;
+      s += std::exp(d);
+      if (smooth) sum_wd += cw ? cw[k] * d : d;
+    }
+    finish_row(r, m, std::log(s), sum_wd, part);
   }
 
-  // columns: `lanes` rows whose class c sits at base + c * stride + lane, stride-contiguous
-  // lanes; `n` of the V lanes are real (the others read as zeros and are not used).
+  // columns: V rows whose class c sits at base + c * stride + lane, stride-contiguous lanes; `n`
+  // of the V lanes are real (the others read as zeros and are not used). Writes each lane's max,
+  // log of the sum of exponentials and sum_c W_c (x_c - max).
   template <typename in_t>
-  void columns(const in_t* base, int64_t stride, int64_t n, acc_t* lse, acc_t* sum_wx) const {
+  void columns(const in_t* base, int64_t stride, int64_t n, acc_t* mx, acc_t* log_s, acc_t* sum_wd) const {
     using CIO = Io<in_t>;
     const int64_t C = a.layout.C;
+    auto load = [&](int64_t c) {
+      return n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
+    };
     Vec vmax(-std::numeric_limits<acc_t>::infinity());
-    Vec vwx(acc_t(0));
-    for (int64_t c = 0; c < C; ++c) {
-      const Vec v = n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
-      vmax = running_max(vmax, v);
-      if (smooth) vwx = vwx + v * Vec(cw ? cw[c] : acc_t(1));
-    }
+    for (int64_t c = 0; c < C; ++c) vmax = running_max(vmax, load(c));
     const Vec sh = shift_of(vmax);
-    Vec vs(acc_t(0));
+    Vec vs(acc_t(0)), vwd(acc_t(0));
     for (int64_t c = 0; c < C; ++c) {
-      const Vec v = n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
-      vs = vs + exp_shifted(v, sh);
+      const Vec d = load(c) + sh;
+      vs = vs + exp_of_difference(d);
+      if (smooth) vwd = vwd + d * Vec(cw ? cw[c] : acc_t(1));
     }
-    (vmax + vs.log()).store(lse);
-    vwx.store(sum_wx);
+    vmax.store(mx);
+    vs.log().store(log_s);
+    vwd.store(sum_wd);
   }
 
   void chunk(int64_t chunk_index, CePartial* part) const {
     const CeLayout& l = a.layout;
     constexpr int64_t V = Vec::size();
-    alignas(64) acc_t lse[kTileLanes];
-    alignas(64) acc_t swx[kTileLanes];
+    alignas(64) acc_t mx[kTileLanes], ls[kTileLanes], swd[kTileLanes];
     if (l.P > 1) {
       const int64_t n = chunk_index / l.chunks_per_n;
       const int64_t p0 = (chunk_index % l.chunks_per_n) * l.rows_per_chunk;
@@ -320,8 +324,8 @@ struct CeForward {
       const scalar_t* xn = x + n * l.C * l.P;
       for (int64_t p = p0; p < p1; p += V) {
         const int64_t lanes = std::min<int64_t>(V, p1 - p);
-        columns(xn + p, l.P, lanes, lse, swx);
-        for (int64_t j = 0; j < lanes; ++j) finish_row(n * l.P + p + j, lse[j], swx[j], part);
+        columns(xn + p, l.P, lanes, mx, ls, swd);
+        for (int64_t j = 0; j < lanes; ++j) finish_row(n * l.P + p + j, mx[j], ls[j], swd[j], part);
       }
       return;
     }
@@ -336,9 +340,9 @@ struct CeForward {
       const int64_t rows = std::min<int64_t>(kTileLanes, r1 - r);
       pack_tile(x + r * l.C, rows, l.C, tile);
       for (int64_t j = 0; j < kTileLanes; j += V) {
-        columns<acc_t>(tile + j, kTileLanes, V, lse + j, swx + j);
+        columns<acc_t>(tile + j, kTileLanes, V, mx + j, ls + j, swd + j);
       }
-      for (int64_t j = 0; j < rows; ++j) finish_row(r + j, lse[j], swx[j], part);
+      for (int64_t j = 0; j < rows; ++j) finish_row(r + j, mx[j], ls[j], swd[j], part);
     }
   }
 
@@ -368,7 +372,7 @@ struct CeBackward {
   const scalar_t* x;
   const acc_t* cw;
   const acc_t* sw;
-  const acc_t* lse;
+  const double* lse;
   const acc_t* grad_rows;
   scalar_t* gx;
   acc_t eps, num_classes, sum_w;
@@ -378,12 +382,33 @@ struct CeBackward {
         x(static_cast<const scalar_t*>(args.input)),
         cw(static_cast<const acc_t*>(args.class_w)),
         sw(static_cast<const acc_t*>(args.sample_w)),
-        lse(static_cast<const acc_t*>(args.lse)),
+        lse(args.lse),
         grad_rows(static_cast<const acc_t*>(args.grad_rows)),
         gx(static_cast<scalar_t*>(args.grad_input)),
         eps(static_cast<acc_t>(args.label_smoothing)),
         num_classes(static_cast<acc_t>(args.layout.C)),
         sum_w(static_cast<acc_t>(args.sum_w)) {}
+
+  // p_c = exp(x_c - lse) with lse in float64: the vectors subtract `ref`, the lse rounded to acc_t
+  // (x - ref is exact for the x near it, the ones with weight), and the rounding, exp(ref - lse),
+  // goes into the coefficient of p as `factor`.
+  struct Shift {
+    acc_t ref, factor;
+  };
+  Shift shift_for(int64_t r) const {
+    const double l = lse[r];
+    const acc_t ref = static_cast<acc_t>(l);
+    const double d = static_cast<double>(ref) - l;  // half an ulp of lse at most
+    // exp(d) by its Taylor series where d is small (always, unless |lse| > ~1e4): no libm call
+    // per row
+    const double f = std::fabs(d) < 1e-3 ? 1.0 + d * (1.0 + 0.5 * d) : std::exp(d);
+    return {ref, static_cast<acc_t>(f)};
+  }
+
+  // p = exp(v - lse) from a Shift, in acc_t
+  static acc_t p_of(const scalar_t& v, const Shift& sf) {
+    return sf.factor * std::exp(static_cast<acc_t>(v) - sf.ref);
+  }
 
   // The coefficients of row r; `t` is set to -1 when the row has no gradient (ignored).
   CeGradCoeffs<acc_t> coeffs(int64_t r, int64_t* t_out, acc_t* w_t_out) const {
@@ -412,11 +437,11 @@ struct CeBackward {
       std::fill(gr, gr + C, scalar_t(0));
       return;
     }
-    const acc_t m = lse[r];
-    const Vec va(k.a), ve(k.e), sh = shift_of(Vec(m));
+    const Shift sf = shift_for(r);
+    const Vec va(k.a * sf.factor), ve(k.e), sh = shift_of(Vec(sf.ref));
     const bool with_e = k.e != acc_t(0);
     auto scalar_grad = [&](int64_t c) {
-      acc_t g = k.a * std::exp(static_cast<acc_t>(xr[c]) - m);
+      acc_t g = k.a * p_of(xr[c], sf);
       if (with_e) g -= k.e * (cw ? cw[c] : acc_t(1));
       return g;
     };
@@ -449,20 +474,17 @@ struct CeBackward {
     }
     for (; c + V <= C; c += V) IO::store(gr + c, vector_grad(c));
     for (; c < C; ++c) gr[c] = static_cast<scalar_t>(scalar_grad(c));
-    if (!true_class_written) {
-      const acc_t p_t = std::exp(static_cast<acc_t>(xr[t]) - m);
-      gr[t] = static_cast<scalar_t>(ce_true_class_grad(k, p_t, w_t));
-    }
+    if (!true_class_written) gr[t] = static_cast<scalar_t>(ce_true_class_grad(k, p_of(xr[t], sf), w_t));
   }
 
   // columns: like CeForward::columns; writes the gradient of every lane, then fixes the true class
-  // of the real lanes. `ka`, `ke`, `m` hold the per-lane coefficients and log-sum-exp.
+  // of the real lanes. `ka`, `ke`, `ref` hold the per-lane coefficients and shifts (Shift).
   template <typename io_t>
   void columns(const io_t* base, io_t* out, int64_t stride, int64_t n, const acc_t* ka,
-               const acc_t* ke, const acc_t* m, bool with_e) const {
+               const acc_t* ke, const acc_t* ref, bool with_e) const {
     using CIO = Io<io_t>;
     const int64_t C = a.layout.C;
-    const Vec va = Vec::loadu(ka), ve = Vec::loadu(ke), sh = shift_of(Vec::loadu(m));
+    const Vec va = Vec::loadu(ka), ve = Vec::loadu(ke), sh = shift_of(Vec::loadu(ref));
     for (int64_t c = 0; c < C; ++c) {
       const Vec v = n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
       Vec g = va * exp_shifted(v, sh);
@@ -475,6 +497,7 @@ struct CeBackward {
     const CeLayout& l = a.layout;
     constexpr int64_t V = Vec::size();
     alignas(64) acc_t ka[kTileLanes], kb[kTileLanes], ke[kTileLanes], m[kTileLanes], wt[kTileLanes];
+    alignas(64) acc_t kp[kTileLanes], fac[kTileLanes];  // coefficient of p itself; Shift factor
     int64_t tt[kTileLanes];
     // gather the coefficients of `lanes` rows starting at row r0; returns whether any lane has a
     // label-smoothing term
@@ -482,14 +505,18 @@ struct CeBackward {
       bool with_e = false;
       for (int64_t j = 0; j < kTileLanes; ++j) {
         if (j < lanes) {
-          const CeGradCoeffs<acc_t> k = coeffs(r0 + j * stride_rows, &tt[j], &wt[j]);
-          ka[j] = k.a;
+          const int64_t r = r0 + j * stride_rows;
+          const CeGradCoeffs<acc_t> k = coeffs(r, &tt[j], &wt[j]);
+          const Shift sf = tt[j] < 0 ? Shift{acc_t(0), acc_t(0)} : shift_for(r);
+          ka[j] = k.a * sf.factor;  // the coefficient of exp(x - ref)
           kb[j] = k.b;
           ke[j] = k.e;
-          m[j] = tt[j] < 0 ? acc_t(0) : lse[r0 + j * stride_rows];
+          m[j] = sf.ref;
+          fac[j] = sf.factor;
+          kp[j] = k.a;
           with_e = with_e || k.e != acc_t(0);
         } else {
-          ka[j] = kb[j] = ke[j] = m[j] = acc_t(0);
+          ka[j] = kb[j] = ke[j] = m[j] = kp[j] = fac[j] = acc_t(0);
           tt[j] = -1;
         }
       }
@@ -512,8 +539,8 @@ struct CeBackward {
             continue;
           }
           const int64_t it = i + tt[j] * l.P;
-          const acc_t p_t = std::exp(static_cast<acc_t>(x[it]) - m[j]);
-          gx[it] = static_cast<scalar_t>(ce_true_class_grad<acc_t>({ka[j], kb[j], ke[j]}, p_t, wt[j]));
+          const acc_t p_t = p_of(x[it], Shift{m[j], fac[j]});
+          gx[it] = static_cast<scalar_t>(ce_true_class_grad<acc_t>({kp[j], kb[j], ke[j]}, p_t, wt[j]));
         }
       }
       return;

@@ -289,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   const at::Tensor class_w =
       ce_class_weights(t, weight, s.C, ignore_index, scheme, smoothing, beta, acc);
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
-  at::Tensor lse = at::empty({rows}, x.options().dtype(acc));
+  at::Tensor lse = at::empty({rows}, x.options().dtype(at::kDouble));
   at::Tensor loss_rows;
   if (reduction == kNone) loss_rows = at::empty(s.loss_shape, x.options());
 
@@ -304,9 +304,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   args.ignore_index = ignore_index;
   args.label_smoothing = label_smoothing;
   args.loss_out = loss_rows.defined() ? loss_rows.data_ptr() : nullptr;
-  args.lse_out = lse.data_ptr();
+  args.lse_out = lse.data_ptr<double>();
 
   std::vector<CePartial> partials(args.layout.num_chunks, CePartial{0, 0, 0, -1, 0});
+  if (rows > 0 && s.C == 0) {
+    // no class at all: every target must be ignored, and each element's loss is 0
+    const bool is_int32 = args.target_int32;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t tv = is_int32 ? t.data_ptr<int32_t>()[r] : t.data_ptr<int64_t>()[r];
+      if (tv != ignore_index) throw_bad_target(r, tv, s.C, ignore_index);
+    }
+    if (loss_rows.defined()) loss_rows.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+  }
   if (rows > 0 && s.C > 0) {
     const CeForwardFn fn = kernels().ce_forward[di];
     at::parallel_for(0, args.layout.num_chunks, 1, [&](int64_t begin, int64_t end) {
@@ -340,6 +350,8 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   const CeShape s = ce_shape(input, target);
   const int di = dtype_index(input.scalar_type());
   const at::ScalarType acc = acc_dtype(input.scalar_type());
+  TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ",
+              reduction);
   const at::Tensor x = input.contiguous();
   const at::Tensor t = target.contiguous();
   const int64_t rows = s.N * s.P;
@@ -347,7 +359,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   const at::Tensor class_w =
       class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
-  const at::Tensor lse_acc = lse.to(acc).contiguous();
+  const at::Tensor lse_d = lse.to(at::kDouble).contiguous();
   at::Tensor grad_input = empty_large_output(x.sizes(), x.options());
 
   CeBackwardArgs args{};
@@ -360,7 +372,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   args.sum_w = sum_in_order(class_w, s.C);
   args.ignore_index = ignore_index;
   args.label_smoothing = label_smoothing;
-  args.lse = lse_acc.data_ptr();
+  args.lse = lse_d.data_ptr<double>();
   at::Tensor grad_rows;
   if (reduction == kNone) {
     TORCH_CHECK(grad_loss.numel() == rows, "fused_wloss: grad_loss must have ", rows,
@@ -491,6 +503,10 @@ BcePlan make_bce_plan(const at::Tensor& input, const at::Tensor& target,
   auto mul = [](const at::Tensor& a, const at::Tensor& b) {
     return !a.defined() ? b : (!b.defined() ? a : a * b);
   };
+  TORCH_CHECK(neg_dyn.numel() == 0 || neg_dyn.numel() == L, "fused_wloss: neg_label_weight must "
+              "have 0 or ", L, " elements, got ", neg_dyn.numel());
+  TORCH_CHECK(pos_dyn.numel() == 0 || pos_dyn.numel() == L, "fused_wloss: pos_label_weight must "
+              "have 0 or ", L, " elements, got ", pos_dyn.numel());
   const at::Tensor nd = neg_dyn.numel() > 0 ? neg_dyn.to(acc) : at::Tensor();
   const at::Tensor pd = pos_dyn.numel() > 0 ? pos_dyn.to(acc) : at::Tensor();
   neg_label = mul(w.label, nd);
