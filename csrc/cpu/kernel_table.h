@@ -25,7 +25,8 @@ struct CeLayout {
   bool tiled;              // P == 1 and small C: rows packed into [C][lanes] tiles
 };
 
-struct CeForwardArgs {
+// What the forward and the backward of cross-entropy both read.
+struct CeInputs {
   CeLayout layout;
   const void* input;         // scalar_t[N * C * P]
   const void* target;        // int64_t or int32_t [N * P]
@@ -35,6 +36,10 @@ struct CeForwardArgs {
   double sum_w;              // sum_c class_w[c] (C without class weights)
   int64_t ignore_index;
   double label_smoothing;
+};
+
+struct CeForwardArgs {
+  CeInputs in;
   void* loss_out;            // scalar_t[N * P] for reduction "none", else nullptr
   double* lse_out;           // [N * P]: log-sum-exp in float64, so that the backward can form
                              // x - lse exactly even for large logits
@@ -50,15 +55,7 @@ struct CePartial {
 };
 
 struct CeBackwardArgs {
-  CeLayout layout;
-  const void* input;
-  const void* target;
-  bool target_int32;
-  const void* class_w;       // acc_t[C] or nullptr
-  const void* sample_w;      // acc_t[N * P] or nullptr
-  double sum_w;
-  int64_t ignore_index;
-  double label_smoothing;
+  CeInputs in;
   const double* lse;         // [N * P], from the forward
   const void* grad_rows;     // acc_t[N * P] upstream gradient per row ("none"), or nullptr
   double grad_scalar;        // upstream gradient / normaliser, when grad_rows is nullptr

@@ -204,26 +204,26 @@ struct CeForward {
 
   explicit CeForward(const CeForwardArgs& args)
       : a(args),
-        x(static_cast<const scalar_t*>(args.input)),
-        cw(static_cast<const acc_t*>(args.class_w)),
-        sw(static_cast<const acc_t*>(args.sample_w)),
+        x(static_cast<const scalar_t*>(args.in.input)),
+        cw(static_cast<const acc_t*>(args.in.class_w)),
+        sw(static_cast<const acc_t*>(args.in.sample_w)),
         lse_out(args.lse_out),
         loss_out(static_cast<scalar_t*>(args.loss_out)),
-        eps(args.label_smoothing),
-        num_classes(static_cast<double>(args.layout.C)),
-        sum_w(args.sum_w),
-        smooth(args.label_smoothing > 0.0) {}
+        eps(args.in.label_smoothing),
+        num_classes(static_cast<double>(args.in.layout.C)),
+        sum_w(args.in.sum_w),
+        smooth(args.in.label_smoothing > 0.0) {}
 
   // The per-row epilogue, from the row maximum m, the log of the sum of exp(x - m) and
   // sum_wd = sum_c W_c (x_c - m): gather the target logit, apply the weights, add to the
   // partials. In float64, with every lse - x formed as (m - x) + log s.
   void finish_row(int64_t row, acc_t m, acc_t log_s, acc_t sum_wd, CePartial* part) const {
-    const CeLayout& l = a.layout;
+    const CeLayout& l = a.in.layout;
     const double md = static_cast<double>(m), ls = static_cast<double>(log_s);
     lse_out[row] = md + ls;
-    const int64_t t = load_target(a.target, a.target_int32, row);
+    const int64_t t = load_target(a.in.target, a.in.target_int32, row);
     double loss = 0;
-    if (t != a.ignore_index) {
+    if (t != a.in.ignore_index) {
       if (t < 0 || t >= l.C) {
         if (part->bad_row < 0) {
           part->bad_row = row;
@@ -248,7 +248,7 @@ struct CeForward {
   // exp(x - m) (and of W (x - m) for label smoothing) from cache. Four independent accumulators
   // per sweep, so the max and add latency chains do not serialise the loop.
   void row(int64_t r, CePartial* part) const {
-    const int64_t C = a.layout.C;
+    const int64_t C = a.in.layout.C;
     const scalar_t* xr = x + r * C;
     constexpr int64_t V = Vec::size();
     const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
@@ -295,7 +295,7 @@ struct CeForward {
   template <typename in_t>
   void columns(const in_t* base, int64_t stride, int64_t n, acc_t* mx, acc_t* log_s, acc_t* sum_wd) const {
     using CIO = Io<in_t>;
-    const int64_t C = a.layout.C;
+    const int64_t C = a.in.layout.C;
     auto load = [&](int64_t c) {
       return n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
     };
@@ -314,7 +314,7 @@ struct CeForward {
   }
 
   void chunk(int64_t chunk_index, CePartial* part) const {
-    const CeLayout& l = a.layout;
+    const CeLayout& l = a.in.layout;
     constexpr int64_t V = Vec::size();
     alignas(64) acc_t mx[kTileLanes], ls[kTileLanes], swd[kTileLanes];
     if (l.P > 1) {
@@ -379,15 +379,15 @@ struct CeBackward {
 
   explicit CeBackward(const CeBackwardArgs& args)
       : a(args),
-        x(static_cast<const scalar_t*>(args.input)),
-        cw(static_cast<const acc_t*>(args.class_w)),
-        sw(static_cast<const acc_t*>(args.sample_w)),
+        x(static_cast<const scalar_t*>(args.in.input)),
+        cw(static_cast<const acc_t*>(args.in.class_w)),
+        sw(static_cast<const acc_t*>(args.in.sample_w)),
         lse(args.lse),
         grad_rows(static_cast<const acc_t*>(args.grad_rows)),
         gx(static_cast<scalar_t*>(args.grad_input)),
-        eps(static_cast<acc_t>(args.label_smoothing)),
-        num_classes(static_cast<acc_t>(args.layout.C)),
-        sum_w(static_cast<acc_t>(args.sum_w)) {}
+        eps(static_cast<acc_t>(args.in.label_smoothing)),
+        num_classes(static_cast<acc_t>(args.in.layout.C)),
+        sum_w(static_cast<acc_t>(args.in.sum_w)) {}
 
   // p_c = exp(x_c - lse) with lse in float64: the vectors subtract `ref`, the lse rounded to acc_t
   // (x - ref is exact for the x near it, the ones with weight), and the rounding, exp(ref - lse),
@@ -412,8 +412,8 @@ struct CeBackward {
 
   // The coefficients of row r; `t` is set to -1 when the row has no gradient (ignored).
   CeGradCoeffs<acc_t> coeffs(int64_t r, int64_t* t_out, acc_t* w_t_out) const {
-    const int64_t t = load_target(a.target, a.target_int32, r);
-    if (t == a.ignore_index || t < 0 || t >= a.layout.C) {
+    const int64_t t = load_target(a.in.target, a.in.target_int32, r);
+    if (t == a.in.ignore_index || t < 0 || t >= a.in.layout.C) {
       *t_out = -1;
       return {0, 0, 0};
     }
@@ -426,7 +426,7 @@ struct CeBackward {
   }
 
   void row(int64_t r) const {
-    const int64_t C = a.layout.C;
+    const int64_t C = a.in.layout.C;
     const scalar_t* xr = x + r * C;
     scalar_t* gr = gx + r * C;
     constexpr int64_t V = Vec::size();
@@ -483,7 +483,7 @@ struct CeBackward {
   void columns(const io_t* base, io_t* out, int64_t stride, int64_t n, const acc_t* ka,
                const acc_t* ke, const acc_t* ref, bool with_e) const {
     using CIO = Io<io_t>;
-    const int64_t C = a.layout.C;
+    const int64_t C = a.in.layout.C;
     const Vec va = Vec::loadu(ka), ve = Vec::loadu(ke), sh = shift_of(Vec::loadu(ref));
     for (int64_t c = 0; c < C; ++c) {
       const Vec v = n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
@@ -494,7 +494,7 @@ struct CeBackward {
   }
 
   void chunk(int64_t chunk_index) const {
-    const CeLayout& l = a.layout;
+    const CeLayout& l = a.in.layout;
     constexpr int64_t V = Vec::size();
     alignas(64) acc_t ka[kTileLanes], kb[kTileLanes], ke[kTileLanes], m[kTileLanes], wt[kTileLanes];
     alignas(64) acc_t kp[kTileLanes], fac[kTileLanes];  // coefficient of p itself; Shift factor

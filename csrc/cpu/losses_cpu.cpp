@@ -271,6 +271,22 @@ double sum_in_order(const at::Tensor& t, int64_t fallback) {
   return s;
 }
 
+CeInputs ce_inputs(const CeShape& s, const at::Tensor& x, const at::Tensor& t,
+                   const at::Tensor& class_w, const at::Tensor& sw, int64_t ignore_index,
+                   double label_smoothing) {
+  CeInputs in{};
+  in.layout = make_ce_layout(s.N, s.C, s.P);
+  in.input = x.data_ptr();
+  in.target = t.data_ptr();
+  in.target_int32 = t.scalar_type() == at::kInt;
+  in.class_w = class_w.defined() ? class_w.data_ptr() : nullptr;
+  in.sample_w = sw.defined() ? sw.data_ptr() : nullptr;
+  in.sum_w = sum_in_order(class_w, s.C);
+  in.ignore_index = ignore_index;
+  in.label_smoothing = label_smoothing;
+  return in;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
@@ -294,22 +310,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   if (reduction == kNone) loss_rows = at::empty(s.loss_shape, x.options());
 
   CeForwardArgs args{};
-  args.layout = make_ce_layout(s.N, s.C, s.P);
-  args.input = x.data_ptr();
-  args.target = t.data_ptr();
-  args.target_int32 = t.scalar_type() == at::kInt;
-  args.class_w = class_w.defined() ? class_w.data_ptr() : nullptr;
-  args.sample_w = sw.defined() ? sw.data_ptr() : nullptr;
-  args.sum_w = sum_in_order(class_w, s.C);
-  args.ignore_index = ignore_index;
-  args.label_smoothing = label_smoothing;
+  args.in = ce_inputs(s, x, t, class_w, sw, ignore_index, label_smoothing);
   args.loss_out = loss_rows.defined() ? loss_rows.data_ptr() : nullptr;
   args.lse_out = lse.data_ptr<double>();
 
-  std::vector<CePartial> partials(args.layout.num_chunks, CePartial{0, 0, 0, -1, 0});
+  std::vector<CePartial> partials(args.in.layout.num_chunks, CePartial{0, 0, 0, -1, 0});
   if (rows > 0 && s.C == 0) {
     // no class at all: every target must be ignored, and each element's loss is 0
-    const bool is_int32 = args.target_int32;
+    const bool is_int32 = args.in.target_int32;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t tv = is_int32 ? t.data_ptr<int32_t>()[r] : t.data_ptr<int64_t>()[r];
       if (tv != ignore_index) throw_bad_target(r, tv, s.C, ignore_index);
@@ -319,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   }
   if (rows > 0 && s.C > 0) {
     const CeForwardFn fn = kernels().ce_forward[di];
-    at::parallel_for(0, args.layout.num_chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, args.in.layout.num_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) fn(args, c, &partials[c]);
     });
   }
@@ -363,15 +371,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   at::Tensor grad_input = empty_large_output(x.sizes(), x.options());
 
   CeBackwardArgs args{};
-  args.layout = make_ce_layout(s.N, s.C, s.P);
-  args.input = x.data_ptr();
-  args.target = t.data_ptr();
-  args.target_int32 = t.scalar_type() == at::kInt;
-  args.class_w = class_w.defined() ? class_w.data_ptr() : nullptr;
-  args.sample_w = sw.defined() ? sw.data_ptr() : nullptr;
-  args.sum_w = sum_in_order(class_w, s.C);
-  args.ignore_index = ignore_index;
-  args.label_smoothing = label_smoothing;
+  args.in = ce_inputs(s, x, t, class_w, sw, ignore_index, label_smoothing);
   args.lse = lse_d.data_ptr<double>();
   at::Tensor grad_rows;
   if (reduction == kNone) {
@@ -395,7 +395,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   args.streaming_stores = grad_input.nbytes() >= (size_t(16) << 20);
   if (rows > 0 && s.C > 0) {
     const CeBackwardFn fn = kernels().ce_backward[di];
-    at::parallel_for(0, args.layout.num_chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, args.in.layout.num_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) fn(args, c);
     });
   }
