@@ -1,8 +1,9 @@
 """The public loss functions: drop-ins for ``torch.nn.functional`` with weighting built in.
 
 Each call checks its arguments (shapes, dtypes, devices: no tensor data, so no host sync) and
-hands them to the compiled operators when they serve the device (see :func:`fused_wloss.backend`),
-else to :mod:`fused_wloss.reference`, whose docstring holds the exact formulas.
+hands them to the compiled operators when they serve the device (see :func:`fused_wloss.backend`)
+and the call (``ops.ce_supported`` / ``ops.bce_supported``), else to :mod:`fused_wloss.reference`,
+whose docstring holds the exact formulas.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ def cross_entropy(
     if use_extension(input.device):
         from . import ops
 
-        return ops.cross_entropy(
-            input, target, weight, ignore_index, args.reduction, float(label_smoothing),
-            sample_weight, args.weighting, args.prob_target,
-        )
+        if ops.ce_supported(input, target, weight, sample_weight, args.prob_target):
+            return ops.cross_entropy(
+                input, target, weight, ignore_index, args.reduction, float(label_smoothing),
+                sample_weight, args.weighting,
+            )
     if not args.prob_target:
         _checks.check_target_range(target, args.num_classes, ignore_index)
     return reference.cross_entropy_checked(
@@ -104,9 +106,10 @@ def binary_cross_entropy_with_logits(
     if use_extension(input.device):
         from . import ops
 
-        return ops.binary_cross_entropy_with_logits(
-            input, target, weight, args.reduction, pos_weight, sample_weight, args.weighting,
-        )
+        if ops.bce_supported(input, target, weight, pos_weight, sample_weight):
+            return ops.binary_cross_entropy_with_logits(
+                input, target, weight, args.reduction, pos_weight, sample_weight, args.weighting,
+            )
     return reference.bce_checked(
         input, target, weight, args.reduction, pos_weight, sample_weight, args.weighting
     )

@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch
 
-from . import reference
 from ._weighting import BatchWeighting
 
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2, "sample_mean": 3}
@@ -98,17 +97,8 @@ def ce_supported(input, target, weight, sample_weight, prob_target: bool) -> boo
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_weight,
-                  weighting: Optional[BatchWeighting], prob_target: bool):
-    """The public function's kernel path; arguments already checked."""
-    if not ce_supported(input, target, weight, sample_weight, prob_target):
-        from ._checks import check_target_range
-
-        if not prob_target:
-            check_target_range(target, input.shape[0 if input.dim() == 1 else 1], ignore_index)
-        return reference.cross_entropy_checked(
-            input, target, weight, ignore_index, reduction, label_smoothing, sample_weight,
-            weighting, prob_target,
-        )
+                  weighting: Optional[BatchWeighting]):
+    """The kernel path of the public function, for calls ``ce_supported`` accepts."""
     scheme, smoothing, beta, _ = _scheme_args(weighting)
     loss, _lse, _class_weight, _norm = _ops.cross_entropy_forward(
         input, target, weight, sample_weight, ignore_index, label_smoothing,
@@ -172,9 +162,7 @@ def bce_supported(input, target, weight, pos_weight, sample_weight) -> bool:
 
 def binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight, sample_weight,
                                      weighting: Optional[BatchWeighting]):
-    """The public function's kernel path; arguments already checked."""
-    if not bce_supported(input, target, weight, pos_weight, sample_weight):
-        return reference.bce_checked(input, target, weight, reduction, pos_weight, sample_weight, weighting)
+    """The kernel path of the public function, for calls ``bce_supported`` accepts."""
     scheme, smoothing, beta, balanced = _scheme_args(weighting)
     loss, _neg, _pos = _ops.bce_forward(
         input, target, weight, pos_weight, sample_weight, REDUCTION_CODES[reduction],
