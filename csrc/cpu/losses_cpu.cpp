@@ -271,6 +271,25 @@ double sum_in_order(const at::Tensor& t, int64_t fallback) {
   return s;
 }
 
+// What both cross-entropy operators establish first: the (N, C, P) view, the dtype's table index
+// and accumulation type, contiguous input and target, and the number of rows.
+struct CeCall {
+  CeShape s;
+  int di;
+  at::ScalarType acc;
+  at::Tensor x, t;
+  int64_t rows;
+};
+
+CeCall ce_call(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
+  CeShape s = ce_shape(input, target);
+  TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ",
+              reduction);
+  const int64_t rows = s.N * s.P;
+  return {std::move(s), dtype_index(input.scalar_type()), acc_dtype(input.scalar_type()),
+          input.contiguous(), target.contiguous(), rows};
+}
+
 CeInputs ce_inputs(const CeShape& s, const at::Tensor& x, const at::Tensor& t,
                    const at::Tensor& class_w, const at::Tensor& sw, int64_t ignore_index,
                    double label_smoothing) {
@@ -293,14 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& sample_weight, int64_t ignore_index, double label_smoothing,
     int64_t reduction, int64_t scheme, double smoothing, double beta) {
-  const CeShape s = ce_shape(input, target);
-  const int di = dtype_index(input.scalar_type());
-  const at::ScalarType acc = acc_dtype(input.scalar_type());
-  TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ",
-              reduction);
-  const at::Tensor x = input.contiguous();
-  const at::Tensor t = target.contiguous();
-  const int64_t rows = s.N * s.P;
+  const auto [s, di, acc, x, t, rows] = ce_call(input, target, reduction);
 
   const at::Tensor class_w =
       ce_class_weights(t, weight, s.C, ignore_index, scheme, smoothing, beta, acc);
@@ -355,14 +367,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
                                       const at::Tensor& lse, const at::Tensor& norm,
                                       int64_t ignore_index, double label_smoothing,
                                       int64_t reduction) {
-  const CeShape s = ce_shape(input, target);
-  const int di = dtype_index(input.scalar_type());
-  const at::ScalarType acc = acc_dtype(input.scalar_type());
-  TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ",
-              reduction);
-  const at::Tensor x = input.contiguous();
-  const at::Tensor t = target.contiguous();
-  const int64_t rows = s.N * s.P;
+  const auto [s, di, acc, x, t, rows] = ce_call(input, target, reduction);
   TORCH_CHECK(lse.numel() == rows, "fused_wloss: lse must have ", rows, " elements");
   const at::Tensor class_w =
       class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
