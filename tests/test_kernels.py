@@ -80,6 +80,17 @@ def _value_and_grad(fn, x, *args, grad_seed=7, **kwargs):
     return out.detach(), grad
 
 
+def _assert_within_twice_torch(ours, theirs, exact, dtype):
+    """For each of (value, gradient): our max error against the float64 `exact` is at most twice
+    torch's at the same dtype, plus a floor of 4 ulp of the largest value (for errors torch
+    happens to get exactly right)."""
+    eps = torch.finfo(dtype).eps
+    for o, th, ex in zip(ours, theirs, exact):
+        err_ours = (o.double() - ex).abs().max().item()
+        err_torch = (th.double() - ex).abs().max().item()
+        assert err_ours <= 2 * err_torch + 4 * eps * ex.abs().max().item(), (err_ours, err_torch)
+
+
 def _ref_in_float64(fn_ref, x, *args, **kwargs):
     kwargs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
     return _value_and_grad(fn_ref, x.double(), *args, **kwargs)
@@ -100,8 +111,7 @@ def test_cross_entropy_paths_match_reference(isa, shape, options, reduction):
 @pytest.mark.parametrize("shape", ["rows-tail", "rows-chunks", "tiled-partial", "kdim-tail", "kdim-chunks"])
 @pytest.mark.parametrize("options", ["plain", "everything"])
 def test_cross_entropy_low_precision_error_within_twice_torch(isa, dtype, shape, options):
-    """Our error against a float64 computation is at most 2x torch's own error at the same dtype
-    (plus a floor of a few units in the last place, for errors torch happens to get exactly right)."""
+    """Our error against a float64 computation is at most 2x torch's own error at the same dtype."""
     x64, t, kwargs64 = _ce_inputs(CE_SHAPES[shape], CE_OPTIONS[options])
     x = x64.to(dtype)
     kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in kwargs64.items()}
@@ -114,12 +124,7 @@ def test_cross_entropy_low_precision_error_within_twice_torch(isa, dtype, shape,
         theirs = _value_and_grad(_reference_in_dtype, x, t, reduction="none", **kwargs)
     else:
         theirs = _value_and_grad(F.cross_entropy, x, t, reduction="none", **torch_kwargs)
-    eps = torch.finfo(dtype).eps
-    for o, th, ex in zip(ours, theirs, exact):
-        err_ours = (o.double() - ex).abs().max().item()
-        err_torch = (th.double() - ex).abs().max().item()
-        scale = ex.abs().max().item()
-        assert err_ours <= 2 * err_torch + 4 * eps * scale, (err_ours, err_torch)
+    _assert_within_twice_torch(ours, theirs, exact, dtype)
 
 
 def _reference_in_dtype(x, t, **kwargs):
@@ -235,11 +240,7 @@ def test_bce_low_precision_error_within_twice_torch(isa, dtype, options):
                             **{k: v.double() for k, v in kwargs.items()})
     ours = _value_and_grad(fused_wloss.binary_cross_entropy_with_logits, x, t, reduction="none", **kwargs)
     theirs = _value_and_grad(F.binary_cross_entropy_with_logits, x, t, reduction="none", **kwargs)
-    eps = torch.finfo(dtype).eps
-    for o, th, ex in zip(ours, theirs, exact):
-        err_ours = (o.double() - ex).abs().max().item()
-        err_torch = (th.double() - ex).abs().max().item()
-        assert err_ours <= 2 * err_torch + 4 * eps * ex.abs().max().item(), (err_ours, err_torch)
+    _assert_within_twice_torch(ours, theirs, exact, dtype)
 
 
 def test_bce_extreme_logits_are_finite_and_exact():
@@ -444,11 +445,7 @@ def test_large_logits_keep_float32_accuracy(isa, offset, shape, smoothing):
     exact = _value_and_grad(F.cross_entropy, x.double(), t, **kwargs)
     ours = _value_and_grad(fused_wloss.cross_entropy, x, t, **kwargs)
     theirs = _value_and_grad(F.cross_entropy, x, t, **kwargs)
-    eps = torch.finfo(torch.float32).eps
-    for o, th, ex in zip(ours, theirs, exact):
-        err_ours = (o.double() - ex).abs().max().item()
-        err_torch = (th.double() - ex).abs().max().item()
-        assert err_ours <= 2 * err_torch + 4 * eps * ex.abs().max().item(), (err_ours, err_torch)
+    _assert_within_twice_torch(ours, theirs, exact, torch.float32)
 
 
 def test_no_classes():
