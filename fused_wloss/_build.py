@@ -51,6 +51,18 @@ def extension_specs() -> Dict[str, dict]:
     specs = {"_C": {"sources": c_sources(), "cflags": COMMON_CFLAGS + PARALLEL_FLAGS, "ldflags": PARALLEL_FLAGS}}
     for isa, flags in ISA_CFLAGS.items():
         specs[f"_cpu_{isa}"] = {"sources": isa_sources(isa), "cflags": COMMON_CFLAGS + flags + ["-fvisibility=hidden"], "ldflags": []}
+    return _with_extra_flags(specs)
+
+
+def _with_extra_flags(specs: Dict[str, dict]) -> Dict[str, dict]:
+    """Append FUSED_WLOSS_EXTRA_CFLAGS / FUSED_WLOSS_EXTRA_LDFLAGS (whitespace-separated) to the C++
+    flags of every module: how the sanitizer lane (tests/sanitizers/) builds an instrumented copy.
+    nvcc flags, where a spec has them, are left alone."""
+    cflags = os.environ.get("FUSED_WLOSS_EXTRA_CFLAGS", "").split()
+    ldflags = os.environ.get("FUSED_WLOSS_EXTRA_LDFLAGS", "").split()
+    for spec in specs.values():
+        spec["cflags"] = spec["cflags"] + cflags
+        spec["ldflags"] = spec["ldflags"] + ldflags
     return specs
 
 
