@@ -1,20 +1,21 @@
-"""The benchmark driver: ``python -m benchmarks [--quick|--full] [--device cpu|cuda] ...``.
+"""The benchmark driver: ``python -m benchmarks [--quick|--full] [--device cpu|cuda] [--dtype ...] ...``.
 
-For every case it first checks that fused_wloss agrees with the reference (no speed is reported for
-a wrong answer), then times each implementation's forward and forward+backward in this process,
-next to the memory-traffic floor measured in the same run, and writes a table to stdout and
-JSON/CSV under benchmarks/results/.
+For every case it first checks that fused_wloss agrees with its reference on that very input (no
+speed is reported for a wrong answer) and that every baseline computes the same loss; then it times
+forward, backward and forward+backward of each implementation next to the memory-traffic floor
+measured in the same process, measures peak memory and the bytes saved for backward, prints tables
+of ratios, and writes JSON, CSV and PNG plots under benchmarks/results/. benchmarks/measure.py
+says how each number is measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import json
+import logging
 import os
 import platform
-import statistics
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,172 +24,354 @@ import torch
 
 import fused_wloss
 
-from .cases import FULL_CASES, QUICK_CASES, Case, implementations
+from . import measure, report
+from .cases import Case, case_set, implementations, liger_cross_entropy
+from .measure import MODES, TRAFFIC, Timed, Timer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# repeats per timing: (seconds of calls per implementation and mode, at least, at most)
+EFFORT = {"quick": (0.15, 5, 100), "full": (0.5, 10, 400)}
 
-def _sync(device):
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device.type,
+        "torch": torch.__version__,
+        "fused_wloss": fused_wloss.__version__,
+        "fused_wloss_backend": fused_wloss.backend(device),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "load_average_start": _load(),
+    }
+    try:
+        info["cpu_isa"] = fused_wloss.cpu_isa()
+    except Exception:  # no compiled CPU module
+        info["cpu_isa"] = None
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn, device, min_time=0.25, min_reps=5, max_reps=200):
-    """Median and interquartile range of ``fn()`` in milliseconds, after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    _sync(device)
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), 0, max(times)]
-    return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "reps": len(times)}
-
-
-def check_case(case, impls, x, y, w, dtype):
-    """fused_wloss vs the reference on this very input, value and gradient."""
-    out = {}
-    for name in ("fused_wloss", "reference"):
-        xx = x.detach().clone().requires_grad_()
-        val = impls[name](xx, y, w)
-        (g,) = torch.autograd.grad(val, xx)
-        out[name] = (val.detach().double(), g.double())
-    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
-    for a, b in zip(out["fused_wloss"], out["reference"]):
-        if not torch.allclose(a, b, rtol=tol, atol=tol * 1e-2):
-            return f"max abs diff {float((a - b).abs().max()):.3g}"
-    return None
-
-
-def run_case(case: Case, device, dtype, with_compile: bool):
-    if with_compile:
-        torch._dynamo.reset()  # each case compiles afresh: no recompile limit across shapes
-    x, y, w = case.make_inputs(device, dtype)
-    impls = implementations(case, with_compile)
-    problem = check_case(case, impls, x, y, w, dtype)
-    row = {"case": case.name, "loss": case.loss, "shape": list(case.shape), "weighting": case.weighting,
-           "dtype": str(dtype).replace("torch.", ""), "logits_mb": x.numel() * x.element_size() / 2**20,
-           "backend": fused_wloss.backend(device), "timings": {}}
-    if problem:
-        row["error"] = f"fused_wloss disagrees with the reference: {problem}; not timed"
-        return row
-    xg = x.detach().clone().requires_grad_()
-
-    def fwd_bwd(fn):
-        def go():
-            (g,) = torch.autograd.grad(fn(xg, y, w), xg)
-            return g
-        return go
-
-    def fwd(fn):
-        def go():
-            with torch.no_grad():
-                return fn(x, y, w)
-        return go
-
-    # the floor: one full read (x.sum()) and, for forward+backward, one fresh N x C tensor
-    row["timings"]["floor"] = {"fwd": measure(lambda: x.sum(), device),
-                               "fwd+bwd": measure(lambda: (x.sum(), x.clone()), device)}
-    for name, fn in impls.items():
-        try:
-            row["timings"][name] = {"fwd": measure(fwd(fn), device), "fwd+bwd": measure(fwd_bwd(fn), device)}
-        except Exception as e:  # a baseline that fails (e.g. a compile error) is reported, not fatal
-            row.setdefault("baseline_errors", {})[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    return row
-
-
-def machine_info(device):
-    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                    gpu_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
     return info
 
 
-def _cpu_model():
+def _cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return platform.processor() or "unknown CPU"
 
 
-def format_table(rows, mode):
-    impls = []
-    for row in rows:
-        impls += [k for k in row["timings"] if k != "floor" and k not in impls]
-    head = (f"{'case':32} {'MB':>7} " + " ".join(f"{n:>14}" for n in impls)
-            + f" {'floor':>9}  ratios: their time / ours (> 1: fused_wloss is faster)")
-    lines = [f"== {mode} (median ms) ==", head]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"{row['case']:32} {row['error']}")
+def _load():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# -- one case ----------------------------------------------------------------------------------------
+
+def floor_calls(case: Case, inputs, device):
+    """The memory-traffic floor per mode: read the logits (and BCE's dense targets) once for the
+    forward; read them and write one N x C tensor for the backward. On the CPU that tensor is fresh
+    (x.clone(), as a real gradient, pays its page faults); on CUDA it is a copy into an existing
+    buffer (the caching allocator hands out memory already mapped)."""
+    x, y = inputs.x, inputs.y
+    if device.type == "cuda":
+        buf = torch.empty_like(x)
+        write = lambda: buf.copy_(x)  # noqa: E731
+    else:
+        write = x.clone
+    if case.loss == "bce":  # the targets are as large as the logits and read in both passes
+        read = lambda: (x.sum(), y.sum())  # noqa: E731
+        traffic = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
+    else:
+        read = x.sum
+        traffic = TRAFFIC
+    calls = {"fwd": read, "bwd": lambda: (y.sum(), write()) if case.loss == "bce" else write(),
+             "fwd+bwd": lambda: (read(), write())}
+    return calls, traffic
+
+
+def timed_calls(impl, inputs, mode):
+    fn, y, w, s = impl.fn, inputs.y, inputs.w, inputs.s
+    x = inputs.x.detach()
+    shared = x.clone().requires_grad_()  # autograd.grad does not accumulate: one leaf serves every call
+
+    def leaf():
+        return x.clone().requires_grad_() if impl.destructive else shared
+
+    if mode == "fwd":
+        def fwd(xx):
+            with torch.no_grad():
+                return fn(x if xx is None else xx, y, w, s)
+        return Timed(impl.name, fwd, (lambda: x.clone()) if impl.destructive else None)
+    if mode == "fwd+bwd":
+        def fwd_bwd(xx):
+            (g,) = torch.autograd.grad(fn(xx, y, w, s), xx)
+            return g
+        return Timed(impl.name, fwd_bwd, leaf)
+
+    def forward():
+        xx = leaf()
+        return xx, fn(xx, y, w, s)
+
+    def bwd(state):
+        xx, loss = state
+        (g,) = torch.autograd.grad(loss, xx)
+        return g
+    return Timed(impl.name, bwd, forward)
+
+
+def run_case(case: Case, device, compile_mode: str, liger, timer: Timer, with_memory: bool, progress):
+    if compile_mode != "none":
+        torch._dynamo.reset()  # each case compiles afresh: no recompile limit across shapes
+    inputs = case.make_inputs(device)
+    row = {"case": case.name, "loss": case.loss, "shape": list(case.shape), "weighting": case.weighting,
+           "dtype": case.dtype, "num_classes": case.num_classes, "logits_mb": case.logits_bytes / 2**20,
+           "backend": fused_wloss.backend(device)}
+    impls = implementations(case, device, compile_mode, liger)
+
+    clock = time.perf_counter()
+    row["seconds"] = {}
+
+    def lap(what):
+        nonlocal clock
+        now = time.perf_counter()
+        row["seconds"][what] = round(now - clock, 2)
+        clock = now
+
+    # the guard: fused_wloss against the reference; every baseline must compute the same loss
+    tol = measure.tolerance(case.torch_dtype)
+    want = measure.value_and_grad(impls["reference"].fn, inputs)
+    problem = measure.disagreement(measure.value_and_grad(impls["fused_wloss"].fn, inputs), want, tol)
+    if problem:
+        row["error"] = f"fused_wloss disagrees with the reference ({problem}): not timed"
+        progress.update(5)
+        return row
+    skipped = {}
+    for name, impl in list(impls.items()):
+        if name in ("fused_wloss", "reference"):
             continue
-        t = {k: v[mode]["median_ms"] for k, v in row["timings"].items()}
-        ours = t["fused_wloss"]
-        cells = " ".join(f"{t[n]:14.3f}" if n in t else f"{'-':>14}" for n in impls)
-        ratios = [f"{n} {t[n] / ours:.2f}x" for n in impls if n != "fused_wloss" and n in t]
-        ratios.append(f"ours/floor {ours / t['floor']:.2f}")
-        lines.append(f"{row['case']:32} {row['logits_mb']:7.1f} {cells} {t['floor']:9.3f}  " + ", ".join(ratios))
-        for name, err in row.get("baseline_errors", {}).items():
-            lines.append(f"{'':32} {name} failed: {err}")
-    return "\n".join(lines)
+        try:
+            got = measure.value_and_grad(impl.fn, inputs)
+        except Exception as e:  # a baseline that cannot run (a compile error, a missing feature)
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            skipped[name] = f"failed: {type(e).__name__}: {first}"
+        else:
+            # torch's own half-precision code rounds its intermediates: give it 4x the room
+            bad = measure.disagreement(got, want, tol if case.dtype in ("float32", "float64") else 4 * tol)
+            if bad:
+                skipped[name] = f"disagrees with the reference: {bad}"
+        if name in skipped:
+            del impls[name]
+    if skipped:
+        row["skipped"] = skipped
+    lap("check+compile")
+    progress.update(1)
+
+    floors, traffic = floor_calls(case, inputs, device)
+    row["timings"] = {}
+    for mode in ("fwd+bwd", "fwd", "bwd"):
+        items = [Timed("floor", lambda _, f=floors[mode]: f())]
+        items += [timed_calls(impl, inputs, mode) for impl in impls.values()]
+        for name, stats in timer.run(items).items():
+            row["timings"].setdefault(name, {})[mode] = stats
+        lap(mode)
+        progress.update(1)
+    for name, modes in row["timings"].items():
+        for mode, m in modes.items():
+            floor = row["timings"]["floor"][mode]["median_ms"]
+            m["gb_per_s"] = traffic[mode] * case.logits_bytes / (m["median_ms"] * 1e-3) / 1e9
+            m["pct_floor_bandwidth"] = 100.0 * floor / m["median_ms"]
+    row["timings"] = {k: row["timings"][k] for k in ["floor", *impls]}
+
+    if with_memory:
+        row["memory"] = {}
+        for name, impl in impls.items():
+            row["memory"][name] = {
+                "fwd+bwd": measure.memory(impl.fn, inputs, device, impl.destructive, backward=True),
+                "fwd": measure.memory(impl.fn, inputs, device, impl.destructive, backward=False),
+            }
+        ops = row["memory"]["fused_wloss"]["fwd+bwd"].get("fused_ops")
+        if ops is not None:
+            row["fused_ops"] = ops  # which fused_wloss operators ran: [] means the reference served it
+        lap("memory")
+    progress.update(1)
+    return row
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+# -- the command line --------------------------------------------------------------------------------
+
+class _Progress:
+    """tqdm when installed (shown once a run has taken 2 seconds), else a line per case on stderr."""
+
+    def __init__(self, total: int, cases):
+        try:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, delay=2, unit="step", file=sys.stderr, dynamic_ncols=True)
+        except ImportError:
+            self._bar = None
+        self._n = len(cases)
+
+    def case(self, i, case):
+        if self._bar is not None:
+            self._bar.set_description(f"{case.name}")
+        else:
+            print(f"[{i}/{self._n}] {case.name}", file=sys.stderr, flush=True)
+
+    def update(self, n):
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="the small set `make bench` runs (default)")
-    size.add_argument("--full", action="store_true", help="every shape of the kernel issues")
+    size.add_argument("--quick", action="store_true", help="the small set `make bench` runs (the default)")
+    size.add_argument("--full", action="store_true", help="every shape of the kernel issues, every weighting and dtype")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    p.add_argument("--filter", default="", help="only cases whose name contains this text")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--out", default=None, help="results file stem (default: results/<device>-<date>)")
+    p.add_argument("--dtype", default=None,
+                   help="comma-separated dtypes (float32, bfloat16, float16, float64) replacing the set's own")
+    p.add_argument("--case", action="append", default=[], metavar="NAME",
+                   help="run this case instead of a set (repeatable): loss-shape-weighting-dtype, "
+                   "e.g. ce-4096x32000-dynamic-bf16 or bce-8192x1000-sample-f32")
+    p.add_argument("--filter", default="", help="only cases whose name matches this regular expression, "
+                   "e.g. 'ce-8192x1000' or 'dynamic-f32'")
+    p.add_argument("--compile", default=None, choices=["all", "one", "none"],
+                   help="torch.compile baselines: of both torch codes (all; --full's default), of the recipe "
+                   "only (one; --quick's default) or none")
+    p.add_argument("--no-compile", action="store_true", help="the same as --compile none")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="seconds of repeated calls per implementation and mode (default 0.15 quick, 0.5 full)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory and saved-bytes measurements")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--out", default=None,
+                   help="results stem: a name under benchmarks/results/ or a path "
+                   "(default <device>-quick or <device>-full, with -filtered for a --filter/--dtype run)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device cuda: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda or 'none'}, torch.cuda.is_available() is False). "
+                "Run it on a machine with an NVIDIA GPU, or use --device cpu.")
+    if args.dtype:
+        bad = [d for d in args.dtype.split(",") if d not in ("float32", "bfloat16", "float16", "float64")]
+        if bad:
+            p.error(f"--dtype: expected float32, bfloat16, float16 or float64 (comma-separated), got {bad}")
+    for name in args.case:
+        try:
+            Case.parse(name)
+        except ValueError as e:
+            p.error(f"--case: {e}")
+    try:
+        re.compile(args.filter)
+    except re.error as e:
+        p.error(f"--filter: not a regular expression ({e}): {args.filter!r}")
+    return args
 
+
+def select_cases(args):
+    cases = [Case.parse(n) for n in args.case] if args.case else case_set(args.device, args.full)
+    if args.dtype:
+        seen, picked = set(), []
+        for dt in args.dtype.split(","):
+            for c in cases:
+                key = (c.loss, c.shape, c.weighting, dt)
+                if key not in seen:
+                    seen.add(key)
+                    picked.append(Case(c.loss, c.shape, c.weighting, dt))
+        cases = picked
+    return [c for c in cases if re.search(args.filter, c.name)]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # torch.compile imports cpp_extension, which warns that this machine has no CUDA runtime
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    cases = [c for c in (FULL_CASES if args.full else QUICK_CASES) if args.filter in c.name]
-    info = machine_info(device)
-    print(f"fused_wloss {fused_wloss.__version__} backend={fused_wloss.backend(device)} | torch {info['torch']} | "
-          f"{info.get('gpu', info['cpu'])} ({info['cores']} cores, {info['threads']} threads, {info['cpu_capability']}) | {args.dtype}",
-          flush=True)
-    rows = []
-    for i, case in enumerate(cases, 1):
-        t0 = time.perf_counter()
-        print(f"[{i}/{len(cases)}] {case.name} ...", end="", flush=True, file=sys.stderr)
-        rows.append(run_case(case, device, dtype, with_compile=not args.no_compile))
-        print(f" {time.perf_counter() - t0:.1f}s", flush=True, file=sys.stderr)
-    for mode in ("fwd+bwd", "fwd"):
-        print()
-        print(format_table(rows, mode))
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    effort = "full" if args.full else "quick"
+    compile_mode = "none" if args.no_compile else (args.compile or ("all" if args.full else "one"))
+    min_time, min_reps, max_reps = EFFORT[effort]
+    if args.min_time is not None:
+        min_time = args.min_time
+    cases = select_cases(args)
+    if not cases:
+        print(f"no case matches --filter {args.filter!r}", file=sys.stderr)
+        return 2
 
-    RESULTS.mkdir(exist_ok=True)
-    stem = args.out or f"{args.device}-{args.dtype}-{'full' if args.full else 'quick'}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["case", "dtype", "logits_mb", "impl", "mode", "median_ms", "q1_ms", "q3_ms", "reps"])
-        for row in rows:
-            for impl, modes in row["timings"].items():
-                for mode, m in modes.items():
-                    wr.writerow([row["case"], row["dtype"], f"{row['logits_mb']:.2f}", impl, mode,
-                                 f"{m['median_ms']:.4f}", f"{m['q1_ms']:.4f}", f"{m['q3_ms']:.4f}", m["reps"]])
-    print(f"\nresults: {RESULTS / stem}.json, .csv")
+    info = machine_info(device)
+    liger = None
+    if device.type == "cuda":
+        liger, liger_note = liger_cross_entropy()
+        info["liger"] = liger_note
+        print(f"note: {liger_note}", flush=True)
+    print(f"fused_wloss {info['fused_wloss']} (backend on {device.type}: {info['fused_wloss_backend']}"
+          f"{', cpu isa ' + str(info['cpu_isa']) if device.type == 'cpu' else ''}) | torch {info['torch']} | "
+          f"{info.get('gpu') or info['cpu']} | {info['cores']} cores, {info['threads']} threads | "
+          f"load {info['load_average_start']} | {len(cases)} cases, compile={compile_mode}", flush=True)
+
+    timer = Timer(device, min_time, min_reps, max_reps)
+    progress = _Progress(5 * len(cases), cases)
+    rows = []
+    t0 = time.perf_counter()
+    try:
+        for i, case in enumerate(cases, 1):
+            progress.case(i, case)
+            rows.append(run_case(case, device, compile_mode, liger, timer, not args.no_memory, progress))
+    finally:
+        progress.close()
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    info["load_average_end"] = _load()
+
+    for mode in ("fwd+bwd", "fwd", "bwd"):
+        print()
+        print(report.format_table(rows, mode))
+    if not args.no_memory:
+        print()
+        print(report.format_memory(rows))
+    notes = report.format_notes(rows)
+    if notes:
+        print()
+        print(notes)
+
+    stem_name = args.out or (f"{device.type}" + (f"-{_slug(info['gpu'])}" if "gpu" in info else "")
+                             + f"-{effort}" + ("-filtered" if args.filter or args.dtype or args.case else ""))
+    stem = Path(stem_name)
+    if not stem.is_absolute() and stem.parent == Path("."):
+        RESULTS.mkdir(exist_ok=True)
+        stem = RESULTS / stem
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"set": effort, "compile": compile_mode, "min_time_s": min_time, "min_reps": min_reps,
+                "max_reps": max_reps, "filter": args.filter, "dtype": args.dtype,
+                "argv": sys.argv[1:] if argv is None else list(argv)}
+    report.write_json(Path(f"{stem}.json"), info, settings, rows)
+    report.write_csv(Path(f"{stem}.csv"), info, rows)
+    written = [f"{stem}.json", f"{stem}.csv"]
+    if not args.no_plots:
+        try:
+            written += [str(p) for p in report.plot(rows, info, stem)]
+        except ImportError as e:
+            print(f"note: no plots ({e}); pip install matplotlib", file=sys.stderr)
+    print(f"\n{info['seconds']:.0f} s; load average {info['load_average_start']} -> {info['load_average_end']}; "
+          f"results: {', '.join(written)}")
     return 1 if any("error" in r for r in rows) else 0
