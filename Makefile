@@ -12,7 +12,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench clean cuda-lane
 
 setup: $(VENV)/.installed
 
@@ -21,15 +21,21 @@ $(VENV)/.deps: requirements.txt
 	$(VPY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+# The test-only emulated CUDA kernels (fused_wloss._cuda_emu) are part of every `make setup` build.
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
-	$(VPY) -m pip install --no-build-isolation -e . -v > $(VENV)/build.log 2>&1 \
+	FUSED_WLOSS_BUILD_EMU=1 $(VPY) -m pip install --no-build-isolation -e . -v > $(VENV)/build.log 2>&1 \
 	  || (tail -n 60 $(VENV)/build.log; echo "build failed: full log in $(VENV)/build.log"; exit 1)
 	@grep -E '\[fused_wloss\]' $(VENV)/build.log | sed 's/^ *//' | awk '!seen[$$0]++' || true
 	$(VPY) -c "import fused_wloss; print('fused_wloss', fused_wloss.__version__, 'cpu backend:', fused_wloss.backend('cpu'))"
 	touch $@
 
 test: setup
-	$(VPY) -m pytest tests -q
+	FUSED_WLOSS_REQUIRE_EMU=1 $(VPY) -m pytest tests -q
+
+# The CUDA lane, on a machine with a GPU (see .ci/cuda_lane): the CUDA tests, compute-sanitizer and
+# the GPU benchmark, with that machine's own python3 and torch and a JIT build.
+cuda-lane:
+	bash .ci/cuda_lane
 
 # make bench BENCH_ARGS="--full" (or "--device cuda", "--filter dynamic"): see python -m benchmarks --help
 BENCH_ARGS ?= --quick

@@ -1,7 +1,10 @@
 """Build fused_wloss: the Python package and its compiled operators (see fused_wloss/_build.py).
 
 `pip install --no-build-isolation -e .` (what `make setup` runs) builds against the torch already
-installed. MAX_JOBS caps ninja's parallel compile jobs. If the build is skipped or fails, the package
+installed. MAX_JOBS caps ninja's parallel compile jobs. With a CUDA toolkit (CUDA_HOME) and a CUDA
+build of torch, the CUDA operators are compiled into fused_wloss._C for TORCH_CUDA_ARCH_LIST
+(default 8.0;9.0); FUSED_WLOSS_NO_CUDA=1 skips them and FUSED_WLOSS_REQUIRE_CUDA=1 makes their
+absence an error. FUSED_WLOSS_BUILD_EMU=1 also builds the test-only fused_wloss._cuda_emu. If the build is skipped or fails, the package
 still imports and serves every call from fused_wloss.reference.
 """
 
@@ -19,14 +22,27 @@ spec.loader.exec_module(build)
 
 
 def extensions():
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
+    reason = build.cuda_build_reason()
+    if reason is None:
+        print(f"[fused_wloss] CUDA kernels: building for TORCH_CUDA_ARCH_LIST={build.cuda_arch_list()}", file=sys.stderr)
+    elif os.environ.get("FUSED_WLOSS_REQUIRE_CUDA") == "1":
+        sys.exit(f"[fused_wloss] FUSED_WLOSS_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+    else:
+        print(f"[fused_wloss] CUDA kernels: not built ({reason})", file=sys.stderr)
+    with_emu = os.environ.get("FUSED_WLOSS_BUILD_EMU") == "1"
     exts = []
-    for name, s in build.extension_specs().items():
+    for name, s in build.extension_specs(with_cuda=reason is None, with_emu=with_emu).items():
         rel = [os.path.relpath(p, build.ROOT) for p in s["sources"]]
-        exts.append(CppExtension(f"fused_wloss.{name}", rel, extra_compile_args={"cxx": s["cflags"]},
-                                 extra_link_args=s["ldflags"]))
-        print(f"[fused_wloss] extension fused_wloss.{name}: {' '.join(rel)} | {' '.join(s['cflags'])}", file=sys.stderr)
+        if "nvcc" in s:
+            exts.append(CUDAExtension(f"fused_wloss.{name}", rel, extra_compile_args={"cxx": s["cflags"], "nvcc": s["nvcc"]},
+                                      extra_link_args=s["ldflags"]))
+        else:
+            exts.append(CppExtension(f"fused_wloss.{name}", rel, extra_compile_args={"cxx": s["cflags"]},
+                                     extra_link_args=s["ldflags"]))
+        nvcc = f" | nvcc {' '.join(s['nvcc'])}" if "nvcc" in s else ""
+        print(f"[fused_wloss] extension fused_wloss.{name}: {' '.join(rel)} | {' '.join(s['cflags'])}{nvcc}", file=sys.stderr)
     print(f"[fused_wloss] MAX_JOBS={os.environ.get('MAX_JOBS', '(ninja default)')}", file=sys.stderr)
     return exts, {"build_ext": BuildExtension}
 

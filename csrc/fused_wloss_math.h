@@ -72,6 +72,41 @@ FWL_HD acc_t log_sum_exp(SoftmaxState<acc_t> s) {
   return s.max + std::log(s.sum);
 }
 
+// The online-softmax state of a row (or part of one) together with the label-smoothing sums:
+// `max`, `sum` of exp(x - max), `wdiff` = sum_c W_c (x_c - max) and `wsum` = sum_c W_c over the
+// classes seen (the last two only when label smoothing is on; 0 otherwise). Used by kernels that
+// split a row over threads: each part keeps its own state and the states combine in any tree.
+template <typename acc_t>
+struct RowStats {
+  acc_t max, sum, wdiff, wsum;
+  static FWL_HD RowStats empty() {
+    return {-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0), acc_t(0)};
+  }
+};
+
+// `s` referred to a new maximum `m` >= s.max (m finite or +inf).
+template <typename acc_t>
+FWL_HD RowStats<acc_t> row_stats_rebase(RowStats<acc_t> s, acc_t m) {
+  if (s.max == m) return s;
+  const acc_t d = s.max - m;  // <= 0; -inf for an empty state
+  s.sum = s.sum == acc_t(0) ? acc_t(0) : s.sum * std::exp(d);
+  if (s.wsum != acc_t(0)) s.wdiff += s.wsum * d;
+  s.max = m;
+  return s;
+}
+
+// Commutative: combine(a, b) and combine(b, a) are bitwise equal.
+template <typename acc_t>
+FWL_HD RowStats<acc_t> row_stats_combine(RowStats<acc_t> a, RowStats<acc_t> b) {
+  const acc_t m = a.max > b.max ? a.max : b.max;  // a NaN max is never formed (see the kernels)
+  if (m == -std::numeric_limits<acc_t>::infinity()) {
+    return {m, a.sum + b.sum, a.wdiff + b.wdiff, a.wsum + b.wsum};
+  }
+  a = row_stats_rebase(a, m);
+  b = row_stats_rebase(b, m);
+  return {m, a.sum + b.sum, a.wdiff + b.wdiff, a.wsum + b.wsum};
+}
+
 // Softmax cross-entropy of one element with index target t:
 //   (1 - eps) W_t (lse - x_t) + eps / C sum_c W_c (lse - x_c)
 // from `nll` = lse - x_t and `smooth` = sum_c W_c (lse - x_c), each formed by the caller from
@@ -140,6 +175,33 @@ FWL_HD int64_t ce_row_offset(int64_t row, int64_t num_classes, int64_t inner) {
   const int64_t n = row / inner;
   const int64_t p = row - n * inner;
   return n * num_classes * inner + p;
+}
+
+// How a kernel splits a contiguous run of `n` elements starting at byte address `addr` for
+// vector access of `vec_bytes`: `head` scalar elements up to the first aligned address, `vecs`
+// whole vectors, then `tail` scalar elements. If the address is not even a multiple of the
+// element size, everything is head.
+struct VectorSplit {
+  int64_t head, vecs, tail;
+};
+
+FWL_HD VectorSplit vector_split(uint64_t addr, int64_t n, int64_t elem_bytes, int64_t vec_bytes) {
+  const int64_t per_vec = vec_bytes / elem_bytes;
+  const int64_t mis = static_cast<int64_t>(addr % static_cast<uint64_t>(vec_bytes));
+  if (mis % elem_bytes != 0) return {n, 0, 0};
+  int64_t head = mis == 0 ? 0 : (vec_bytes - mis) / elem_bytes;
+  if (head > n) head = n;
+  const int64_t vecs = (n - head) / per_vec;
+  return {head, vecs, n - head - vecs * per_vec};
+}
+
+// Threads that share one row in the GPU's row kernels: a power of two so that about `per_thread`
+// vectors of `per_vec` elements fall to each thread, from 1 up to `max_threads`.
+FWL_HD int64_t threads_per_row(int64_t num_classes, int64_t per_vec, int64_t per_thread,
+                               int64_t max_threads) {
+  int64_t t = 1;
+  while (t < max_threads && t * per_vec * per_thread < num_classes) t *= 2;
+  return t;
 }
 
 }  // namespace fused_wloss

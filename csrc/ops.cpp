@@ -1,14 +1,12 @@
 // The fused_wloss operators: schemas registered with the PyTorch dispatcher, and the Python module
-// fused_wloss._C that loads them. Implementations: csrc/cpu/losses_cpu.cpp (CPU). Autograd, fake
-// (meta) kernels and the Python wrappers: fused_wloss/ops.py.
-//
-// One forward/backward pair per loss, with the options as arguments:
-//   reduction: 0 none, 1 sum, 2 mean, 3 sample_mean
-//   scheme:    0 no dynamic weights, 1 inverse, 2 inverse_sqrt, 3 effective_number
+// fused_wloss._C that loads them. Schemas: csrc/schemas.h. Implementations: csrc/cpu/losses_cpu.cpp
+// (CPU) and csrc/cuda/losses_cuda.cu (CUDA, in builds with FWL_WITH_CUDA). Autograd, fake (meta)
+// kernels and the Python wrappers: fused_wloss/ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "cpu/kernel_table.h"
+#include "schemas.h"
 
 namespace fused_wloss {
 namespace cpu {
@@ -19,27 +17,10 @@ void empty_cpu_cache();
 }  // namespace fused_wloss
 
 TORCH_LIBRARY(fused_wloss, m) {
-  // Returns the loss, the per-element log-sum-exp (float64: the backward forms x - lse exactly
-  // for large logits too), the class weights applied (static x dynamic; empty when there are
-  // none) and the normaliser of the reduction.
-  m.def(
-      "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, Tensor? sample_weight, "
-      "int ignore_index, float label_smoothing, int reduction, int scheme, float smoothing, "
-      "float beta) -> (Tensor loss, Tensor lse, Tensor class_weight, Tensor norm)");
-  m.def(
-      "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor class_weight, "
-      "Tensor? sample_weight, Tensor lse, Tensor norm, int ignore_index, float label_smoothing, "
-      "int reduction) -> Tensor");
-  // Returns the loss and the dynamic per-label weights of the negative and the positive part
-  // (empty without dynamic weighting).
-  m.def(
-      "bce_forward(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
-      "Tensor? sample_weight, int reduction, int scheme, float smoothing, float beta, "
-      "bool balanced) -> (Tensor loss, Tensor neg_label_weight, Tensor pos_label_weight)");
-  m.def(
-      "bce_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
-      "Tensor? pos_weight, Tensor? sample_weight, Tensor neg_label_weight, "
-      "Tensor pos_label_weight, int reduction) -> Tensor");
+  m.def(FWL_SCHEMA_CE_FORWARD);
+  m.def(FWL_SCHEMA_CE_BACKWARD);
+  m.def(FWL_SCHEMA_BCE_FORWARD);
+  m.def(FWL_SCHEMA_BCE_BACKWARD);
 }
 
 // ---- the Python module: install the CPU kernel table of one instruction set ----------------------
@@ -62,7 +43,17 @@ static PyObject* empty_cpu_cache(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+static PyObject* has_cuda_kernels(PyObject*, PyObject*) {
+#if defined(FWL_WITH_CUDA)
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef fwl_methods[] = {
+    {"has_cuda_kernels", has_cuda_kernels, METH_NOARGS,
+     "Whether this build registered CUDA implementations of the operators."},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
      "Return the gradient blocks cached for reuse (see FUSED_WLOSS_CPU_CACHE_MB) to the system."},
     {"set_cpu_kernels", set_cpu_kernels, METH_O,

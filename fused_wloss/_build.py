@@ -2,6 +2,11 @@
 
 - ``_C``: the operator schemas, the CPU operators (host code) and the Python hook that installs a
   kernel table.
+  When a CUDA toolkit is found and torch has CUDA (see :func:`cuda_build_reason`), ``_C`` is a
+  CUDA extension that also holds the CUDA operators (csrc/cuda), for the architectures of
+  ``TORCH_CUDA_ARCH_LIST`` (default ``DEFAULT_CUDA_ARCH_LIST``).
+- ``_cuda_emu`` (tests only, with ``FUSED_WLOSS_BUILD_EMU=1``, which ``make setup`` sets): the CUDA
+  operators compiled by the C++ compiler under the emulation layer (csrc/emu), run on CPU tensors.
 - ``_cpu_<isa>``: the vectorised CPU kernels, one module per instruction set (default, AVX2,
   AVX-512), each compiled with its own CPU_CAPABILITY and ``-m`` flags, as ATen compiles its
   kernels. The best one this CPU runs is installed at import (see _extension.py).
@@ -13,7 +18,7 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -46,11 +51,58 @@ def isa_sources(isa: str) -> List[str]:
 PARALLEL_FLAGS = ["-fopenmp"]
 
 
-def extension_specs() -> Dict[str, dict]:
-    """Module name (inside the package) -> sources, extra compile flags and extra link flags."""
-    specs = {"_C": {"sources": c_sources(), "cflags": COMMON_CFLAGS + PARALLEL_FLAGS, "ldflags": PARALLEL_FLAGS}}
+# sm_80 (A100) and sm_90 (H100/H200): what CI compiles when no GPU is visible to pick from.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+
+# -lineinfo: compute-sanitizer and ncu reports point at source lines.
+# --expt-relaxed-constexpr: std::numeric_limits in the shared math header, on the device.
+NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DFWL_WITH_CUDA"]
+
+
+def cuda_build_reason() -> Optional[str]:
+    """None when the CUDA operators can be built here, else why not (printed by setup.py)."""
+    if os.environ.get("FUSED_WLOSS_NO_CUDA") == "1":
+        return "FUSED_WLOSS_NO_CUDA=1"
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} has no CUDA"
+    home = cpp_extension.CUDA_HOME
+    # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there gives a wrong guess
+    # (/usr/local), which would fail at link time: insist on the toolkit's own files
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")) or not os.path.exists(
+        os.path.join(home, "include", "cuda_runtime.h")
+    ):
+        return f"no CUDA toolkit at CUDA_HOME={home} (set CUDA_HOME to the toolkit that has bin/nvcc and include/)"
+    return None
+
+
+def cuda_arch_list() -> str:
+    """The architectures to compile for; sets TORCH_CUDA_ARCH_LIST, which torch's build reads,
+    when the user has not."""
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH_LIST
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    return arch
+
+
+# -Wno-unknown-pragmas: the kernels' #pragma unroll means nothing to g++.
+EMU_CFLAGS = ["-O2", "-fno-math-errno", "-Wno-unknown-pragmas", "-DFWL_EMULATE_CUDA"]
+
+
+def extension_specs(with_cuda: bool = False, with_emu: bool = False) -> Dict[str, dict]:
+    """Module name (inside the package) -> sources, extra compile flags, nvcc flags (CUDA modules)
+    and extra link flags."""
+    c = {"sources": c_sources(), "cflags": COMMON_CFLAGS + PARALLEL_FLAGS, "ldflags": PARALLEL_FLAGS}
+    if with_cuda:
+        c["sources"] = c["sources"] + [os.path.join(CSRC, "cuda", "losses_cuda.cu")]
+        c["cflags"] = c["cflags"] + ["-DFWL_WITH_CUDA"]
+        c["nvcc"] = list(NVCC_FLAGS)
+    specs = {"_C": c}
     for isa, flags in ISA_CFLAGS.items():
         specs[f"_cpu_{isa}"] = {"sources": isa_sources(isa), "cflags": COMMON_CFLAGS + flags + ["-fvisibility=hidden"], "ldflags": []}
+    if with_emu:
+        specs["_cuda_emu"] = {"sources": [os.path.join(CSRC, "emu", "losses_emu.cpp")], "cflags": list(EMU_CFLAGS), "ldflags": []}
     return _with_extra_flags(specs)
 
 

@@ -6,6 +6,8 @@ where they are missing, or with ``FUSED_WLOSS_JIT=1``, a JIT build of the same s
 ``~/.cache/fused_wloss/torch-<version>``). Of the per-ISA kernel modules, the best one that this CPU
 runs (``torch.backends.cpu.get_cpu_capability()``, which honours ``ATEN_CPU_CAPABILITY``) is
 installed. When nothing can be loaded, fused_wloss warns once and the reference serves every call.
+A build with CUDA kernels (see ``_build.cuda_build_reason``) serves CUDA tensors too;
+``FUSED_WLOSS_REQUIRE_CUDA=1`` makes a build without them an error instead of a silent fallback.
 """
 
 from __future__ import annotations
@@ -42,7 +44,12 @@ def _jit_build():
         os.path.expanduser("~"), ".cache", "fused_wloss", f"torch-{torch.__version__}"
     )
     verbose = os.environ.get("FUSED_WLOSS_VERBOSE_BUILD") == "1"
-    specs = _build.extension_specs()
+    cuda_reason = _build.cuda_build_reason()
+    if cuda_reason is None:
+        _build.cuda_arch_list()
+    elif os.environ.get("FUSED_WLOSS_REQUIRE_CUDA") == "1":
+        raise RuntimeError(f"FUSED_WLOSS_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {cuda_reason}")
+    specs = _build.extension_specs(with_cuda=cuda_reason is None)
 
     def build(name):
         directory = os.path.join(root, name.lstrip("_"))
@@ -50,7 +57,7 @@ def _jit_build():
         return cpp_extension.load(
             name=f"fused_wloss{name}", sources=specs[name]["sources"],
             extra_cflags=specs[name]["cflags"], extra_ldflags=specs[name]["ldflags"],
-            build_directory=directory, verbose=verbose,
+            extra_cuda_cflags=specs[name].get("nvcc"), build_directory=directory, verbose=verbose,
         )
 
     C = build("_C")
@@ -121,6 +128,16 @@ def load() -> None:
     from . import ops  # noqa: F401  (registers the fake kernels and autograd formulas)
 
     _backend.register_extension_device("cpu")
+    if has_cuda_kernels():
+        _backend.register_extension_device("cuda")
+    elif os.environ.get("FUSED_WLOSS_REQUIRE_CUDA") == "1":
+        raise RuntimeError("fused_wloss: FUSED_WLOSS_REQUIRE_CUDA=1 but the loaded extension has no CUDA kernels "
+                           f"(built without them: {_build.cuda_build_reason() or 'rebuild it'})")
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension registered CUDA implementations of the operators."""
+    return _C is not None and bool(_C.has_cuda_kernels())
 
 
 def load_error() -> Optional[str]:

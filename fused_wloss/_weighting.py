@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Union
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["BatchWeighting", "resolve_class_weighting"]
+__all__ = ["BatchWeighting", "BCEStats", "CrossEntropyStats", "resolve_class_weighting"]
 
 # Integer codes shared with the C++ kernels (see WeightScheme in csrc/fused_wloss_math.h).
 SCHEME_CODES = {"inverse": 1, "inverse_sqrt": 2, "effective_number": 3}
@@ -40,6 +40,16 @@ class BatchWeighting:
         balanced: binary cross-entropy only. Weight the positive and the negative targets of each
             label separately, from the count of positives ``sum(t)`` and of negatives
             ``sum(1 - t)`` of that label.
+        sync: count over every process of a ``torch.distributed`` group instead of over this
+            process's batch alone. The counts (and the normaliser of ``"mean"``/``"sample_mean"``)
+            are summed across the group with one ``all_reduce`` before the weights are formed, so
+            that the gradient DistributedDataParallel averages over the ranks equals the gradient
+            of the same loss on the concatenated global batch in one process. See
+            :mod:`fused_wloss.distributed` for the exact contract. Without an initialised process
+            group it counts the local batch, as ``sync=False``.
+        process_group: the group to count over when ``sync=True``; None is the default group.
+            It is a handle, not a setting: it takes no part in ``==``, ``hash`` or ``repr``, and
+            a deep copy shares it.
 
     ``class_weighting="inverse"`` is ``BatchWeighting("inverse")`` and ``class_weighting="balanced"``
     is ``BatchWeighting("inverse", balanced=True)``.
@@ -49,6 +59,8 @@ class BatchWeighting:
     smoothing: float = 1.0
     beta: float = 0.999
     balanced: bool = False
+    sync: bool = False
+    process_group: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEME_CODES:
@@ -67,6 +79,17 @@ class BatchWeighting:
         object.__setattr__(self, "smoothing", smoothing)
         object.__setattr__(self, "beta", beta)
         object.__setattr__(self, "balanced", bool(self.balanced))
+        if not isinstance(self.sync, bool):
+            raise TypeError(f"BatchWeighting: sync must be a bool, got {type(self.sync).__name__}")
+        if self.process_group is not None and not self.sync:
+            raise ValueError(
+                "BatchWeighting: process_group is used only to synchronise the counts; pass "
+                "sync=True with it, got sync=False"
+            )
+
+    def __deepcopy__(self, memo) -> "BatchWeighting":
+        # A process group cannot be copied; a copy of the spec counts over the same group.
+        return dataclasses.replace(self)
 
     @property
     def scheme_code(self) -> int:
@@ -86,6 +109,83 @@ class BatchWeighting:
 
 
 ClassWeighting = Union[None, str, BatchWeighting]
+
+
+# ---- what a call applied: returned with ``return_stats=True`` --------------------------------------
+
+def _per_class_items(name: str, values: torch.Tensor, classes: Optional[Sequence[int]]):
+    indices = range(values.shape[0]) if classes is None else classes
+    return {f"{name}/{int(c)}": values[int(c)] for c in indices}
+
+
+class CrossEntropyStats(NamedTuple):
+    """The class counts, class weights and normaliser one cross-entropy call used.
+
+    Every field is a detached tensor on the input's device, in the accumulation dtype (float64 for
+    float64 logits, float32 otherwise); forming them needs no host synchronisation.
+
+    Attributes:
+        counts: ``(C,)``, the count ``n_c`` of non-ignored targets of each class over all samples
+            and positions (the summed probabilities for probability targets); with
+            ``BatchWeighting(sync=True)``, over the whole process group.
+        class_weight: ``(C,)``, the class weights applied, ``W_c = weight[c] * d_c``: the static
+            ``weight`` times the dynamic weight (ones where the call had neither).
+        normalizer: ``()``, what the summed loss was divided by: ``sum_i s_i v_i W[t_i]`` for
+            ``"mean"`` (the sample weights, or the element count, for probability targets), the
+            number of non-ignored elements for ``"sample_mean"``, 1 for ``"sum"`` and ``"none"``;
+            with ``sync=True``, the group's.
+    """
+
+    counts: torch.Tensor
+    class_weight: torch.Tensor
+    normalizer: torch.Tensor
+
+    def to_dict(self, prefix: str = "", classes: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+        """Flat ``{name: 0-d tensor}`` for ``LightningModule.log_dict`` or a metrics logger:
+        ``{prefix}count/{c}``, ``{prefix}weight/{c}`` for every class (or those in ``classes``)
+        and ``{prefix}normalizer``. The values stay on the device; turning them into numbers is
+        the logger's business (Lightning does it when it writes them)."""
+        out = _per_class_items(prefix + "count", self.counts, classes)
+        out.update(_per_class_items(prefix + "weight", self.class_weight, classes))
+        out[prefix + "normalizer"] = self.normalizer
+        return out
+
+
+class BCEStats(NamedTuple):
+    """The per-label counts, dynamic weights and normaliser one binary cross-entropy call used.
+
+    Detached tensors on the input's device in the accumulation dtype; ``L`` is the number of
+    labels (the size of the last dimension; 1 for a 0-d or 1-D input).
+
+    Attributes:
+        pos_counts: ``(L,)``, ``sum(t)`` of each label over the samples (the group's with
+            ``sync=True``).
+        neg_counts: ``(L,)``, ``sum(1 - t)`` of each label.
+        neg_weight: ``(L,)``, the dynamic weight ``a`` of the negative part of each label (ones
+            without ``class_weighting``). The static ``weight`` and ``pos_weight`` are not folded
+            in: they are the caller's own tensors, of any broadcastable shape.
+        pos_weight: ``(L,)``, the dynamic weight of the positive part (equal to ``neg_weight``
+            unless ``balanced``).
+        normalizer: ``()``, the element count for ``"mean"``/``"sample_mean"`` (the group's with
+            ``sync=True``), 1 for ``"sum"`` and ``"none"``.
+    """
+
+    pos_counts: torch.Tensor
+    neg_counts: torch.Tensor
+    neg_weight: torch.Tensor
+    pos_weight: torch.Tensor
+    normalizer: torch.Tensor
+
+    def to_dict(self, prefix: str = "", labels: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+        """Flat ``{name: 0-d tensor}``: ``{prefix}pos_count/{l}``, ``neg_count/{l}``,
+        ``pos_weight/{l}``, ``neg_weight/{l}`` for every label (or those in ``labels``) and
+        ``{prefix}normalizer``."""
+        out = _per_class_items(prefix + "pos_count", self.pos_counts, labels)
+        out.update(_per_class_items(prefix + "neg_count", self.neg_counts, labels))
+        out.update(_per_class_items(prefix + "pos_weight", self.pos_weight, labels))
+        out.update(_per_class_items(prefix + "neg_weight", self.neg_weight, labels))
+        out[prefix + "normalizer"] = self.normalizer
+        return out
 
 _NAMED = {
     "inverse": BatchWeighting("inverse"),

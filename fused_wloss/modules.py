@@ -18,8 +18,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """:class:`torch.nn.CrossEntropyLoss` on :func:`fused_wloss.cross_entropy`.
 
     Extra keyword-only argument ``class_weighting`` (see :func:`fused_wloss.cross_entropy`);
-    ``forward`` takes an optional keyword ``sample_weight``; ``reduction`` also accepts
-    ``"sample_mean"``.
+    ``forward`` takes the optional keywords ``sample_weight`` and ``return_stats`` (then it returns
+    ``(loss, CrossEntropyStats)``: the counts, class weights and normaliser the call used, for
+    logging); ``reduction`` also accepts ``"sample_mean"``.
     """
 
     def __init__(
@@ -37,11 +38,13 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         resolve_class_weighting(class_weighting, loss="cross_entropy")  # fail at construction
         self.class_weighting = class_weighting
 
-    def forward(self, input, target, *, sample_weight: Optional[torch.Tensor] = None):
+    def forward(self, input, target, *, sample_weight: Optional[torch.Tensor] = None,
+                return_stats: bool = False):
         return functional.cross_entropy(
             input, target, weight=self.weight, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
             sample_weight=sample_weight, class_weighting=self.class_weighting,
+            return_stats=return_stats,
         )
 
     def extra_repr(self) -> str:
@@ -51,8 +54,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
     """:class:`torch.nn.BCEWithLogitsLoss` on :func:`fused_wloss.binary_cross_entropy_with_logits`.
 
-    Extra keyword-only argument ``class_weighting``; ``forward`` takes an optional keyword
-    ``sample_weight``.
+    Extra keyword-only argument ``class_weighting``; ``forward`` takes the optional keywords
+    ``sample_weight`` and ``return_stats`` (then it returns ``(loss, BCEStats)``).
     """
 
     def __init__(
@@ -69,10 +72,12 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
         resolve_class_weighting(class_weighting, loss="binary_cross_entropy_with_logits")
         self.class_weighting = class_weighting
 
-    def forward(self, input, target, *, sample_weight: Optional[torch.Tensor] = None):
+    def forward(self, input, target, *, sample_weight: Optional[torch.Tensor] = None,
+                return_stats: bool = False):
         return functional.binary_cross_entropy_with_logits(
             input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight,
             sample_weight=sample_weight, class_weighting=self.class_weighting,
+            return_stats=return_stats,
         )
 
     def extra_repr(self) -> str:

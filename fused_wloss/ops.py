@@ -1,15 +1,20 @@
 """The compiled operators seen from Python: fake kernels, autograd formulas and the thin wrappers
 the public functions call.
 
-``torch.ops.fused_wloss`` holds one forward/backward pair per loss (schemas in csrc/ops.cpp). The
+``torch.ops.fused_wloss`` holds one forward/backward pair per loss (schemas in csrc/schemas.h). The
 backward is an operator of its own, so autograd and torch.compile only ever see dispatcher ops, and
 the forward saves O(N) per-row statistics for it, never an N x C tensor.
+
+The test-only module ``fused_wloss._cuda_emu`` registers the same schemas as
+``torch.ops.fused_wloss_emu`` (the CUDA kernels run on the CPU); :func:`register` gives them the same
+fake kernels and autograd formulas, and :func:`use_namespace` points the wrappers below at them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -18,7 +23,23 @@ from ._weighting import BatchWeighting
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2, "sample_mean": 3}
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
+NAMESPACE = "fused_wloss"
+
+# The operators the wrappers call (and the backward formulas look up when they run).
 _ops = torch.ops.fused_wloss
+
+
+@contextlib.contextmanager
+def use_namespace(name: str) -> Iterator[None]:
+    """Serve the kernel path from ``torch.ops.<name>`` (a namespace :func:`register` has set up)
+    for the duration of the block; the tests use it to run the emulated CUDA kernels."""
+    global _ops
+    before = _ops
+    _ops = getattr(torch.ops, name)
+    try:
+        yield
+    finally:
+        _ops = before
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,8 +58,7 @@ def _scheme_args(weighting: Optional[BatchWeighting]):
 
 # ---- cross-entropy --------------------------------------------------------------------------------
 
-@torch.library.register_fake("fused_wloss::cross_entropy_forward")
-def _(input, target, weight, sample_weight, ignore_index, label_smoothing, reduction, scheme, smoothing, beta):
+def _ce_forward_fake(input, target, weight, sample_weight, ignore_index, label_smoothing, reduction, scheme, smoothing, beta):
     torch._check(input.dim() >= 1, lambda: "cross_entropy_forward: input must have at least 1 dimension")
     torch._check(target.dtype in (torch.int64, torch.int32), lambda: "cross_entropy_forward: target must be int64 or int32")
     loss_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
@@ -51,8 +71,7 @@ def _(input, target, weight, sample_weight, ignore_index, label_smoothing, reduc
     return loss, lse, class_weight, input.new_empty((), dtype=acc)
 
 
-@torch.library.register_fake("fused_wloss::cross_entropy_backward")
-def _(grad_loss, input, target, class_weight, sample_weight, lse, norm, ignore_index, label_smoothing, reduction):
+def _ce_backward_fake(grad_loss, input, target, class_weight, sample_weight, lse, norm, ignore_index, label_smoothing, reduction):
     return input.new_empty(input.shape)
 
 
@@ -80,11 +99,6 @@ def _ce_backward(ctx, grad_loss, *_unused):
     return (grad_input,) + (None,) * 9
 
 
-torch.library.register_autograd(
-    "fused_wloss::cross_entropy_forward", _ce_backward, setup_context=_ce_setup_context
-)
-
-
 def ce_supported(input, target, weight, sample_weight, prob_target: bool) -> bool:
     """Whether the kernels serve this call; the others go to the reference."""
     return not (
@@ -109,8 +123,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
 
 # ---- binary cross-entropy -------------------------------------------------------------------------
 
-@torch.library.register_fake("fused_wloss::bce_forward")
-def _(input, target, weight, pos_weight, sample_weight, reduction, scheme, smoothing, beta, balanced):
+def _bce_forward_fake(input, target, weight, pos_weight, sample_weight, reduction, scheme, smoothing, beta, balanced):
     torch._check(target.shape == input.shape, lambda: "bce_forward: target must have the input's shape")
     acc = _acc_dtype(input.dtype)
     num_labels = input.shape[-1] if input.dim() >= 2 else 1
@@ -119,8 +132,7 @@ def _(input, target, weight, pos_weight, sample_weight, reduction, scheme, smoot
     return loss, input.new_empty(label_shape, dtype=acc), input.new_empty(label_shape, dtype=acc)
 
 
-@torch.library.register_fake("fused_wloss::bce_backward")
-def _(grad_loss, input, target, weight, pos_weight, sample_weight, neg_label_weight, pos_label_weight, reduction):
+def _bce_backward_fake(grad_loss, input, target, weight, pos_weight, sample_weight, neg_label_weight, pos_label_weight, reduction):
     return input.new_empty(input.shape)
 
 
@@ -144,9 +156,6 @@ def _bce_backward(ctx, grad_loss, *_unused):
     if ctx.needs_input_grad[0]:
         grad_input = _ops.bce_backward(grad_loss, *ctx.saved_tensors, ctx.reduction)
     return (grad_input,) + (None,) * 9
-
-
-torch.library.register_autograd("fused_wloss::bce_forward", _bce_backward, setup_context=_bce_setup_context)
 
 
 def bce_supported(input, target, weight, pos_weight, sample_weight) -> bool:
@@ -181,5 +190,34 @@ def _refuse_double_backward(ctx, *grads):
     )
 
 
-for _name in ("fused_wloss::cross_entropy_backward", "fused_wloss::bce_backward"):
-    torch.library.register_autograd(_name, _refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+def register(ns: str) -> None:
+    """Fake kernels and autograd formulas for the four operators of ``torch.ops.<ns>``."""
+    torch.library.register_fake(f"{ns}::cross_entropy_forward", _ce_forward_fake)
+    torch.library.register_fake(f"{ns}::cross_entropy_backward", _ce_backward_fake)
+    torch.library.register_fake(f"{ns}::bce_forward", _bce_forward_fake)
+    torch.library.register_fake(f"{ns}::bce_backward", _bce_backward_fake)
+    torch.library.register_autograd(f"{ns}::cross_entropy_forward", _ce_backward, setup_context=_ce_setup_context)
+    torch.library.register_autograd(f"{ns}::bce_forward", _bce_backward, setup_context=_bce_setup_context)
+    for name in ("cross_entropy_backward", "bce_backward"):
+        torch.library.register_autograd(f"{ns}::{name}", _refuse_double_backward,
+                                        setup_context=lambda ctx, inputs, output: None)
+
+
+register(NAMESPACE)
+
+
+def load_emulation() -> str:
+    """Load the test-only emulated CUDA operators (``fused_wloss._cuda_emu``, built with
+    ``FUSED_WLOSS_BUILD_EMU=1``) and set them up; returns their namespace for :func:`use_namespace`.
+    Raises ImportError when the module was not built."""
+    global _emulation_registered
+    import importlib
+
+    importlib.import_module("fused_wloss._cuda_emu")
+    if not _emulation_registered:
+        register("fused_wloss_emu")
+        _emulation_registered = True
+    return "fused_wloss_emu"
+
+
+_emulation_registered = False

@@ -142,7 +142,8 @@ def cross_entropy_checked(
         safe_t = torch.where(valid, t, 0)  # ignored elements point at class 0, then are masked
         if weighting is not None:
             counts = torch.zeros(num_classes, dtype=torch.long, device=t.device)
-            counts.scatter_add_(0, safe_t.flatten(), valid.flatten().long())
+            if num_classes > 0:  # with no class every target is ignored: nothing to count
+                counts.scatter_add_(0, safe_t.flatten(), valid.flatten().long())
             dynamic = weighting.weights(counts.to(dtype))
             class_w = dynamic if class_w is None else class_w * dynamic
         if num_classes > 0:

@@ -25,6 +25,7 @@ PROBE = textwrap.dedent(
     expected = (F.cross_entropy(x, y, reduction="none") / (counts + 1)[y]).mean()
     assert torch.allclose(loss, expected), (loss, expected)
     print("backend", fused_wloss.backend("cpu"), "isa", fused_wloss.cpu_isa())
+    print("cuda kernels", fused_wloss._extension.has_cuda_kernels())
     print("warnings", [str(w.message) for w in caught if "fused_wloss" in str(w.message)])
     """
 )
@@ -46,10 +47,15 @@ def test_reference_forced_by_environment(tmp_path):
 
 @pytest.mark.skipif(fused_wloss.backend("cpu") != "extension", reason="the prebuilt extension is not installed")
 def test_jit_build_of_the_same_sources(tmp_path):
-    """FUSED_WLOSS_JIT=1 compiles csrc/ with torch.utils.cpp_extension.load and serves from it."""
-    out = _probe(tmp_path, FUSED_WLOSS_JIT="1", FUSED_WLOSS_BUILD_DIR=str(tmp_path / "build"), MAX_JOBS="2")
+    """FUSED_WLOSS_JIT=1 compiles csrc/ with torch.utils.cpp_extension.load and serves from it,
+    the CUDA kernels included where a toolkit is found (for one architecture, to keep it short)."""
+    from fused_wloss import _build
+
+    out = _probe(tmp_path, FUSED_WLOSS_JIT="1", FUSED_WLOSS_BUILD_DIR=str(tmp_path / "build"), MAX_JOBS="2",
+                 TORCH_CUDA_ARCH_LIST="9.0")
     assert "backend extension isa" in out and "isa None" not in out
     assert "warnings []" in out
+    assert f"cuda kernels {_build.cuda_build_reason() is None}" in out, out
 
 
 def test_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path):

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../fused_wloss_math.h"
+#include "../host_common.h"
 #include "kernel_table.h"
 
 namespace fused_wloss {
@@ -54,54 +55,6 @@ int dtype_index(at::ScalarType s) {
       TORCH_CHECK(false, "fused_wloss: input must be float32, float64, float16 or bfloat16, got ",
                   s);
   }
-}
-
-at::ScalarType acc_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
-
-// An optional float tensor as a contiguous acc_t array of `numel` elements.
-at::Tensor as_acc(const c10::optional<at::Tensor>& t, at::ScalarType acc, const char* name,
-                  int64_t numel) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  TORCH_CHECK(t->is_floating_point(), "fused_wloss: ", name, " must be floating point, got ",
-              t->scalar_type());
-  TORCH_CHECK(t->numel() == numel, "fused_wloss: ", name, " must have ", numel,
-              " elements, got shape ", t->sizes());
-  return t->to(acc).contiguous().reshape({numel});
-}
-
-struct CeShape {
-  int64_t N, C, P;
-  std::vector<int64_t> loss_shape;
-};
-
-CeShape ce_shape(const at::Tensor& input, const at::Tensor& target) {
-  TORCH_CHECK(input.dim() >= 1, "fused_wloss.cross_entropy: input must have shape (C,), (N, C) or "
-              "(N, C, d1, ..., dk), got a 0-d tensor");
-  CeShape s;
-  if (input.dim() == 1) {
-    s = {1, input.size(0), 1, {}};
-  } else {
-    s.N = input.size(0);
-    s.C = input.size(1);
-    s.P = 1;
-    s.loss_shape.push_back(s.N);
-    for (int64_t d = 2; d < input.dim(); ++d) {
-      s.P *= input.size(d);
-      s.loss_shape.push_back(input.size(d));
-    }
-  }
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
-              "fused_wloss.cross_entropy: target must hold class indices as int64 or int32, got ",
-              target.scalar_type());
-  TORCH_CHECK(target.sizes() == at::IntArrayRef(s.loss_shape),
-              "fused_wloss.cross_entropy: target must have shape ", at::IntArrayRef(s.loss_shape),
-              " for input of shape ", input.sizes(), ", got ", target.sizes());
-  return s;
-}
-
-[[noreturn]] void throw_bad_target(int64_t row, int64_t value, int64_t C, int64_t ignore_index) {
-  TORCH_CHECK_INDEX(false, "cross_entropy: target must hold class indices in [0, ", C,
-                    ") or ignore_index=", ignore_index, ", found ", value, " at element ", row);
 }
 
 // Class counts of the non-ignored targets (exact integer sums: per-thread histograms added in any
@@ -412,42 +365,6 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
 
 namespace {
 
-struct BceShape {
-  int64_t rows, L;
-};
-
-BceShape bce_shape(const at::Tensor& input, const at::Tensor& target) {
-  TORCH_CHECK(target.sizes() == input.sizes(), "fused_wloss.binary_cross_entropy_with_logits: "
-              "target must have the input's shape ", input.sizes(), ", got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == input.scalar_type(),
-              "fused_wloss.binary_cross_entropy_with_logits: target must have the input's dtype ",
-              input.scalar_type(), ", got ", target.scalar_type());
-  if (input.dim() < 2) return {input.numel(), 1};
-  return {c10::multiply_integers(input.sizes().slice(0, input.dim() - 1)), input.size(-1)};
-}
-
-// A weight broadcastable to the input, as a per-label vector (L) when it is constant along every
-// dimension but the last, else as a full contiguous (rows * L) array.
-struct BceWeight {
-  at::Tensor label;  // acc_t[L] or undefined
-  at::Tensor full;   // acc_t[rows * L] or undefined
-};
-
-BceWeight classify_weight(const c10::optional<at::Tensor>& w, const at::Tensor& input,
-                          int64_t L, at::ScalarType acc, const char* name) {
-  BceWeight out;
-  if (!w.has_value() || !w->defined()) return out;
-  TORCH_CHECK(w->is_floating_point(), "fused_wloss: ", name, " must be floating point");
-  const bool per_label = w->numel() == 1 ||
-                         (input.dim() >= 2 && w->dim() >= 1 && w->size(-1) == L && w->numel() == L);
-  if (per_label) {
-    out.label = w->to(acc).reshape({-1}).expand({L}).contiguous();
-  } else {
-    out.full = w->to(acc).expand(input.sizes()).contiguous().reshape({-1});
-  }
-  return out;
-}
-
 // Sums of the targets and of their complements per label over the rows, in a fixed number of
 // row segments reduced in order: the same doubles for any thread count.
 void label_counts(const at::Tensor& t, const BceShape& s, std::vector<double>* pos,
@@ -504,18 +421,7 @@ BcePlan make_bce_plan(const at::Tensor& input, const at::Tensor& target,
   p.elem_pos_w = pw.full;
   p.sw = as_acc(sample_weight, acc, "sample_weight", p.shape.rows);
 
-  at::Tensor neg_label, pos_label;
-  auto mul = [](const at::Tensor& a, const at::Tensor& b) {
-    return !a.defined() ? b : (!b.defined() ? a : a * b);
-  };
-  TORCH_CHECK(neg_dyn.numel() == 0 || neg_dyn.numel() == L, "fused_wloss: neg_label_weight must "
-              "have 0 or ", L, " elements, got ", neg_dyn.numel());
-  TORCH_CHECK(pos_dyn.numel() == 0 || pos_dyn.numel() == L, "fused_wloss: pos_label_weight must "
-              "have 0 or ", L, " elements, got ", pos_dyn.numel());
-  const at::Tensor nd = neg_dyn.numel() > 0 ? neg_dyn.to(acc) : at::Tensor();
-  const at::Tensor pd = pos_dyn.numel() > 0 ? pos_dyn.to(acc) : at::Tensor();
-  neg_label = mul(w.label, nd);
-  pos_label = mul(mul(w.label, pw.label), pd);
+  const auto [neg_label, pos_label] = fold_bce_label_weights(w, pw, neg_dyn, pos_dyn, L, acc);
 
   p.args.rows = p.shape.rows;
   p.args.L = L;

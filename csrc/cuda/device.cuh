@@ -1,0 +1,178 @@
+// What the CUDA kernels of fused_wloss use beyond the shared math: the one launch helper, the
+// thread-cooperation primitives (group and block reductions built on shuffles, shared memory and
+// __syncthreads), aligned vector loads, and the device-side assertion.
+//
+// Everything here compiles two ways: with nvcc for the GPU, and with g++ under the emulation layer
+// csrc/emu/cuda_emu.h (FWL_EMULATE_CUDA), which runs the same kernels with the same launch
+// configuration on the CPU for the test suite. Kernels therefore use only these primitives for
+// cooperation: no CUB, no cooperative groups.
+#pragma once
+
+#if defined(FWL_EMULATE_CUDA)
+#include <c10/util/Exception.h>
+
+#include "../emu/cuda_emu.h"
+#else
+#include <cuda_runtime.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/macros/Macros.h>
+#endif
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../fused_wloss_math.h"
+
+namespace fused_wloss {
+namespace cuda {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---- launching -------------------------------------------------------------------------------
+
+// Every kernel goes through here: on the GPU a launch on `stream` followed by the launch check, in
+// the emulation the same grid, block and shared memory on the CPU.
+template <typename... Params, typename... Args>
+inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                          cudaStream_t stream, Args... args) {
+#if defined(FWL_EMULATE_CUDA)
+  (void)stream;
+  try {
+    ::fwl_emu::launch(grid, block, smem_bytes, [&] { kernel(static_cast<Params>(args)...); });
+  } catch (const ::fwl_emu::Error& e) {
+    TORCH_CHECK(false, e.what());
+  }
+#else
+  kernel<<<grid, block, smem_bytes, stream>>>(static_cast<Params>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+// A failed device-side check stops the kernel, as torch's own index checks do: on the GPU the
+// next CUDA call reports "device-side assert triggered"; in the emulation the launch throws.
+#if defined(FWL_EMULATE_CUDA)
+#define FWL_KERNEL_ASSERT(cond, msg) FWL_EMU_DEVICE_ASSERT(cond, msg)
+#else
+#define FWL_KERNEL_ASSERT(cond, msg) CUDA_KERNEL_ASSERT_MSG(cond, msg)
+#endif
+
+// Dynamic shared memory (the launch's smem_bytes) as an array of `type`.
+#if !defined(FWL_EMULATE_CUDA)
+#define FWL_DYNAMIC_SHARED(type, name)                               \
+  extern __shared__ __align__(16) unsigned char fwl_dynamic_smem[]; \
+  type* name = reinterpret_cast<type*>(fwl_dynamic_smem)
+#endif
+
+// ---- types ------------------------------------------------------------------------------------
+
+template <typename T>
+using acc_t_of = std::conditional_t<std::is_same<T, double>::value, double, float>;
+
+template <typename T>
+__device__ __forceinline__ acc_t_of<T> to_acc(T v) {
+  return static_cast<acc_t_of<T>>(v);
+}
+
+// 16 bytes of T, loaded and stored as one vector where the address is aligned.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T>*>(p);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T>& v) {
+  *reinterpret_cast<Pack<T>*>(p) = v;
+}
+
+// exp in acc_t through exp2 (one multiply and the hardware's exp2 on the GPU)
+__device__ __forceinline__ float exp_acc(float x) { return exp2f(x * 1.4426950408889634f); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+// ---- thread cooperation --------------------------------------------------------------------
+
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+
+// All-reduce over aligned groups of `width` lanes (a power of two <= 32) by xor butterflies: every
+// lane of a group ends with the same, bitwise identical value, in an order fixed by the width.
+// Every lane of the warp must call it.
+template <typename T, typename Op>
+__device__ __forceinline__ T group_allreduce(T v, int width, Op op) {
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+    v = op(v, __shfl_xor_sync(kFullMask, v, offset, width));
+  }
+  return v;
+}
+
+// The row state of the online softmax with the label-smoothing sums (see RowStats in the shared
+// math), all-reduced over a group of lanes.
+template <typename acc_t>
+__device__ __forceinline__ RowStats<acc_t> group_allreduce_stats(RowStats<acc_t> s, int width) {
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+    RowStats<acc_t> o;
+    o.max = __shfl_xor_sync(kFullMask, s.max, offset, width);
+    o.sum = __shfl_xor_sync(kFullMask, s.sum, offset, width);
+    o.wdiff = __shfl_xor_sync(kFullMask, s.wdiff, offset, width);
+    o.wsum = __shfl_xor_sync(kFullMask, s.wsum, offset, width);
+    // the lower lane's state first, so both lanes of a pair form the same value
+    const bool lower = (threadIdx.x & offset) == 0;
+    s = lower ? row_stats_combine(s, o) : row_stats_combine(o, s);
+  }
+  return s;
+}
+
+// All-reduce over the whole block (blockDim.x a multiple of 32, at most 1024 threads): warps
+// reduce, warp 0 reduces the warp results in warp order, everyone reads the result. `scratch`
+// holds 32 values of shared memory. Every thread of the block must call it.
+template <typename acc_t>
+__device__ __forceinline__ RowStats<acc_t> block_allreduce_stats(RowStats<acc_t> s,
+                                                                  RowStats<acc_t>* scratch) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  s = group_allreduce_stats(s, kWarpSize);
+  if (lane == 0) scratch[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    RowStats<acc_t> w = lane < warps ? scratch[lane] : RowStats<acc_t>::empty();
+    w = group_allreduce_stats(w, kWarpSize);
+    if (lane == 0) scratch[0] = w;
+  }
+  __syncthreads();
+  const RowStats<acc_t> out = scratch[0];
+  __syncthreads();  // scratch may be reused by the caller
+  return out;
+}
+
+template <typename T>
+__device__ __forceinline__ T block_allreduce_sum(T v, T* scratch) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  v = group_allreduce(v, kWarpSize, SumOp{});
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T w = lane < warps ? scratch[lane] : T(0);
+    w = group_allreduce(w, kWarpSize, SumOp{});
+    if (lane == 0) scratch[0] = w;
+  }
+  __syncthreads();
+  const T out = scratch[0];
+  __syncthreads();
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace fused_wloss

@@ -1,0 +1,477 @@
+// CUDA kernels of fused_wloss. The host code that sizes and launches them is losses_host.h; the
+// per-element formulas come from fused_wloss_math.h, shared with the CPU kernels.
+//
+// Cross-entropy, input viewed as (N, C, P) with row r = n * P + p:
+// - ce_forward_kernel / ce_backward_kernel with kBlockPerRow = false: a group of `group` lanes
+//   (a power of two up to 32) per row, blockDim / group rows per block, for C up to a few
+//   thousand; for K-dim inputs (P > 1) one thread per pixel, walking the classes with stride P,
+//   so that a warp reads 32 neighbouring pixels of one class at a time.
+// - the same kernels with kBlockPerRow = true: one block per row, for large C.
+// Rows are read with 16-byte vector loads after a scalar head up to the first aligned address,
+// and a scalar tail. The forward keeps one online-softmax state per thread (RowStats), combines
+// the states of a row by shuffles (and shared memory across warps), writes the row's
+// log-sum-exp (float64) and loss, and each block writes one partial sum of its rows; the
+// finalize kernel adds the partials in a fixed order, so a reduced loss is bitwise repeatable.
+// The backward reads the logits once and writes the gradient once.
+//
+// Counting: class_count_kernel histograms the targets (integer atomics, exact in any order);
+// class_weight_kernel forms the weights and their sum in one block.
+//
+// Binary cross-entropy: flat over the elements, each block a fixed range; partial sums per block
+// reduced in order as above. bce_label_sum_kernel + bce_label_weight_kernel form the dynamic
+// per-label weights from the target sums over a fixed cut of the rows.
+#pragma once
+
+#include "device.cuh"
+
+namespace fused_wloss {
+namespace cuda {
+
+// One block's share of a reduced cross-entropy.
+struct CePartialSums {
+  double loss_sum;
+  double weight_sum;
+  long long valid;
+  long long pad;
+};
+
+template <typename scalar_t>
+struct CeKernelArgs {
+  using acc_t = acc_t_of<scalar_t>;
+  const scalar_t* x;
+  const void* target;
+  bool target_int32;
+  const acc_t* class_w;   // [C] static x dynamic, or nullptr
+  const acc_t* sum_w;     // device scalar sum_c class_w[c], or nullptr (then C)
+  const acc_t* sample_w;  // [rows] or nullptr
+  int64_t rows, C, P;
+  int64_t ignore_index;
+  double eps;             // label smoothing
+  int group;              // lanes per row (kBlockPerRow = false, P == 1)
+  // forward
+  double* lse;              // [rows]
+  scalar_t* loss_rows;      // [rows] for reduction "none", else nullptr
+  CePartialSums* partials;  // [gridDim.x]
+  // backward
+  const scalar_t* grad_out;  // [rows] for "none", else [1]
+  const acc_t* norm;         // device normaliser of "mean"/"sample_mean", else nullptr
+  int reduction;
+  scalar_t* grad_x;
+};
+
+constexpr int kRowsBlock = 256;  // threads of the grouped kernels
+
+__device__ __forceinline__ int64_t load_target(const void* t, bool is_int32, int64_t row) {
+  return is_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(t)[row])
+                  : static_cast<const int64_t*>(t)[row];
+}
+
+// Adds n values (classes c0 .. c0+n-1 of a row) to a thread's state: one rescale per call,
+// then one exponential per value.
+template <typename acc_t>
+__device__ __forceinline__ void stats_add(RowStats<acc_t>& st, const acc_t* v, int n, int64_t c0,
+                                          const acc_t* class_w, bool smooth) {
+  acc_t cm = -std::numeric_limits<acc_t>::infinity();
+  for (int k = 0; k < n; ++k) cm = v[k] > cm ? v[k] : cm;  // NaN never wins; it shows in the sum
+  const acc_t m = st.max > cm ? st.max : cm;
+  if (m == -std::numeric_limits<acc_t>::infinity()) {  // nothing but -inf so far
+    if (smooth)
+      for (int k = 0; k < n; ++k) st.wsum += class_w ? class_w[c0 + k] : acc_t(1);
+    return;
+  }
+  st = row_stats_rebase(st, m);
+  for (int k = 0; k < n; ++k) {
+    const acc_t d = v[k] - m;
+    st.sum += exp_acc(d);
+    if (smooth) {
+      const acc_t w = class_w ? class_w[c0 + k] : acc_t(1);
+      st.wdiff += w * d;
+      st.wsum += w;
+    }
+  }
+}
+
+// The state of the classes of one contiguous row that fall to `lane` of `group`.
+template <typename scalar_t>
+__device__ __forceinline__ RowStats<acc_t_of<scalar_t>> ce_row_stats_contiguous(
+    const CeKernelArgs<scalar_t>& a, int64_t row, int lane, int group) {
+  using acc_t = acc_t_of<scalar_t>;
+  constexpr int K = Pack<scalar_t>::kSize;
+  const bool smooth = a.eps > 0.0;
+  const scalar_t* xr = a.x + row * a.C;
+  const VectorSplit sp = vector_split(reinterpret_cast<uint64_t>(xr), a.C, sizeof(scalar_t), 16);
+  RowStats<acc_t> st = RowStats<acc_t>::empty();
+  for (int64_t i = lane; i < sp.head; i += group) {
+    const acc_t v = to_acc(xr[i]);
+    stats_add(st, &v, 1, i, a.class_w, smooth);
+  }
+  const scalar_t* body = xr + sp.head;
+  for (int64_t j = lane; j < sp.vecs; j += group) {
+    const Pack<scalar_t> p = load_pack(body + j * K);
+    acc_t v[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = to_acc(p.v[k]);
+    stats_add(st, v, K, sp.head + j * K, a.class_w, smooth);
+  }
+  const int64_t t0 = sp.head + sp.vecs * K;
+  for (int64_t i = lane; i < sp.tail; i += group) {
+    const acc_t v = to_acc(xr[t0 + i]);
+    stats_add(st, &v, 1, t0 + i, a.class_w, smooth);
+  }
+  return st;
+}
+
+// The state of one K-dim row (pixel): classes at stride P, four at a time.
+template <typename scalar_t>
+__device__ __forceinline__ RowStats<acc_t_of<scalar_t>> ce_row_stats_strided(
+    const CeKernelArgs<scalar_t>& a, int64_t row) {
+  using acc_t = acc_t_of<scalar_t>;
+  const bool smooth = a.eps > 0.0;
+  const scalar_t* xr = a.x + ce_row_offset(row, a.C, a.P);
+  RowStats<acc_t> st = RowStats<acc_t>::empty();
+  int64_t c = 0;
+  for (; c + 4 <= a.C; c += 4) {
+    acc_t v[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = to_acc(xr[(c + k) * a.P]);
+    stats_add(st, v, 4, c, a.class_w, smooth);
+  }
+  for (; c < a.C; ++c) {
+    const acc_t v = to_acc(xr[c * a.P]);
+    stats_add(st, &v, 1, c, a.class_w, smooth);
+  }
+  return st;
+}
+
+// The per-row epilogue of the forward, on one thread: log-sum-exp, target gather, weights, loss.
+// In float64 like the CPU kernels, with every lse - x formed as (m - x) + log s.
+template <typename scalar_t>
+__device__ __forceinline__ CePartialSums ce_forward_row_epilogue(const CeKernelArgs<scalar_t>& a,
+                                                                 int64_t row,
+                                                                 const RowStats<acc_t_of<scalar_t>>& st) {
+  const double md = static_cast<double>(st.max);
+  const double ls = log(static_cast<double>(st.sum));
+  a.lse[row] = md + ls;
+  CePartialSums out{0.0, 0.0, 0, 0};
+  const int64_t t = load_target(a.target, a.target_int32, row);
+  if (t != a.ignore_index) {
+    FWL_KERNEL_ASSERT(t >= 0 && t < a.C,
+                      "fused_wloss.cross_entropy: target out of range: class indices must be in [0, C) or ignore_index");
+    const double x_t = static_cast<double>(to_acc(a.x[ce_row_offset(row, a.C, a.P) + t * a.P]));
+    const double w_t = a.class_w ? static_cast<double>(a.class_w[t]) : 1.0;
+    const double s = a.sample_w ? static_cast<double>(a.sample_w[row]) : 1.0;
+    const double nll = (md - x_t) + ls;
+    const double smooth_sum =
+        a.eps > 0.0 ? static_cast<double>(st.wsum) * ls - static_cast<double>(st.wdiff) : 0.0;
+    out.loss_sum = s * ce_index_loss<double>(nll, smooth_sum, w_t, a.eps, static_cast<double>(a.C));
+    out.weight_sum = s * w_t;
+    out.valid = 1;
+  }
+  if (a.loss_rows) a.loss_rows[row] = static_cast<scalar_t>(out.loss_sum);
+  return out;
+}
+
+// Adds the per-row results of a block in row order and writes the block's partial.
+__device__ __forceinline__ void write_block_partial(CePartialSums* rows_sums, int count,
+                                                    CePartialSums* out) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    CePartialSums p{0.0, 0.0, 0, 0};
+    for (int i = 0; i < count; ++i) {
+      p.loss_sum += rows_sums[i].loss_sum;
+      p.weight_sum += rows_sums[i].weight_sum;
+      p.valid += rows_sums[i].valid;
+    }
+    out[blockIdx.x] = p;
+  }
+}
+
+template <typename scalar_t, bool kBlockPerRow>
+__global__ void ce_forward_kernel(CeKernelArgs<scalar_t> a) {
+  using acc_t = acc_t_of<scalar_t>;
+  __shared__ CePartialSums row_sums[kRowsBlock];
+  __shared__ RowStats<acc_t> scratch[kWarpSize];
+  const int group = kBlockPerRow ? static_cast<int>(blockDim.x) : a.group;
+  const int rows_per_block = static_cast<int>(blockDim.x) / group;
+  const int slot = static_cast<int>(threadIdx.x) / group;
+  const int lane = static_cast<int>(threadIdx.x) % group;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + slot;
+  const bool active = row < a.rows;
+
+  RowStats<acc_t> st = RowStats<acc_t>::empty();
+  if (active) st = a.P > 1 ? ce_row_stats_strided(a, row) : ce_row_stats_contiguous(a, row, lane, group);
+  // every thread takes part in the reductions, active or not
+  if (kBlockPerRow) {
+    st = block_allreduce_stats(st, scratch);
+  } else if (group > 1) {
+    st = group_allreduce_stats(st, group);
+  }
+  if (lane == 0) {
+    row_sums[slot] = active ? ce_forward_row_epilogue(a, row, st) : CePartialSums{0.0, 0.0, 0, 0};
+  }
+  write_block_partial(row_sums, rows_per_block, a.partials);
+}
+
+// The upstream gradient of one row, divided by the normaliser of a "mean" (NaN for a zero
+// normaliser, as torch).
+template <typename scalar_t>
+__device__ __forceinline__ acc_t_of<scalar_t> ce_upstream_grad(const CeKernelArgs<scalar_t>& a,
+                                                               int64_t row) {
+  using acc_t = acc_t_of<scalar_t>;
+  if (a.reduction == kNone) return to_acc(a.grad_out[row]);
+  acc_t g = to_acc(a.grad_out[0]);
+  if (a.norm != nullptr) {
+    const acc_t n = *a.norm;
+    g = n == acc_t(0) ? std::numeric_limits<acc_t>::quiet_NaN() : g / n;
+  }
+  return g;
+}
+
+template <typename scalar_t, bool kBlockPerRow>
+__global__ void ce_backward_kernel(CeKernelArgs<scalar_t> a) {
+  using acc_t = acc_t_of<scalar_t>;
+  constexpr int K = Pack<scalar_t>::kSize;
+  const int group = kBlockPerRow ? static_cast<int>(blockDim.x) : a.group;
+  const int rows_per_block = static_cast<int>(blockDim.x) / group;
+  const int lane = static_cast<int>(threadIdx.x) % group;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / group;
+  if (row >= a.rows) return;  // no cooperation below
+
+  const int64_t base = ce_row_offset(row, a.C, a.P);
+  const scalar_t* xr = a.x + base;
+  scalar_t* gr = a.grad_x + base;
+  const int64_t t = load_target(a.target, a.target_int32, row);
+  const bool ignored = t == a.ignore_index;
+  if (!ignored) {
+    FWL_KERNEL_ASSERT(t >= 0 && t < a.C,
+                      "fused_wloss.cross_entropy: target out of range: class indices must be in [0, C) or ignore_index");
+  }
+  const acc_t w_t = ignored ? acc_t(0) : (a.class_w ? a.class_w[t] : acc_t(1));
+  const acc_t scale = ignored ? acc_t(0) : ce_upstream_grad(a, row) * (a.sample_w ? a.sample_w[row] : acc_t(1));
+  const acc_t sum_w = a.sum_w ? *a.sum_w : static_cast<acc_t>(a.C);
+  const CeGradCoeffs<acc_t> k = ce_index_grad_coeffs<acc_t>(scale, w_t, sum_w, static_cast<acc_t>(a.eps),
+                                                            static_cast<acc_t>(a.C));
+  // p_c = exp(x_c - lse), lse in float64: subtract ref = lse rounded to acc_t (exact for the x
+  // near it) and fold the rounding exp(ref - lse) into the coefficient of p.
+  const double lse = a.lse[row];
+  const acc_t ref = static_cast<acc_t>(lse);
+  const acc_t factor = static_cast<acc_t>(exp(static_cast<double>(ref) - lse));
+  const acc_t ka = k.a * factor;
+  const bool with_e = k.e != acc_t(0);
+  auto grad_of = [&](acc_t v, int64_t c) -> acc_t {
+    if (ignored) return acc_t(0);
+    const acc_t e = exp_acc(v - ref);
+    if (c == t) return ce_true_class_grad(k, factor * e, w_t);
+    acc_t g = ka * e;
+    if (with_e) g -= k.e * (a.class_w ? a.class_w[c] : acc_t(1));
+    return g;
+  };
+
+  if (a.P > 1) {  // one thread per pixel: classes at stride P
+    for (int64_t c = 0; c < a.C; ++c) gr[c * a.P] = static_cast<scalar_t>(grad_of(to_acc(xr[c * a.P]), c));
+    return;
+  }
+  const VectorSplit sp = vector_split(reinterpret_cast<uint64_t>(xr), a.C, sizeof(scalar_t), 16);
+  const bool vector_store = reinterpret_cast<uint64_t>(xr) % 16 == reinterpret_cast<uint64_t>(gr) % 16;
+  for (int64_t i = lane; i < sp.head; i += group) gr[i] = static_cast<scalar_t>(grad_of(to_acc(xr[i]), i));
+  for (int64_t j = lane; j < sp.vecs; j += group) {
+    const int64_t c0 = sp.head + j * K;
+    const Pack<scalar_t> p = load_pack(xr + c0);
+    Pack<scalar_t> out;
+#pragma unroll
+    for (int q = 0; q < K; ++q) out.v[q] = static_cast<scalar_t>(grad_of(to_acc(p.v[q]), c0 + q));
+    if (vector_store) {
+      store_pack(gr + c0, out);
+    } else {
+      for (int q = 0; q < K; ++q) gr[c0 + q] = out.v[q];
+    }
+  }
+  const int64_t t0 = sp.head + sp.vecs * K;
+  for (int64_t i = lane; i < sp.tail; i += group) {
+    gr[t0 + i] = static_cast<scalar_t>(grad_of(to_acc(xr[t0 + i]), t0 + i));
+  }
+}
+
+// Class counts of the non-ignored targets. With `shared_hist`, each block counts into shared
+// memory (C counters) first and adds its counts to the global ones once.
+__global__ void class_count_kernel(const void* target, bool target_int32, int64_t rows, int64_t C,
+                                   int64_t ignore_index, unsigned long long* counts, bool shared_hist) {
+  FWL_DYNAMIC_SHARED(unsigned, hist);
+  if (shared_hist) {
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) hist[c] = 0u;
+    __syncthreads();
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += stride) {
+    const int64_t t = load_target(target, target_int32, r);
+    if (t == ignore_index) continue;
+    FWL_KERNEL_ASSERT(t >= 0 && t < C,
+                      "fused_wloss.cross_entropy: target out of range: class indices must be in [0, C) or ignore_index");
+    if (shared_hist) {
+      atomicAdd(&hist[t], 1u);
+    } else {
+      atomicAdd(&counts[t], 1ull);
+    }
+  }
+  if (shared_hist) {
+    __syncthreads();
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+      if (hist[c] != 0u) atomicAdd(&counts[c], static_cast<unsigned long long>(hist[c]));
+    }
+  }
+}
+
+// One block: class_w[c] *= scheme(counts[c]) (counts may be nullptr: static weights only), and
+// *sum_w = sum_c class_w[c], reduced in a fixed order.
+template <typename acc_t>
+__global__ void class_weight_kernel(const unsigned long long* counts, int64_t C, int scheme,
+                                    acc_t smoothing, acc_t beta, acc_t* class_w, acc_t* sum_w) {
+  __shared__ acc_t scratch[kWarpSize];
+  acc_t local = 0;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    acc_t w = class_w[c];
+    if (counts != nullptr) w *= scheme_weight<acc_t>(scheme, static_cast<acc_t>(counts[c]), smoothing, beta);
+    class_w[c] = w;
+    local += w;
+  }
+  const acc_t total = block_allreduce_sum(local, scratch);
+  if (threadIdx.x == 0) *sum_w = total;
+}
+
+// One block: the reduced loss from the partials of the forward blocks, and its normaliser.
+template <typename scalar_t>
+__global__ void ce_finalize_kernel(const CePartialSums* partials, int64_t count, int reduction,
+                                   scalar_t* loss, acc_t_of<scalar_t>* norm_out) {
+  __shared__ double dscratch[kWarpSize];
+  __shared__ long long iscratch[kWarpSize];
+  double ls = 0, ws = 0;
+  long long valid = 0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    ls += partials[i].loss_sum;
+    ws += partials[i].weight_sum;
+    valid += partials[i].valid;
+  }
+  ls = block_allreduce_sum(ls, dscratch);
+  ws = block_allreduce_sum(ws, dscratch);
+  valid = block_allreduce_sum(valid, iscratch);
+  if (threadIdx.x == 0) {
+    double norm = 1.0;
+    if (reduction == kMean) norm = ws;
+    if (reduction == kSampleMean) norm = static_cast<double>(valid);
+    if (loss != nullptr) {
+      *loss = static_cast<scalar_t>(norm == 0.0 ? std::numeric_limits<double>::quiet_NaN() : ls / norm);
+    }
+    *norm_out = static_cast<acc_t_of<scalar_t>>(norm);
+  }
+}
+
+// ---- binary cross-entropy ------------------------------------------------------------------
+
+template <typename scalar_t>
+struct BceKernelArgs {
+  using acc_t = acc_t_of<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* t;
+  int64_t numel, L;
+  int64_t elems_per_block;
+  const acc_t* neg_label;   // [L] or nullptr (1)
+  const acc_t* pos_label;   // [L] or nullptr (1)
+  const acc_t* elem_w;      // [numel] or nullptr
+  const acc_t* elem_pos_w;  // [numel] or nullptr
+  const acc_t* sample_w;    // [numel / L] or nullptr
+  // forward
+  scalar_t* loss_elems;     // [numel] for "none", else nullptr
+  double* partials;         // [gridDim.x]
+  // backward
+  const scalar_t* grad_out; // [numel] for "none", else [1]
+  int reduction;
+  scalar_t* grad_x;
+};
+
+// The weights of element i: w (static x sample weight), neg and pos (label and pos weights).
+template <typename acc_t, typename Args>
+__device__ __forceinline__ void bce_weights(const Args& a, int64_t i, acc_t* w, acc_t* neg, acc_t* pos) {
+  const int64_t row = i / a.L;
+  const int64_t l = i - row * a.L;
+  *neg = a.neg_label ? a.neg_label[l] : acc_t(1);
+  *pos = a.pos_label ? a.pos_label[l] : acc_t(1);
+  if (a.elem_pos_w) *pos *= a.elem_pos_w[i];
+  *w = a.elem_w ? a.elem_w[i] : acc_t(1);
+  if (a.sample_w) *w *= a.sample_w[row];
+}
+
+template <typename scalar_t>
+__global__ void bce_forward_kernel(BceKernelArgs<scalar_t> a) {
+  using acc_t = acc_t_of<scalar_t>;
+  __shared__ double scratch[kWarpSize];
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * a.elems_per_block;
+  const int64_t end = begin + a.elems_per_block < a.numel ? begin + a.elems_per_block : a.numel;
+  acc_t sum = 0;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    acc_t w, neg, pos;
+    bce_weights(a, i, &w, &neg, &pos);
+    const acc_t loss = w * bce_loss<acc_t>(to_acc(a.x[i]), to_acc(a.t[i]), neg, pos);
+    if (a.loss_elems) a.loss_elems[i] = static_cast<scalar_t>(loss);
+    sum += loss;
+  }
+  const double total = block_allreduce_sum(static_cast<double>(sum), scratch);
+  if (threadIdx.x == 0) a.partials[blockIdx.x] = total;
+}
+
+template <typename scalar_t>
+__global__ void bce_finalize_kernel(const double* partials, int64_t count, double divisor, scalar_t* loss) {
+  __shared__ double scratch[kWarpSize];
+  double s = 0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) s += partials[i];
+  s = block_allreduce_sum(s, scratch);
+  if (threadIdx.x == 0) *loss = static_cast<scalar_t>(s / divisor);
+}
+
+template <typename scalar_t>
+__global__ void bce_backward_kernel(BceKernelArgs<scalar_t> a, double divisor) {
+  using acc_t = acc_t_of<scalar_t>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const acc_t g_all = a.reduction == kNone ? acc_t(0) : static_cast<acc_t>(to_acc(a.grad_out[0]) / divisor);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.numel; i += stride) {
+    acc_t w, neg, pos;
+    bce_weights(a, i, &w, &neg, &pos);
+    const acc_t g = a.reduction == kNone ? to_acc(a.grad_out[i]) : g_all;
+    a.grad_x[i] = static_cast<scalar_t>(g * w * bce_grad<acc_t>(to_acc(a.x[i]), to_acc(a.t[i]), neg, pos));
+  }
+}
+
+// Stage 1 of the per-label target sums: block s adds rows [s * per, (s + 1) * per) of every label
+// (a thread per label, neighbouring threads on neighbouring labels).
+template <typename scalar_t>
+__global__ void bce_label_sum_kernel(const scalar_t* t, int64_t rows, int64_t L, int64_t per, double* part) {
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * per;
+  const int64_t r1 = r0 + per < rows ? r0 + per : rows;
+  for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+    double s = 0;
+    for (int64_t r = r0; r < r1; ++r) s += static_cast<double>(to_acc(t[r * L + l]));
+    part[blockIdx.x * L + l] = s;
+  }
+}
+
+// Stage 2: the segment sums of each label in segment order, then the dynamic weights of its
+// positive part and (balanced) of its negative part.
+template <typename acc_t>
+__global__ void bce_label_weight_kernel(const double* part, int64_t segments, int64_t rows, int64_t L,
+                                        int64_t per, int scheme, acc_t smoothing, acc_t beta, bool balanced,
+                                        acc_t* neg_w, acc_t* pos_w) {
+  const int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (l >= L) return;
+  double npos = 0, nneg = 0;
+  for (int64_t s = 0; s < segments; ++s) {
+    const int64_t r1 = (s + 1) * per < rows ? (s + 1) * per : rows;
+    const double in_segment = static_cast<double>(r1 - s * per > 0 ? r1 - s * per : 0);
+    npos += part[s * L + l];
+    nneg += in_segment - part[s * L + l];
+  }
+  const acc_t pw = scheme_weight<acc_t>(scheme, static_cast<acc_t>(npos), smoothing, beta);
+  pos_w[l] = pw;
+  neg_w[l] = balanced ? scheme_weight<acc_t>(scheme, static_cast<acc_t>(nneg), smoothing, beta) : pw;
+}
+
+}  // namespace cuda
+}  // namespace fused_wloss

@@ -1,0 +1,422 @@
+// Host side of the CUDA operators: checks, buffers, launch configuration and the launches, for
+// the schemas of csrc/ops.cpp. Compiled twice: by nvcc into fused_wloss._C (registered for the
+// CUDA dispatch key in losses_cuda.cu), and by g++ under the emulation layer into the test-only
+// module fused_wloss._cuda_emu (csrc/emu/losses_emu.cpp), where the same launches run on CPU
+// tensors. Nothing here reads device memory on the host: counts, weights, normalisers and the
+// upstream gradient stay on the device.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#if !defined(FWL_EMULATE_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+
+#include "../host_common.h"
+#include "kernels.cuh"
+
+namespace fused_wloss {
+namespace cuda {
+namespace host {
+
+// The device guard and stream of a call.
+struct CallContext {
+#if defined(FWL_EMULATE_CUDA)
+  explicit CallContext(const at::Tensor&) {}
+  cudaStream_t stream() const { return nullptr; }
+#else
+  explicit CallContext(const at::Tensor& t) : guard(t.device()) {}
+  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(); }
+  c10::cuda::CUDAGuard guard;
+#endif
+};
+
+inline void check_same_device(const at::Tensor& input, const c10::optional<at::Tensor>& t, const char* name) {
+  if (t.has_value() && t->defined()) {
+    TORCH_CHECK(t->device() == input.device(), "fused_wloss: ", name, " must be on the input's device ",
+                input.device(), ", got ", t->device());
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// How a cross-entropy launch covers the rows.
+struct CeLaunch {
+  bool block_per_row;
+  int group;    // lanes per row (grouped kernels)
+  int threads;  // blockDim.x
+  int64_t blocks;
+};
+
+inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes) {
+  CeLaunch l{};
+  const int64_t per_vec = 16 / elem_bytes;
+  if (P > 1) {  // a thread per pixel
+    l = {false, 1, kRowsBlock, ceil_div(rows, kRowsBlock)};
+  } else if (C <= 4096) {  // a group of up to a warp per row, about two vectors a lane
+    l.block_per_row = false;
+    l.group = static_cast<int>(threads_per_row(C, per_vec, 2, kWarpSize));
+    l.threads = kRowsBlock;
+    l.blocks = ceil_div(rows, kRowsBlock / l.group);
+  } else {  // a block per row, about four vectors a thread
+    l.block_per_row = true;
+    l.group = static_cast<int>(threads_per_row(C, per_vec, 4, 1024));
+    l.group = std::max(l.group, 128);
+    l.threads = l.group;
+    l.blocks = rows;
+  }
+  return l;
+}
+
+// What the forward and the backward kernels both read.
+template <typename scalar_t>
+CeKernelArgs<scalar_t> ce_kernel_args(const CeShape& s, const CeLaunch& l, const at::Tensor& x, const at::Tensor& t,
+                                      const at::Tensor& class_w, const at::Tensor& sum_w, const at::Tensor& sw,
+                                      int64_t ignore_index, double label_smoothing) {
+  using acc_t = acc_t_of<scalar_t>;
+  CeKernelArgs<scalar_t> a{};
+  a.x = x.data_ptr<scalar_t>();
+  a.target = t.data_ptr();
+  a.target_int32 = t.scalar_type() == at::kInt;
+  a.class_w = ptr_or_null<acc_t>(class_w);
+  a.sum_w = ptr_or_null<acc_t>(sum_w);
+  a.sample_w = ptr_or_null<acc_t>(sw);
+  a.rows = s.N * s.P;
+  a.C = s.C;
+  a.P = s.P;
+  a.ignore_index = ignore_index;
+  a.eps = label_smoothing;
+  a.group = l.group;
+  return a;
+}
+
+template <typename scalar_t>
+void launch_ce_forward(const CeLaunch& l, const CeKernelArgs<scalar_t>& a, cudaStream_t stream) {
+  if (l.block_per_row) {
+    launch_kernel(ce_forward_kernel<scalar_t, true>, dim3(l.blocks), dim3(l.threads), 0, stream, a);
+  } else {
+    launch_kernel(ce_forward_kernel<scalar_t, false>, dim3(l.blocks), dim3(l.threads), 0, stream, a);
+  }
+}
+
+template <typename scalar_t>
+void launch_ce_backward(const CeLaunch& l, const CeKernelArgs<scalar_t>& a, cudaStream_t stream) {
+  if (l.block_per_row) {
+    launch_kernel(ce_backward_kernel<scalar_t, true>, dim3(l.blocks), dim3(l.threads), 0, stream, a);
+  } else {
+    launch_kernel(ce_backward_kernel<scalar_t, false>, dim3(l.blocks), dim3(l.threads), 0, stream, a);
+  }
+}
+
+// static x dynamic class weights and their sum, on the device; undefined tensors when the call
+// has neither.
+inline std::pair<at::Tensor, at::Tensor> ce_class_weights(const at::Tensor& target,
+                                                          const c10::optional<at::Tensor>& weight,
+                                                          int64_t C, int64_t ignore_index, int64_t scheme,
+                                                          double smoothing, double beta, bool need_sum,
+                                                          at::ScalarType acc, cudaStream_t stream) {
+  const bool has_weight = weight.has_value() && weight->defined();
+  if (!has_weight && scheme == kNoScheme) return {};
+  at::Tensor class_w = has_weight ? as_acc(weight, acc, "weight", C).clone()
+                                  : at::ones({C}, target.options().dtype(acc));
+  at::Tensor counts;
+  const int64_t rows = target.numel();
+  if (scheme != kNoScheme) {
+    counts = at::zeros({C}, target.options().dtype(at::kLong));
+    if (rows > 0) {
+      constexpr int kThreads = 256;
+      const bool shared_hist = C <= 8192;  // 32 KB of counters a block
+      const int64_t blocks = std::min<int64_t>(ceil_div(rows, kThreads), 1024);
+      launch_kernel(class_count_kernel, dim3(blocks), dim3(kThreads),
+                    shared_hist ? static_cast<size_t>(C) * sizeof(unsigned) : 0, stream, target.data_ptr(),
+                    target.scalar_type() == at::kInt, rows, C, ignore_index,
+                    reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), shared_hist);
+    }
+  }
+  at::Tensor sum_w;
+  if (C > 0 && (scheme != kNoScheme || need_sum)) {
+    sum_w = at::empty({}, target.options().dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES(acc, "fused_wloss_class_weight", [&] {
+      launch_kernel(class_weight_kernel<scalar_t>, dim3(1), dim3(1024), 0, stream,
+                    counts.defined() ? reinterpret_cast<const unsigned long long*>(counts.data_ptr<int64_t>())
+                                     : nullptr,
+                    C, static_cast<int>(scheme), static_cast<scalar_t>(smoothing), static_cast<scalar_t>(beta),
+                    class_w.data_ptr<scalar_t>(), sum_w.data_ptr<scalar_t>());
+    });
+  }
+  return {class_w, sum_w};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& sample_weight, int64_t ignore_index, double label_smoothing,
+    int64_t reduction, int64_t scheme, double smoothing, double beta) {
+  check_kernel_dtype(input.scalar_type());
+  TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
+  TORCH_CHECK(target.device() == input.device(), "fused_wloss: target must be on the input's device ",
+              input.device(), ", got ", target.device());
+  check_same_device(input, weight, "weight");
+  check_same_device(input, sample_weight, "sample_weight");
+  const CeShape s = ce_shape(input, target);
+  const CallContext call(input);
+  const cudaStream_t stream = call.stream();
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const at::Tensor x = input.contiguous();
+  const at::Tensor t = target.contiguous();
+  const int64_t rows = s.N * s.P;
+
+  auto [class_w, sum_w] = ce_class_weights(t, weight, s.C, ignore_index, scheme, smoothing, beta,
+                                           label_smoothing > 0.0, acc, stream);
+  const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
+  at::Tensor lse = at::empty({rows}, x.options().dtype(at::kDouble));
+  at::Tensor loss_rows = reduction == kNone ? at::empty(s.loss_shape, x.options()) : at::Tensor();
+  at::Tensor loss = reduction == kNone ? loss_rows : at::empty({}, x.options());
+  at::Tensor norm = at::empty({}, x.options().dtype(acc));
+  const at::Tensor class_weight_out = class_w.defined() ? class_w : at::empty({0}, x.options().dtype(acc));
+
+  if (rows == 0 || s.C == 0) {
+    // nothing to read; with C == 0 every target must be ignored (checked by the count kernel)
+    if (rows > 0) {
+      at::Tensor counts = at::zeros({1}, t.options().dtype(at::kLong));
+      launch_kernel(class_count_kernel, dim3(1), dim3(256), 0, stream, t.data_ptr(), t.scalar_type() == at::kInt,
+                    rows, int64_t(0), ignore_index, reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()),
+                    false);
+      lse.fill_(-std::numeric_limits<double>::infinity());
+    }
+    if (loss_rows.defined()) loss_rows.zero_();
+    const double value = reduction == kSum ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+    if (reduction != kNone) loss.fill_(value);
+    norm.fill_(reduction == kMean || reduction == kSampleMean ? 0.0 : 1.0);
+    return {loss, lse, class_weight_out, norm};
+  }
+
+  const CeLaunch l = ce_launch(rows, s.C, s.P, x.element_size());
+  at::Tensor partials = at::empty({l.blocks * static_cast<int64_t>(sizeof(CePartialSums))}, x.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_wloss_ce_forward", [&] {
+    using acc_t = acc_t_of<scalar_t>;
+    CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing);
+    a.lse = lse.data_ptr<double>();
+    a.loss_rows = ptr_or_null<scalar_t>(loss_rows);
+    a.partials = reinterpret_cast<CePartialSums*>(partials.data_ptr());
+    launch_ce_forward(l, a, stream);
+    launch_kernel(ce_finalize_kernel<scalar_t>, dim3(1), dim3(256), 0, stream,
+                  static_cast<const CePartialSums*>(a.partials), l.blocks, static_cast<int>(reduction),
+                  reduction == kNone ? static_cast<scalar_t*>(nullptr) : loss.data_ptr<scalar_t>(),
+                  norm.data_ptr<acc_t>());
+  });
+  return {loss, lse, class_weight_out, norm};
+}
+
+inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& input,
+                                         const at::Tensor& target, const at::Tensor& class_weight,
+                                         const c10::optional<at::Tensor>& sample_weight, const at::Tensor& lse,
+                                         const at::Tensor& norm, int64_t ignore_index, double label_smoothing,
+                                         int64_t reduction) {
+  check_kernel_dtype(input.scalar_type());
+  TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
+  const CeShape s = ce_shape(input, target);
+  const CallContext call(input);
+  const cudaStream_t stream = call.stream();
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const at::Tensor x = input.contiguous();
+  const at::Tensor t = target.contiguous();
+  const int64_t rows = s.N * s.P;
+  TORCH_CHECK(lse.numel() == rows, "fused_wloss: lse must have ", rows, " elements, got ", lse.numel());
+  at::Tensor grad_input = at::empty(x.sizes(), x.options());
+  if (rows == 0 || s.C == 0) return grad_input;
+
+  const at::Tensor class_w = class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
+  at::Tensor sum_w;
+  if (class_w.defined() && label_smoothing > 0.0) {
+    sum_w = at::empty({}, x.options().dtype(acc));
+    at::Tensor w_copy = class_w.clone();  // the kernel writes its input back
+    AT_DISPATCH_FLOATING_TYPES(acc, "fused_wloss_class_weight_sum", [&] {
+      launch_kernel(class_weight_kernel<scalar_t>, dim3(1), dim3(1024), 0, stream,
+                    static_cast<const unsigned long long*>(nullptr), s.C, 0, scalar_t(1), scalar_t(0),
+                    w_copy.data_ptr<scalar_t>(), sum_w.data_ptr<scalar_t>());
+    });
+  }
+  const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
+  const at::Tensor lse_d = lse.to(at::kDouble).contiguous();
+  at::Tensor g;
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_loss.numel() == rows, "fused_wloss: grad_loss must have ", rows, " elements, got ",
+                grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "fused_wloss: grad_loss of a reduced loss must have one element, got ",
+                grad_loss.sizes());
+  }
+  g = grad_loss.to(x.scalar_type()).contiguous();
+  const at::Tensor n = (reduction == kMean || reduction == kSampleMean) ? norm.to(acc).contiguous() : at::Tensor();
+
+  const CeLaunch l = ce_launch(rows, s.C, s.P, x.element_size());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_wloss_ce_backward", [&] {
+    using acc_t = acc_t_of<scalar_t>;
+    CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing);
+    a.lse = const_cast<double*>(lse_d.data_ptr<double>());
+    a.grad_out = g.data_ptr<scalar_t>();
+    a.norm = ptr_or_null<acc_t>(n);
+    a.reduction = static_cast<int>(reduction);
+    a.grad_x = grad_input.data_ptr<scalar_t>();
+    launch_ce_backward(l, a, stream);
+  });
+  return grad_input;
+}
+
+// ---- binary cross-entropy ---------------------------------------------------------------------
+
+constexpr int kBceThreads = 256;
+constexpr int64_t kBceElemsPerBlock = 4096;
+constexpr int64_t kBceSegments = 64;
+
+struct BceTensors {
+  BceShape shape;
+  at::Tensor x, t, neg_label, pos_label, elem_w, elem_pos_w, sw;
+};
+
+inline BceTensors bce_tensors(const at::Tensor& input, const at::Tensor& target,
+                              const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
+                              const c10::optional<at::Tensor>& sample_weight, const at::Tensor& neg_dyn,
+                              const at::Tensor& pos_dyn) {
+  BceTensors b;
+  b.shape = bce_shape(input, target);
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const int64_t L = b.shape.L;
+  b.x = input.contiguous();
+  b.t = target.contiguous();
+  const BceWeight w = classify_weight(weight, input, L, acc, "weight");
+  const BceWeight pw = classify_weight(pos_weight, input, L, acc, "pos_weight");
+  b.elem_w = w.full;
+  b.elem_pos_w = pw.full;
+  b.sw = as_acc(sample_weight, acc, "sample_weight", b.shape.rows);
+  std::tie(b.neg_label, b.pos_label) = fold_bce_label_weights(w, pw, neg_dyn, pos_dyn, L, acc);
+  if (b.neg_label.defined()) b.neg_label = b.neg_label.contiguous();
+  if (b.pos_label.defined()) b.pos_label = b.pos_label.contiguous();
+  return b;
+}
+
+template <typename scalar_t>
+BceKernelArgs<scalar_t> bce_args(const BceTensors& b) {
+  using acc_t = acc_t_of<scalar_t>;
+  BceKernelArgs<scalar_t> a{};
+  a.x = b.x.data_ptr<scalar_t>();
+  a.t = b.t.data_ptr<scalar_t>();
+  a.numel = b.x.numel();
+  a.L = b.shape.L;
+  a.elems_per_block = kBceElemsPerBlock;
+  a.neg_label = ptr_or_null<acc_t>(b.neg_label);
+  a.pos_label = ptr_or_null<acc_t>(b.pos_label);
+  a.elem_w = ptr_or_null<acc_t>(b.elem_w);
+  a.elem_pos_w = ptr_or_null<acc_t>(b.elem_pos_w);
+  a.sample_w = ptr_or_null<acc_t>(b.sw);
+  return a;
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& pos_weight, const c10::optional<at::Tensor>& sample_weight, int64_t reduction,
+    int64_t scheme, double smoothing, double beta, bool balanced) {
+  check_kernel_dtype(input.scalar_type());
+  TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
+  TORCH_CHECK(target.device() == input.device(), "fused_wloss: target must be on the input's device ",
+              input.device(), ", got ", target.device());
+  check_same_device(input, weight, "weight");
+  check_same_device(input, pos_weight, "pos_weight");
+  check_same_device(input, sample_weight, "sample_weight");
+  const BceShape s = bce_shape(input, target);
+  const CallContext call(input);
+  const cudaStream_t stream = call.stream();
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  at::Tensor neg_dyn = at::empty({0}, input.options().dtype(acc));
+  at::Tensor pos_dyn = at::empty({0}, input.options().dtype(acc));
+  if (scheme != kNoScheme) {
+    neg_dyn = at::empty({s.L}, input.options().dtype(acc));
+    pos_dyn = at::empty({s.L}, input.options().dtype(acc));
+    if (s.L > 0) {
+      const at::Tensor tc = target.contiguous();
+      const int64_t segments = std::max<int64_t>(1, std::min<int64_t>(kBceSegments, s.rows));
+      const int64_t per = ceil_div(std::max<int64_t>(s.rows, 1), segments);
+      at::Tensor part = at::empty({segments * s.L}, input.options().dtype(at::kDouble));
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tc.scalar_type(), "fused_wloss_bce_counts", [&] {
+        launch_kernel(bce_label_sum_kernel<scalar_t>, dim3(segments), dim3(256), 0, stream,
+                      tc.data_ptr<scalar_t>(), s.rows, s.L, per, part.data_ptr<double>());
+      });
+      AT_DISPATCH_FLOATING_TYPES(acc, "fused_wloss_bce_label_weights", [&] {
+        launch_kernel(bce_label_weight_kernel<scalar_t>, dim3(ceil_div(s.L, 256)), dim3(256), 0, stream,
+                      static_cast<const double*>(part.data_ptr<double>()), segments, s.rows, s.L, per,
+                      static_cast<int>(scheme), static_cast<scalar_t>(smoothing), static_cast<scalar_t>(beta),
+                      balanced, neg_dyn.data_ptr<scalar_t>(), pos_dyn.data_ptr<scalar_t>());
+      });
+    }
+  }
+  const BceTensors b = bce_tensors(input, target, weight, pos_weight, sample_weight, neg_dyn, pos_dyn);
+  const int64_t numel = b.x.numel();
+  at::Tensor loss_elems = reduction == kNone ? at::empty(input.sizes(), input.options()) : at::Tensor();
+  at::Tensor loss = reduction == kNone ? loss_elems : at::empty({}, input.options());
+  if (numel == 0) {
+    if (reduction != kNone) loss.fill_(reduction == kSum ? 0.0 : std::numeric_limits<double>::quiet_NaN());
+    return {loss, neg_dyn, pos_dyn};
+  }
+  const int64_t blocks = ceil_div(numel, kBceElemsPerBlock);
+  at::Tensor partials = at::empty({blocks}, input.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_wloss_bce_forward", [&] {
+    BceKernelArgs<scalar_t> a = bce_args<scalar_t>(b);
+    a.loss_elems = ptr_or_null<scalar_t>(loss_elems);
+    a.partials = partials.data_ptr<double>();
+    launch_kernel(bce_forward_kernel<scalar_t>, dim3(blocks), dim3(kBceThreads), 0, stream, a);
+    if (reduction != kNone) {
+      const double divisor = reduction == kSum ? 1.0 : static_cast<double>(numel);
+      launch_kernel(bce_finalize_kernel<scalar_t>, dim3(1), dim3(256), 0, stream,
+                    static_cast<const double*>(a.partials), blocks, divisor, loss.data_ptr<scalar_t>());
+    }
+  });
+  return {loss, neg_dyn, pos_dyn};
+}
+
+inline at::Tensor bce_backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                               const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
+                               const c10::optional<at::Tensor>& sample_weight, const at::Tensor& neg_label_weight,
+                               const at::Tensor& pos_label_weight, int64_t reduction) {
+  check_kernel_dtype(input.scalar_type());
+  TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
+  const CallContext call(input);
+  const cudaStream_t stream = call.stream();
+  const BceTensors b =
+      bce_tensors(input, target, weight, pos_weight, sample_weight, neg_label_weight, pos_label_weight);
+  const int64_t numel = b.x.numel();
+  at::Tensor grad_input = at::empty(input.sizes(), input.options());
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_loss.numel() == numel, "fused_wloss: grad_loss must have ", numel, " elements, got ",
+                grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "fused_wloss: grad_loss of a reduced loss must have one element, got ",
+                grad_loss.sizes());
+  }
+  if (numel == 0) return grad_input;
+  const at::Tensor g = grad_loss.to(input.scalar_type()).contiguous();
+  const double divisor = reduction == kSum || reduction == kNone ? 1.0 : static_cast<double>(numel);
+  const int64_t blocks = std::min<int64_t>(ceil_div(numel, kBceThreads), int64_t(1) << 20);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_wloss_bce_backward", [&] {
+    BceKernelArgs<scalar_t> a = bce_args<scalar_t>(b);
+    a.grad_out = g.data_ptr<scalar_t>();
+    a.reduction = static_cast<int>(reduction);
+    a.grad_x = grad_input.data_ptr<scalar_t>();
+    launch_kernel(bce_backward_kernel<scalar_t>, dim3(blocks), dim3(kBceThreads), 0, stream, a, divisor);
+  });
+  return grad_input;
+}
+
+}  // namespace host
+}  // namespace cuda
+}  // namespace fused_wloss

@@ -1,0 +1,93 @@
+"""The emulation layer itself (csrc/emu/cuda_emu.h): each primitive on a tiny kernel whose result is
+known in closed form, and the misuses a GPU leaves undefined that the layer must report.
+
+The kernels are in csrc/emu/losses_emu.cpp, run by ``torch.ops.fused_wloss_emu.selftest``.
+"""
+
+import os
+
+import pytest
+import torch
+
+from fused_wloss import ops
+
+try:
+    ops.load_emulation()
+    _MISSING = None
+except ImportError as e:
+    _MISSING = str(e)
+
+if _MISSING and os.environ.get("FUSED_WLOSS_REQUIRE_EMU") == "1":
+    raise ImportError(f"FUSED_WLOSS_REQUIRE_EMU=1 but fused_wloss._cuda_emu is not built: {_MISSING}")
+pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"fused_wloss._cuda_emu not built ({_MISSING})")
+
+
+def run(name, threads, blocks=1):
+    return torch.ops.fused_wloss_emu.selftest(name, threads, blocks)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 8, 16, 32])
+def test_group_allreduce_over_shuffle_xor(width):
+    threads, blocks = 96, 2
+    lane = torch.arange(threads * blocks) % 32
+    group_start = lane - lane % width
+    expected = sum(group_start + k for k in range(width))  # sum of the lanes of each group
+    assert torch.equal(run(f"group_sum_{width}", threads, blocks), expected)
+
+
+def test_shfl_down_up_idx_and_ballot():
+    out = run("shuffles", 64, 2).view(-1, 4)
+    lane = torch.arange(128) % 32
+    assert torch.equal(out[:, 0], torch.where(lane < 31, (lane + 1) * 10, lane * 10))  # down: last keeps its own
+    assert torch.equal(out[:, 1], torch.where(lane > 0, (lane - 1) * 10, lane * 10))  # up: first keeps its own
+    assert torch.equal(out[:, 2], torch.full((128,), 30))  # broadcast from lane 3
+    ballot = sum(1 << k for k in range(0, 32, 3))
+    assert torch.equal(out[:, 3], torch.full((128,), ballot))
+
+
+def test_divergent_half_warps_shuffle_among_themselves():
+    out = run("divergent_halves", 64)
+    lane = torch.arange(64) % 32
+    expected = torch.where(lane < 16, lane ^ 1, (lane ^ 2) + 100)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("threads", [32, 100, 1024])
+def test_syncthreads_orders_shared_memory(threads):
+    out = run("reverse", threads, 3).view(3, threads)
+    for b in range(3):
+        assert torch.equal(out[b], b * 1000 + torch.arange(threads - 1, -1, -1))
+
+
+def test_dynamic_shared_memory():
+    out = run("dynamic_reverse", 64, 2).view(2, 64)
+    assert torch.equal(out[1], torch.arange(63, -1, -1) * 7)
+
+
+@pytest.mark.parametrize("threads", [32, 256, 1024])
+def test_block_allreduce(threads):
+    assert torch.equal(run("block_sum", threads, 2), torch.full((2 * threads,), threads * (threads - 1) // 2))
+
+
+def test_atomics_across_blocks():
+    out = run("atomics", 64, 5)
+    assert out[0].item() == 64 * (1 + 2 + 3 + 4 + 5)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing_barrier", r"__syncthreads \(line \d+\) not reached by every thread of the block: thread \(0,0,0\) exited"),
+    ("mask_without_caller", r"thread \(5,0,0\).*mask 0xffffffdf leaves out the calling lane 5"),
+    ("missing_lane", r"mask 0xffffffff waits for lane 31, which has exited"),
+    ("read_outside_mask", r"reads lane 1, which is not in its mask 0x00000001"),
+    ("device_assert", r"thread \(3,0,0\): device-side assertion failed: thread 3 may not pass"),
+])
+def test_misuse_is_reported(name, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(name, 64)
+
+
+def test_invalid_launches_are_refused():
+    with pytest.raises(RuntimeError, match="selftest: bad launch"):
+        run("reverse", 2048)
+    with pytest.raises(RuntimeError, match="no kernel named"):
+        run("nope", 32)

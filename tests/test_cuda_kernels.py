@@ -1,0 +1,341 @@
+"""The CUDA kernels (csrc/cuda) against the reference and torch, on two devices:
+
+- ``emu``: the kernels' own source compiled under the emulation layer (csrc/emu) into the test-only
+  module ``fused_wloss._cuda_emu`` and run on CPU tensors, with the launch configuration the GPU
+  uses. This is how CI, which has no GPU, executes them. It checks logic (indexing, reductions,
+  synchronisation order, math), not speed or the GPU's memory model.
+- ``cuda``: the real kernels on a GPU; skipped without one, unless ``FUSED_WLOSS_REQUIRE_CUDA=1``
+  (the CUDA lane) turns a missing GPU into a failure.
+
+The emulated module is built by ``make setup`` (``FUSED_WLOSS_BUILD_EMU=1``); ``make test`` sets
+``FUSED_WLOSS_REQUIRE_EMU=1`` so that a missing module fails instead of skipping.
+
+Shapes reach every mapping of csrc/cuda/kernels.cuh: groups of 1 to 32 lanes per row (C from 1 to
+4096), several rows per block, a block per row (C > 4096) with several warps, K-dim rows with the
+classes at stride P, rows whose start is not 16-byte aligned (scalar heads), vector bodies and
+scalar tails, and several blocks of partial sums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_wloss
+from fused_wloss import BatchWeighting, ops, reference
+
+from helpers import assert_close, value_and_grad
+from samples import bce_samples, cross_entropy_samples
+
+REQUIRE_CUDA = os.environ.get("FUSED_WLOSS_REQUIRE_CUDA") == "1"
+REQUIRE_EMU = os.environ.get("FUSED_WLOSS_REQUIRE_EMU") == "1"
+
+
+def _emulation_namespace():
+    try:
+        return ops.load_emulation() if fused_wloss.backend("cpu") == "extension" else None
+    except ImportError:
+        return None
+
+
+EMU_NS = _emulation_namespace()
+HAS_GPU = torch.cuda.is_available() and fused_wloss.backend("cuda") == "extension"
+
+
+class KernelDevice:
+    """Where the tensors of a test live and how calls reach the CUDA kernels."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.device = "cuda" if name == "cuda" else "cpu"
+
+    def calls(self):
+        return ops.use_namespace(EMU_NS) if self.name == "emu" else contextlib.nullcontext()
+
+    def __repr__(self):
+        return self.name
+
+
+@pytest.fixture(params=["emu", "cuda"])
+def dev(request):
+    if request.param == "emu" and EMU_NS is None:
+        reason = "the emulated CUDA kernels (fused_wloss._cuda_emu) are not built: run `make setup`"
+        if REQUIRE_EMU:
+            pytest.fail(reason + " (FUSED_WLOSS_REQUIRE_EMU=1)")
+        pytest.skip(reason)
+    if request.param == "cuda" and not HAS_GPU:
+        reason = "no GPU with fused_wloss CUDA kernels (torch.cuda.is_available() is False or the build has none)"
+        if REQUIRE_CUDA:
+            pytest.fail(reason + " (FUSED_WLOSS_REQUIRE_CUDA=1)")
+        pytest.skip(reason)
+    return KernelDevice(request.param)
+
+
+def _index_samples(samples):
+    # probability targets never reach the kernels (fused_wloss sends them to the reference)
+    return [s for s in samples if "-prob-" not in s.name]
+
+
+CE_SAMPLES = _index_samples(cross_entropy_samples(dtype=torch.float64))
+BCE_SAMPLES = list(bce_samples(dtype=torch.float64))
+
+
+def _compare(dev, fn, fn_ref, torch_fn, sample, dtype=torch.float64):
+    sample = sample.clone()
+    moved = type(sample)(sample.name, tuple(a.to(dev.device) if isinstance(a, torch.Tensor) else a for a in sample.args),
+                         {k: v.to(dev.device) if isinstance(v, torch.Tensor) else v for k, v in sample.kwargs.items()},
+                         sample.torch_ok)
+    with dev.calls():
+        out, grad = value_and_grad(fn, moved)
+    ref_out, ref_grad = value_and_grad(fn_ref, sample)
+    assert_close(out.cpu(), ref_out, dtype, f"{sample.name} value vs reference")
+    assert_close(grad.cpu(), ref_grad, dtype, f"{sample.name} gradient vs reference")
+    if sample.torch_ok:
+        t_out, t_grad = value_and_grad(torch_fn, sample)
+        assert_close(out.cpu(), t_out, dtype, f"{sample.name} value vs torch")
+        assert_close(grad.cpu(), t_grad, dtype, f"{sample.name} gradient vs torch")
+
+
+@pytest.mark.parametrize("sample", CE_SAMPLES, ids=lambda s: s.name)
+def test_cross_entropy_samples(dev, sample):
+    _compare(dev, fused_wloss.cross_entropy, reference.cross_entropy, F.cross_entropy, sample)
+
+
+@pytest.mark.parametrize("sample", BCE_SAMPLES, ids=lambda s: s.name)
+def test_bce_samples(dev, sample):
+    _compare(dev, fused_wloss.binary_cross_entropy_with_logits, reference.binary_cross_entropy_with_logits,
+             F.binary_cross_entropy_with_logits, sample)
+
+
+# ---- every mapping of the CE kernels ------------------------------------------------------------
+
+CE_MAPPINGS = {
+    "c1-group1": (37, 1),
+    "c3-group1": (300, 3),  # 256 rows a block: two blocks
+    "c10-group2": (70, 10),
+    "c33-group8": (40, 33),  # odd C: most rows start unaligned (scalar head) and end in a tail
+    "c130-group32": (9, 130),
+    "c4096-warp": (3, 4096),
+    "c4097-block": (3, 4097),  # a block per row: warps combine through shared memory
+    "c9000-block": (2, 9000),
+    "kdim-p37": (5, 6, 37),  # a thread per pixel, the block's last rows idle
+    "kdim-3d": (2, 3, 4, 70),  # 280 pixels: two blocks
+}
+
+CE_OPTIONS = {
+    "plain": {},
+    "everything": {"weight": True, "label_smoothing": 0.1, "sample_weight": True, "ignore": True,
+                   "class_weighting": BatchWeighting("effective_number", beta=0.99)},
+    "smooth-inverse-sum": {"label_smoothing": 0.2, "class_weighting": "inverse", "reduction": "sum", "ignore": True},
+    "none-sample-mean": {"weight": True, "reduction": "none", "sample_weight": True},
+}
+
+
+def _ce_call(shape, options, dtype, device, seed=0, offset=0):
+    """Inputs for a CE call; `offset` elements of padding before the logits misalign every row."""
+    gen = torch.Generator().manual_seed(seed)
+    C = shape[1] if len(shape) > 1 else shape[0]
+    flat = torch.randn(offset + int(torch.tensor(shape).prod()), generator=gen, dtype=torch.float64) * 3
+    x = flat[offset:].view(shape).to(dtype)
+    if offset:
+        x = torch.empty(offset + x.numel(), dtype=dtype, device=device)[offset:].view(shape).copy_(x)
+    else:
+        x = x.to(device)
+    tshape = shape[:1] + shape[2:]
+    t = torch.randint(0, C, tshape, generator=gen)
+    kw = {"reduction": options.get("reduction", "mean")}
+    if options.get("ignore"):
+        t = torch.where(torch.rand(tshape, generator=gen) < 0.2, torch.full_like(t, -100), t)
+    if options.get("weight"):
+        kw["weight"] = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.1).to(dtype).to(device)
+    if options.get("sample_weight"):
+        kw["sample_weight"] = (torch.rand(tshape, generator=gen, dtype=torch.float64) + 0.1).to(dtype).to(device)
+    for k in ("label_smoothing", "class_weighting"):
+        if k in options:
+            kw[k] = options[k]
+    return x, t.to(device), kw
+
+
+def _run(dev, fn, x, t, kw, seed=5):
+    x = x.detach().clone().requires_grad_(True)
+    with dev.calls():
+        out = fn(x, t, **kw)
+        gen = torch.Generator().manual_seed(seed)
+        g = (torch.rand(out.shape, generator=gen, dtype=torch.float64) + 0.5).to(out.dtype).to(out.device)
+        (grad,) = torch.autograd.grad(out, x, g)
+    return out.detach(), grad
+
+
+def _to_cpu64(kw):
+    return {k: v.detach().cpu().double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("options", list(CE_OPTIONS), ids=str)
+@pytest.mark.parametrize("mapping", list(CE_MAPPINGS), ids=str)
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
+def test_cross_entropy_mappings_float64(dev, mapping, options, offset):
+    shape = CE_MAPPINGS[mapping]
+    x, t, kw = _ce_call(shape, CE_OPTIONS[options], torch.float64, dev.device, offset=offset)
+    out, grad = _run(dev, fused_wloss.cross_entropy, x, t, kw)
+    ref_out, ref_grad = _run(KernelDevice("ref"), reference.cross_entropy, x.cpu(), t.cpu(), _to_cpu64(kw))
+    assert_close(out.cpu(), ref_out, torch.float64, "value")
+    assert_close(grad.cpu(), ref_grad, torch.float64, "gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", ["plain", "everything"])
+@pytest.mark.parametrize("mapping", ["c10-group2", "c33-group8", "c4097-block", "kdim-p37"])
+def test_cross_entropy_low_precision_within_twice_torch(dev, dtype, options, mapping):
+    """Error against a float64 reference at most twice torch's own error at the same precision
+    (fp16/bf16: fp32 accumulation; the true-class gradient in fp32)."""
+    shape = CE_MAPPINGS[mapping]
+    opts = {k: v for k, v in CE_OPTIONS[options].items() if k != "class_weighting"}
+    x, t, kw = _ce_call(shape, opts, dtype, dev.device, offset=1)
+    out, grad = _run(dev, fused_wloss.cross_entropy, x, t, kw)
+    x64, kw64 = x.detach().cpu().double(), _to_cpu64(kw)
+    ref_out, ref_grad = _run(KernelDevice("ref"), reference.cross_entropy, x64, t.cpu(), kw64)
+    sw = kw.pop("sample_weight", None)
+    def torch_fn(x_, t_, **k):
+        red = k.pop("reduction")
+        if sw is None:
+            return F.cross_entropy(x_, t_, reduction=red, **k)
+        loss = F.cross_entropy(x_, t_, reduction="none", **k) * sw.cpu()
+        return loss if red == "none" else loss.sum()
+    if sw is not None and kw["reduction"] == "mean":
+        pytest.skip("torch has no sample-weighted mean to compare with")
+    t_out, t_grad = _run(KernelDevice("ref"), torch_fn, x.detach().cpu(), t.cpu(), {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    for ours, theirs, exact in ((out, t_out, ref_out), (grad, t_grad, ref_grad)):
+        our_err = (ours.cpu().double() - exact).abs().max().item()
+        torch_err = (theirs.double() - exact).abs().max().item()
+        eps = torch.finfo(dtype).eps * max(1.0, exact.abs().max().item()) * 0.5
+        assert our_err <= 2 * torch_err + eps, f"error {our_err:.3g} vs torch's {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3), (4, 5, 0), (2, 0)], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_inputs(dev, shape, reduction):
+    x = torch.zeros(shape, device=dev.device, requires_grad=True)
+    C = shape[1]
+    t = torch.full(shape[:1] + shape[2:], -100, dtype=torch.long, device=dev.device)
+    if C > 0:
+        t.zero_()
+    with dev.calls():
+        out = fused_wloss.cross_entropy(x, t, reduction=reduction, class_weighting="inverse")
+        out.sum().backward()
+    expected = reference.cross_entropy(x.detach().cpu(), t.cpu(), reduction=reduction, class_weighting="inverse")
+    torch.testing.assert_close(out.detach().cpu(), expected, equal_nan=True)
+    assert x.grad.shape == x.shape
+
+
+def test_noncontiguous_inputs(dev):
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 70, generator=gen, dtype=torch.float64)
+    x = base[::2, 1:60:2].to(dev.device)  # strided both ways
+    t = torch.randint(0, x.shape[1], (x.shape[0],), generator=gen).to(dev.device)
+    w = torch.rand(x.shape[1], generator=gen, dtype=torch.float64).to(dev.device)
+    out, grad = _run(dev, fused_wloss.cross_entropy, x, t, {"weight": w, "label_smoothing": 0.1})
+    ref_out, ref_grad = _run(KernelDevice("ref"), reference.cross_entropy, x.cpu(), t.cpu(),
+                             {"weight": w.cpu(), "label_smoothing": 0.1})
+    assert_close(out.cpu(), ref_out, torch.float64, "value")
+    assert_close(grad.cpu(), ref_grad, torch.float64, "gradient")
+
+
+@pytest.mark.parametrize("shape", [(300, 3), (40, 33), (3, 4097), (2, 3, 4, 70)], ids=str)
+def test_bitwise_repeatable(dev, shape):
+    x, t, kw = _ce_call(shape, CE_OPTIONS["everything"], torch.float32, dev.device)
+    first = _run(dev, fused_wloss.cross_entropy, x, t, kw)
+    for _ in range(2):
+        again = _run(dev, fused_wloss.cross_entropy, x, t, kw)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("shape", [(1000, 10), (7, 3, 33), (5000,)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bce_blocks_and_dtypes(dev, shape, dtype):
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    t = (torch.rand(shape, generator=gen) < 0.2).to(dtype)
+    L = shape[-1]
+    kw = {"pos_weight": (torch.rand(L, generator=gen) + 0.5).to(dtype), "class_weighting": BatchWeighting("inverse", balanced=True)}
+    on_dev = {k: v.to(dev.device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    out, grad = _run(dev, fused_wloss.binary_cross_entropy_with_logits, x.to(dev.device), t.to(dev.device), on_dev)
+    ref_out, ref_grad = _run(KernelDevice("ref"), reference.binary_cross_entropy_with_logits, x.double(), t.double(), _to_cpu64(kw))
+    tol = {torch.float32: (1e-5, 1e-7), torch.bfloat16: (2e-2, 1e-3)}[dtype]
+    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=tol[0], atol=tol[1])
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=tol[0], atol=tol[1])
+
+
+def test_target_out_of_range_is_a_device_assert():
+    """On a GPU the same check is a device-side assert (not tested there: it poisons the CUDA
+    context for the rest of the process)."""
+    if EMU_NS is None:
+        pytest.skip("the emulated CUDA kernels are not built")
+    dev = KernelDevice("emu")
+    x = torch.randn(6, 5, device=dev.device)
+    t = torch.tensor([0, 1, 5, 2, 3, 4], device=dev.device)
+    with dev.calls(), pytest.raises(RuntimeError, match="target out of range"):
+        torch.ops.fused_wloss_emu.cross_entropy_forward(x, t, None, None, -100, 0.0, 2, 0, 1.0, 0.999)
+    with dev.calls(), pytest.raises(RuntimeError, match="target out of range"):
+        torch.ops.fused_wloss_emu.cross_entropy_forward(x, t - 7, None, None, -100, 0.0, 2, 1, 1.0, 0.999)
+
+
+def test_emulated_and_cpu_kernels_agree():
+    """The two implementations of the same operators, on the same inputs, to float32 rounding."""
+    if EMU_NS is None:
+        pytest.skip("the emulated CUDA kernels are not built")
+    dev = KernelDevice("emu")
+    x, t, kw = _ce_call((64, 130), CE_OPTIONS["everything"], torch.float32, "cpu")
+    ours = _run(dev, fused_wloss.cross_entropy, x, t, kw)
+    cpu = _run(KernelDevice("cpu"), fused_wloss.cross_entropy, x, t, kw)
+    for a, b in zip(ours, cpu):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---- GPU only --------------------------------------------------------------------------------
+
+@pytest.fixture
+def gpu():
+    if not HAS_GPU:
+        reason = "no GPU with fused_wloss CUDA kernels (torch.cuda.is_available() is False or the build has none)"
+        if REQUIRE_CUDA:
+            pytest.fail(reason + " (FUSED_WLOSS_REQUIRE_CUDA=1)")
+        pytest.skip(reason)
+    return KernelDevice("cuda")
+
+
+def test_cuda_graph_capture(gpu):
+    x, t, kw = _ce_call((256, 1000), CE_OPTIONS["everything"], torch.float32, "cuda")
+    x = x.detach().requires_grad_(True)
+    static_x, static_t = x.detach().clone().requires_grad_(True), t.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm up outside the capture
+            fused_wloss.cross_entropy(static_x, static_t, **kw).backward()
+    torch.cuda.current_stream().wait_stream(s)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = fused_wloss.cross_entropy(static_x, static_t, **kw)
+        loss.backward()
+    static_x.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference.cross_entropy(x.detach().double(), t, **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_reduce_overhead(gpu):
+    x, t, _ = _ce_call((128, 100), {}, torch.float32, "cuda")
+
+    def step(x, t):
+        return fused_wloss.cross_entropy(x, t, class_weighting="inverse")
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        out = compiled(x, t)
+    torch.testing.assert_close(out, reference.cross_entropy(x, t, class_weighting="inverse"), rtol=1e-5, atol=1e-6)
