@@ -84,8 +84,9 @@ class Timed:
 
 
 class Timer:
-    def __init__(self, device: torch.device, min_time: float, min_reps: int, max_reps: int):
+    def __init__(self, device: torch.device, min_time: float, min_reps: int, max_reps: int, warmup: int = 2):
         self.device, self.min_time, self.min_reps, self.max_reps = device, min_time, min_reps, max_reps
+        self.warmup = warmup
         self._l2 = None
         if device.type == "cuda":
             # larger than the L2 of any current GPU (50 MB on an H100): zeroed before each timed call
@@ -110,11 +111,11 @@ class Timer:
         del out, state  # freed after the clock stopped
         return ms
 
-    def run(self, items: List[Timed], warmup: int = 2) -> Dict[object, dict]:
+    def run(self, items: List[Timed]) -> Dict[object, dict]:
         """Round-robin over ``items`` until each has ``min_reps`` calls and ``min_time`` seconds of
         them (or ``max_reps`` calls); the order rotates from round to round."""
         for item in items:
-            for _ in range(warmup):
+            for _ in range(self.warmup):
                 self._once(item)
         active = list(items)
         rnd = 0

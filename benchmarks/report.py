@@ -144,35 +144,40 @@ def plot(rows, machine: dict, stem: Path) -> List[Path]:
         return []
     names = impl_order(rows) + ["floor"]
     colors = {n: plt.get_cmap("tab10")(i) for i, n in enumerate(names)}
+    # time vs C: the 2-D cases (N x C) of one loss, weighting and dtype, where there are at least two
+    # class counts (all groups when none has two, so that a small run still gets its plot)
     groups: Dict[tuple, list] = {}
     for r in rows:
-        groups.setdefault((r["loss"], r["weighting"], r["dtype"]), []).append(r)
+        if len(r["shape"]) == 2:
+            groups.setdefault((r["loss"], r["weighting"], r["dtype"]), []).append(r)
+    swept = {k: g for k, g in groups.items() if len({r["num_classes"] for r in g}) > 1}
+    groups = swept or groups or {("all", "", ""): rows}
     written = []
 
-    fig, axes = plt.subplots(len(groups), len(MODES), figsize=(4.6 * len(MODES), 3.2 * len(groups)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(groups), len(MODES), squeeze=False)
     for gi, ((loss, weighting, dtype), grows) in enumerate(sorted(groups.items())):
         grows = sorted(grows, key=lambda r: (r["num_classes"], r["logits_mb"]))
         for mi, mode in enumerate(MODES):
             ax = axes[gi][mi]
             for n in names:
-                pts = [(r["num_classes"], r["timings"][n][mode]["median_ms"], r) for r in grows
+                pts = [(r["num_classes"], r["timings"][n][mode]["median_ms"]) for r in grows
                        if n in r["timings"] and mode in r["timings"][n]]
                 if not pts:
                     continue
                 style = dict(linestyle="--", marker="") if n == "floor" else dict(marker="o", markersize=4)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=n, color=colors[n],
                         linewidth=2.2 if n == "fused_wloss" else 1.2, **style)
-            for r in grows:
-                if mode in r["timings"]["fused_wloss"]:
-                    ax.annotate("x".join(map(str, r["shape"])), (r["num_classes"], r["timings"]["fused_wloss"][mode]["median_ms"]),
-                                fontsize=6, textcoords="offset points", xytext=(3, -9))
             ax.set_xscale("log")
             ax.set_yscale("log")
             log_axis(ax.yaxis)
-            ax.xaxis.set_major_formatter(plain)
+            ticks = sorted({r["num_classes"] for r in grows})
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([f"{c}\n" + ", ".join("x".join(map(str, r["shape"])) for r in grows
+                                                      if r["num_classes"] == c) for c in ticks], fontsize=7)
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+            ax.set_xlim(ticks[0] / 2.5, ticks[-1] * 2.5)
             ax.set_title(f"{loss} {weighting} {dtype}: {MODE_TITLES[mode]}", fontsize=9)
-            ax.set_xlabel("classes C (labels are N x C)", fontsize=8)
+            ax.set_xlabel("classes C (shape below)", fontsize=8)
             ax.set_ylabel("median ms", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(True, which="both", alpha=0.3)
@@ -182,7 +187,9 @@ def plot(rows, machine: dict, stem: Path) -> List[Path]:
             if l not in labels:
                 handles.append(h)
                 labels.append(l)
-    height = 3.2 * len(groups) + 0.8
+    order = sorted(range(len(labels)), key=lambda i: names.index(labels[i]) if labels[i] in names else 99)
+    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
+    height = 3.4 * len(groups) + 0.8
     fig.set_size_inches(4.6 * len(MODES), height)
     fig.suptitle(f"time vs number of classes (lower is better) | {_label(machine)}", fontsize=10,
                  y=1 - 0.1 / height)
@@ -216,7 +223,8 @@ def plot(rows, machine: dict, stem: Path) -> List[Path]:
                      f"(higher is better; 100% = the floor)", fontsize=9)
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.tick_params(axis="y", labelsize=7)
-    axes[0, 0].legend(fontsize=7, ncol=len(impls))
+    axes[0, 0].legend(fontsize=7, ncol=len(impls), loc="lower center", bbox_to_anchor=(0.5, 1.08),
+                      frameon=False)
     fig.suptitle(_label(machine), fontsize=10)
     fig.tight_layout()
     path = Path(f"{stem}-floor.png")

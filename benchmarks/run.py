@@ -30,8 +30,10 @@ from .measure import MODES, TRAFFIC, Timed, Timer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# repeats per timing: (seconds of calls per implementation and mode, at least, at most)
-EFFORT = {"quick": (0.15, 5, 100), "full": (0.5, 10, 400)}
+# repeats per timing: seconds of calls per implementation and mode, at least and at most so many
+# calls, after so many untimed warm-up calls (the correctness check has already run each one once)
+EFFORT = {"quick": dict(min_time=0.15, min_reps=5, max_reps=100, warmup=1),
+          "full": dict(min_time=0.5, min_reps=10, max_reps=400, warmup=2)}
 
 
 def machine_info(device: torch.device) -> dict:
@@ -311,9 +313,9 @@ def main(argv=None) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     effort = "full" if args.full else "quick"
     compile_mode = "none" if args.no_compile else (args.compile or ("all" if args.full else "one"))
-    min_time, min_reps, max_reps = EFFORT[effort]
+    effort_settings = dict(EFFORT[effort])
     if args.min_time is not None:
-        min_time = args.min_time
+        effort_settings["min_time"] = args.min_time
     cases = select_cases(args)
     if not cases:
         print(f"no case matches --filter {args.filter!r}", file=sys.stderr)
@@ -330,7 +332,7 @@ def main(argv=None) -> int:
           f"{info.get('gpu') or info['cpu']} | {info['cores']} cores, {info['threads']} threads | "
           f"load {info['load_average_start']} | {len(cases)} cases, compile={compile_mode}", flush=True)
 
-    timer = Timer(device, min_time, min_reps, max_reps)
+    timer = Timer(device, **effort_settings)
     progress = _Progress(5 * len(cases), cases)
     rows = []
     t0 = time.perf_counter()
@@ -361,8 +363,8 @@ def main(argv=None) -> int:
         RESULTS.mkdir(exist_ok=True)
         stem = RESULTS / stem
     stem.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"set": effort, "compile": compile_mode, "min_time_s": min_time, "min_reps": min_reps,
-                "max_reps": max_reps, "filter": args.filter, "dtype": args.dtype,
+    settings = {"set": effort, "compile": compile_mode, **effort_settings, "filter": args.filter,
+                "dtype": args.dtype, "cases": args.case,
                 "argv": sys.argv[1:] if argv is None else list(argv)}
     report.write_json(Path(f"{stem}.json"), info, settings, rows)
     report.write_csv(Path(f"{stem}.csv"), info, rows)
