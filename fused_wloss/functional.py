@@ -330,8 +330,9 @@ def _bce_local_sums(input, target):
     else:  # 0-d or 1-D: a batch of single-logit predictions, one label
         positives = t.sum(dtype=dtype).reshape(1)
         rows = input.numel()
-    sizes = torch.tensor([rows, input.numel()], dtype=dtype, device=input.device)
-    return torch.cat([positives, sizes])
+    # new_full, not torch.tensor([...], device=...): a copy from a host list into CUDA memory
+    # synchronises the stream
+    return torch.cat([positives, positives.new_full((1,), rows), positives.new_full((1,), input.numel())])
 
 
 def _bce_weights_and_norm(sums, weighting, reduction, acc):
