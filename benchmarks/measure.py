@@ -26,7 +26,7 @@ import contextlib
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -111,23 +111,36 @@ class Timer:
         del out, state  # freed after the clock stopped
         return ms
 
-    def run(self, items: List[Timed]) -> Dict[object, dict]:
+    def run(self, items: List[Timed]) -> Tuple[Dict[object, dict], Dict[object, str]]:
         """Round-robin over ``items`` until each has ``min_reps`` calls and ``min_time`` seconds of
-        them (or ``max_reps`` calls); the order rotates from round to round."""
+        them (or ``max_reps`` calls); the order rotates from round to round. Returns the statistics
+        of each item and, apart, the error of each item that raised (it is dropped, the rest go on)."""
+        failed: Dict[object, str] = {}
+
+        def once(item):
+            try:
+                return self._once(item)
+            except Exception as e:
+                failed[item.key] = f"{type(e).__name__}: {str(e).strip()[:160]}"
+                return None
+
         for item in items:
             for _ in range(self.warmup):
-                self._once(item)
-        active = list(items)
+                if item.key not in failed:
+                    once(item)
+        active = [i for i in items if i.key not in failed]
         rnd = 0
         while active:
             k = rnd % len(active)
             for item in active[k:] + active[:k]:
-                item.times.append(self._once(item))
+                ms = once(item)
+                if ms is not None:
+                    item.times.append(ms)
             rnd += 1
             active = [i for i in active
-                      if len(i.times) < self.max_reps
+                      if i.key not in failed and len(i.times) < self.max_reps
                       and (len(i.times) < self.min_reps or sum(i.times) < self.min_time * 1e3)]
-        return {item.key: summarize(item.times) for item in items}
+        return {i.key: summarize(i.times) for i in items if i.key not in failed}, failed
 
 
 def summarize(times: List[float]) -> dict:

@@ -45,7 +45,7 @@ def format_table(rows, mode: str) -> str:
             cells.append(f"{t[n]['median_ms'] / ours:.2f}x ({_fmt_ms(t[n]['median_ms'])})" if n in t else "-")
         floor = t["floor"]["median_ms"]
         lines.append(f"{r['case']:28} {r['logits_mb']:6.1f} " + " ".join(f"{c:>{w}}" for c in cells)
-                     + f" {_fmt_ms(floor):>8} {100 * floor / ours:8.0f}%")
+                     + f" {_fmt_ms(floor):>8} {_pct(100 * floor / ours):>9}")
     return "\n".join(lines)
 
 
@@ -232,3 +232,54 @@ def plot(rows, machine: dict, stem: Path) -> List[Path]:
     plt.close(fig)
     written.append(path)
     return written
+
+
+def _pct(v: float) -> str:
+    return f"{v:.0f}%" if v >= 10 else f"{v:.2g}%"
+
+
+# -- the README's table ------------------------------------------------------------------------------
+
+def markdown_table(data: dict, mode: str = "fwd+bwd") -> str:
+    """A Markdown table of a results file: fused_wloss's median, its speed-up over each baseline
+    (their time / ours; for torch.compile the faster of the compiled baselines), its share of the
+    floor's bandwidth, and peak / saved memory next to torch's."""
+    lines = [f"| case | logits MB | fused_wloss ms | vs reference | vs torch | vs recipe | vs torch.compile "
+             f"| % of floor bandwidth | peak MB: ours / torch | saved for backward MB: ours / torch "
+             f"| forward only vs torch |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(t, name, m):
+        return f"{t[name][m]['median_ms'] / t['fused_wloss'][m]['median_ms']:.1f}x" if name in t else "-"
+
+    def mem(r, name, key):
+        m = r.get("memory", {}).get(name, {}).get("fwd+bwd", {})
+        return f"{m[key] / 2**20:.1f}" if key in m else "-"
+
+    for r in data["rows"]:
+        if "timings" not in r:
+            lines.append(f"| {r['case']} | | {r.get('error', 'not timed')} |" + " |" * 8)
+            continue
+        t = r["timings"]
+        ours = t["fused_wloss"][mode]
+        compiled = [n for n in ("compile(torch)", "compile(recipe)") if n in t]
+        best = min(compiled, key=lambda n: t[n][mode]["median_ms"]) if compiled else None
+        torch_name = "torch" if "torch" in t else "recipe"
+        lines.append(
+            f"| {r['case']} | {r['logits_mb']:.1f} | {ours['median_ms']:.3g} | {ratio(t, 'reference', mode)} "
+            f"| {ratio(t, 'torch', mode)} | {ratio(t, 'recipe', mode)} | {ratio(t, best, mode) if best else '-'} "
+            f"| {_pct(ours['pct_floor_bandwidth'])} | {mem(r, 'fused_wloss', 'peak_bytes')} / "
+            f"{mem(r, torch_name, 'peak_bytes')} | {mem(r, 'fused_wloss', 'saved_bytes')} / "
+            f"{mem(r, torch_name, 'saved_bytes')} | {ratio(t, torch_name, 'fwd')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                description="Print a results file as the README's Markdown table.")
+    p.add_argument("results", help="a JSON file written by python -m benchmarks")
+    p.add_argument("--mode", default="fwd+bwd", choices=list(MODES))
+    a = p.parse_args()
+    print(markdown_table(json.loads(Path(a.results).read_text()), a.mode))

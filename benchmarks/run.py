@@ -82,6 +82,18 @@ def _load():
 
 # -- one case ----------------------------------------------------------------------------------------
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
+
+
+def _release(device) -> None:
+    """After a failure (say, CUDA out of memory), give cached blocks back before going on."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 def floor_calls(case: Case, inputs, device):
     """The memory-traffic floor per mode: read the logits (and BCE's dense targets) once for the
     forward; read them and write one N x C tensor for the backward. On the CPU that tensor is fresh
@@ -104,10 +116,11 @@ def floor_calls(case: Case, inputs, device):
     return calls, traffic
 
 
-def timed_calls(impl, inputs, mode):
+def timed_calls(impl, inputs, shared, mode):
+    """The timed call of ``impl`` in ``mode``. ``shared`` is a leaf copy of the logits that every
+    non-destructive call differentiates (autograd.grad does not accumulate into it)."""
     fn, y, w, s = impl.fn, inputs.y, inputs.w, inputs.s
     x = inputs.x.detach()
-    shared = x.clone().requires_grad_()  # autograd.grad does not accumulate: one leaf serves every call
 
     def leaf():
         return x.clone().requires_grad_() if impl.destructive else shared
@@ -154,8 +167,12 @@ def run_case(case: Case, device, compile_mode: str, liger, timer: Timer, with_me
 
     # the guard: fused_wloss against the reference; every baseline must compute the same loss
     tol = measure.tolerance(case.torch_dtype)
-    want = measure.value_and_grad(impls["reference"].fn, inputs)
-    problem = measure.disagreement(measure.value_and_grad(impls["fused_wloss"].fn, inputs), want, tol)
+    try:
+        want = measure.value_and_grad(impls["reference"].fn, inputs)
+        problem = measure.disagreement(measure.value_and_grad(impls["fused_wloss"].fn, inputs), want, tol)
+    except Exception as e:  # an exception in fused_wloss or its reference is as bad as a wrong answer
+        problem = f"raised {_first_line(e)}"
+        _release(device)
     if problem:
         row["error"] = f"fused_wloss disagrees with the reference ({problem}): not timed"
         progress.update(5)
@@ -167,8 +184,8 @@ def run_case(case: Case, device, compile_mode: str, liger, timer: Timer, with_me
         try:
             got = measure.value_and_grad(impl.fn, inputs)
         except Exception as e:  # a baseline that cannot run (a compile error, a missing feature)
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            skipped[name] = f"failed: {type(e).__name__}: {first}"
+            skipped[name] = f"failed: {_first_line(e)}"
+            _release(device)
         else:
             # torch's own half-precision code rounds its intermediates: give it 4x the room
             bad = measure.disagreement(got, want, tol if case.dtype in ("float32", "float64") else 4 * tol)
@@ -176,35 +193,54 @@ def run_case(case: Case, device, compile_mode: str, liger, timer: Timer, with_me
                 skipped[name] = f"disagrees with the reference: {bad}"
         if name in skipped:
             del impls[name]
-    if skipped:
-        row["skipped"] = skipped
     lap("check+compile")
     progress.update(1)
 
     floors, traffic = floor_calls(case, inputs, device)
+    shared = inputs.x.detach().clone().requires_grad_()
     row["timings"] = {}
     for mode in ("fwd+bwd", "fwd", "bwd"):
         items = [Timed("floor", lambda _, f=floors[mode]: f())]
-        items += [timed_calls(impl, inputs, mode) for impl in impls.values()]
-        for name, stats in timer.run(items).items():
-            row["timings"].setdefault(name, {})[mode] = stats
+        items += [timed_calls(impl, inputs, shared, mode) for impl in impls.values()]
+        stats, failed = timer.run(items)
+        for name, m in stats.items():
+            row["timings"].setdefault(name, {})[mode] = m
+        for name, err in failed.items():  # e.g. out of memory: reported, and the case goes on
+            skipped[name] = f"failed while timed ({mode}): {err}"
+            impls.pop(name, None)
+            _release(device)
         lap(mode)
         progress.update(1)
+    if any(m not in row["timings"].get("floor", {}) for m in MODES) or "fused_wloss" not in impls:
+        row["error"] = f"not timed: {skipped.get('fused_wloss') or skipped.get('floor')}"
+        row.pop("timings")
+        if skipped:
+            row["skipped"] = skipped
+        progress.update(1)
+        return row
+    if skipped:
+        row["skipped"] = skipped
+    del shared
     for name, modes in row["timings"].items():
         for mode, m in modes.items():
             floor = row["timings"]["floor"][mode]["median_ms"]
             m["gb_per_s"] = traffic[mode] * case.logits_bytes / (m["median_ms"] * 1e-3) / 1e9
             m["pct_floor_bandwidth"] = 100.0 * floor / m["median_ms"]
+    # an implementation that failed in a later mode is dropped from every mode
     row["timings"] = {k: row["timings"][k] for k in ["floor", *impls]}
 
     if with_memory:
         row["memory"] = {}
         for name, impl in impls.items():
-            row["memory"][name] = {
-                "fwd+bwd": measure.memory(impl.fn, inputs, device, impl.destructive, backward=True),
-                "fwd": measure.memory(impl.fn, inputs, device, impl.destructive, backward=False),
-            }
-        ops = row["memory"]["fused_wloss"]["fwd+bwd"].get("fused_ops")
+            try:
+                row["memory"][name] = {
+                    "fwd+bwd": measure.memory(impl.fn, inputs, device, impl.destructive, backward=True),
+                    "fwd": measure.memory(impl.fn, inputs, device, impl.destructive, backward=False),
+                }
+            except Exception as e:
+                row.setdefault("skipped", {})[f"{name} memory"] = f"failed: {_first_line(e)}"
+                _release(device)
+        ops = row["memory"].get("fused_wloss", {}).get("fwd+bwd", {}).get("fused_ops")
         if ops is not None:
             row["fused_ops"] = ops  # which fused_wloss operators ran: [] means the reference served it
         lap("memory")

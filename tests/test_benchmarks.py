@@ -94,6 +94,29 @@ def test_guard_drops_a_baseline_that_computes_something_else(tmp_path, monkeypat
     assert "fused_wloss" in row["timings"]
 
 
+def test_a_baseline_that_fails_while_timed_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    real = run.implementations
+
+    def with_flaky_recipe(*args, **kwargs):
+        impls = real(*args, **kwargs)
+        right, calls = impls["recipe"].fn, []
+
+        def flaky(*a):
+            calls.append(1)
+            if len(calls) > 1:  # right for the correctness check, then out of memory, say
+                raise MemoryError("pretend")
+            return right(*a)
+        impls["recipe"].fn = flaky
+        return impls
+
+    monkeypatch.setattr(run, "implementations", with_flaky_recipe)
+    stem = tmp_path / "flaky"
+    assert run.main(TINY + ["--no-plots", "--out", str(stem)]) == 0
+    (row,) = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert "recipe" not in row["timings"] and "MemoryError" in row["skipped"]["recipe"]
+    assert "recipe" not in row["memory"] and set(row["timings"]["torch"]) == {"fwd", "bwd", "fwd+bwd"}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_a_gpu_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exc:
