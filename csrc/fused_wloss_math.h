@@ -143,6 +143,29 @@ FWL_HD acc_t ce_true_class_grad(CeGradCoeffs<acc_t> k, acc_t p_t, acc_t w_t) {
   return k.a * p_t - k.b - k.e * w_t;
 }
 
+// Focal loss (Lin et al., 2017) for softmax cross-entropy with an index target: the element loss
+// nll = -log p_t becomes (1 - p_t)^gamma * nll, with 1 - p_t = -expm1(-nll) (no cancellation when
+// p_t is near 1). gamma = 0 gives nll back.
+template <typename acc_t>
+FWL_HD acc_t focal_ce_loss(acc_t nll, acc_t gamma) {
+  if (gamma == acc_t(0)) return nll;
+  const acc_t u = -std::expm1(-nll);
+  return std::pow(u, gamma) * nll;
+}
+
+// The factor G of its gradient, d loss / d x_c = G (p_c - [c == t]):
+//   G = u^gamma + gamma p_t u^(gamma - 1) nll,  u = 1 - p_t,
+// which is 1 for gamma = 0 and tends to 0 as u -> 0 for gamma > 0.
+template <typename acc_t>
+FWL_HD acc_t focal_ce_grad_factor(acc_t nll, acc_t gamma) {
+  if (gamma == acc_t(0)) return acc_t(1);
+  const acc_t u = -std::expm1(-nll);
+  if (!(u > acc_t(0))) return acc_t(0);  // p_t == 1 (and NaN stays out of the gradient)
+  const acc_t p_t = std::exp(-nll);
+  if (p_t == acc_t(0)) return std::pow(u, gamma);  // nll = inf: the second term is 0 * inf
+  return std::pow(u, gamma) + gamma * p_t * std::pow(u, gamma - acc_t(1)) * nll;
+}
+
 // log(1 + exp(-|x|)) + max(-x, 0) = softplus(-x) = -log(sigmoid(x)), stable for every x.
 template <typename acc_t>
 FWL_HD acc_t softplus_neg(acc_t x) {
@@ -166,6 +189,47 @@ FWL_HD acc_t bce_grad(acc_t x, acc_t t, acc_t neg, acc_t pos) {
   const acc_t sig = x >= acc_t(0) ? acc_t(1) / (acc_t(1) + e) : e / (acc_t(1) + e);
   const acc_t one_minus_sig = x >= acc_t(0) ? e / (acc_t(1) + e) : acc_t(1) / (acc_t(1) + e);
   return neg * (acc_t(1) - t) * sig - pos * t * one_minus_sig;
+}
+
+// Sigmoid focal loss as torchvision.ops.sigmoid_focal_loss defines it, with our weights: the
+// element loss of bce_loss times alpha_t (1 - p_t)^gamma, where p = sigmoid(x),
+// 1 - p_t = p (1 - t) + (1 - p) t and alpha_t = alpha t + (1 - alpha)(1 - t) (1 when alpha < 0).
+template <typename acc_t>
+FWL_HD void sigmoid_pair(acc_t x, acc_t* sig, acc_t* sig_neg) {
+  const acc_t e = std::exp(-std::fabs(x));  // in (0, 1]
+  const acc_t inv = acc_t(1) / (acc_t(1) + e);
+  *sig = x >= acc_t(0) ? inv : e * inv;
+  *sig_neg = x >= acc_t(0) ? e * inv : inv;
+}
+
+template <typename acc_t>
+FWL_HD acc_t focal_alpha_t(acc_t t, acc_t alpha) {
+  return alpha < acc_t(0) ? acc_t(1) : alpha * t + (acc_t(1) - alpha) * (acc_t(1) - t);
+}
+
+template <typename acc_t>
+FWL_HD acc_t bce_focal_loss(acc_t x, acc_t t, acc_t neg, acc_t pos, acc_t gamma, acc_t alpha) {
+  acc_t sig, sig_neg;
+  sigmoid_pair(x, &sig, &sig_neg);
+  const acc_t q = sig * (acc_t(1) - t) + sig_neg * t;
+  const acc_t m = gamma == acc_t(0) ? acc_t(1) : std::pow(q, gamma);
+  return focal_alpha_t(t, alpha) * m * bce_loss(x, t, neg, pos);
+}
+
+// d/dx of bce_focal_loss: alpha_t (m' l + m l'), with dq/dx = p (1 - p)(1 - 2t).
+template <typename acc_t>
+FWL_HD acc_t bce_focal_grad(acc_t x, acc_t t, acc_t neg, acc_t pos, acc_t gamma, acc_t alpha) {
+  acc_t sig, sig_neg;
+  sigmoid_pair(x, &sig, &sig_neg);
+  const acc_t q = sig * (acc_t(1) - t) + sig_neg * t;
+  acc_t m = acc_t(1), dm = acc_t(0);
+  if (gamma != acc_t(0)) {
+    m = std::pow(q, gamma);
+    // q^(gamma-1) p (1 - p) -> 0 as q -> 0 (q = 0 needs p = 0 or p = 1)
+    if (q > acc_t(0)) dm = gamma * std::pow(q, gamma - acc_t(1)) * sig * sig_neg * (acc_t(1) - acc_t(2) * t);
+  }
+  const acc_t l = dm == acc_t(0) ? acc_t(0) : bce_loss(x, t, neg, pos);
+  return focal_alpha_t(t, alpha) * (dm * l + m * bce_grad(x, t, neg, pos));
 }
 
 // Index math shared by every kernel: a CE input viewed as (N, C, P) with P = d1 * ... * dk.

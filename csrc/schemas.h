@@ -5,6 +5,8 @@
 // One forward/backward pair per loss, with the options as arguments:
 //   reduction: 0 none, 1 sum, 2 mean, 3 sample_mean
 //   scheme:    0 no dynamic weights, 1 inverse, 2 inverse_sqrt, 3 effective_number
+//   gamma:     focal-loss focusing (0: plain cross-entropy); alpha: torchvision's sigmoid focal
+//              alpha (negative: none)
 #pragma once
 
 // Returns the loss, the per-element log-sum-exp (float64: the backward forms x - lse exactly
@@ -13,18 +15,19 @@
 #define FWL_SCHEMA_CE_FORWARD \
   "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, Tensor? sample_weight, " \
   "int ignore_index, float label_smoothing, int reduction, int scheme, float smoothing, " \
-  "float beta) -> (Tensor loss, Tensor lse, Tensor class_weight, Tensor norm)"
+  "float beta, float gamma=0.) -> (Tensor loss, Tensor lse, Tensor class_weight, Tensor norm)"
 #define FWL_SCHEMA_CE_BACKWARD \
   "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor class_weight, " \
   "Tensor? sample_weight, Tensor lse, Tensor norm, int ignore_index, float label_smoothing, " \
-  "int reduction) -> Tensor"
+  "int reduction, float gamma=0.) -> Tensor"
 // Returns the loss and the dynamic per-label weights of the negative and the positive part
 // (empty without dynamic weighting).
 #define FWL_SCHEMA_BCE_FORWARD \
   "bce_forward(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, " \
   "Tensor? sample_weight, int reduction, int scheme, float smoothing, float beta, " \
-  "bool balanced) -> (Tensor loss, Tensor neg_label_weight, Tensor pos_label_weight)"
+  "bool balanced, float gamma=0., float alpha=-1.) -> (Tensor loss, Tensor neg_label_weight, " \
+  "Tensor pos_label_weight)"
 #define FWL_SCHEMA_BCE_BACKWARD \
   "bce_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, " \
   "Tensor? pos_weight, Tensor? sample_weight, Tensor neg_label_weight, " \
-  "Tensor pos_label_weight, int reduction) -> Tensor"
+  "Tensor pos_label_weight, int reduction, float gamma=0., float alpha=-1.) -> Tensor"

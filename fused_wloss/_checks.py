@@ -10,6 +10,7 @@ Messages name the argument, what was expected and what came.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple, Optional
 
@@ -249,3 +250,39 @@ def check_bce(
                 f"(the input's shape without its last, label dimension), got {_shape(sample_weight)}"
             )
     return BCEArgs(reduction, weighting)
+
+
+def _check_gamma(gamma, loss: str) -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"{loss}: gamma must be a float, got {type(gamma).__name__}")
+    gamma = float(gamma)
+    if not math.isfinite(gamma) or gamma < 0.0:
+        raise ValueError(f"{loss}: gamma (the focal-loss focusing parameter) must be a finite number >= 0, got {gamma}")
+    return gamma
+
+
+def check_focal_ce(gamma, label_smoothing, prob_target: bool) -> float:
+    """The focal ``gamma`` of a cross-entropy call, as a float."""
+    loss = "cross_entropy"
+    gamma = _check_gamma(gamma, loss)
+    if gamma > 0.0 and prob_target:
+        raise ValueError(f"{loss}: gamma (focal loss) needs class-index targets, got probability targets")
+    if gamma > 0.0 and float(label_smoothing) > 0.0:
+        raise ValueError(
+            f"{loss}: gamma (focal loss) cannot be combined with label_smoothing={float(label_smoothing)}; "
+            "use one or the other"
+        )
+    return gamma
+
+
+def check_focal_bce(gamma, alpha) -> tuple:
+    """The focal ``gamma`` and ``alpha`` of a BCE call: a float and a float or None."""
+    loss = "binary_cross_entropy_with_logits"
+    gamma = _check_gamma(gamma, loss)
+    if alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"{loss}: alpha must be a float in [0, 1] or None, got {type(alpha).__name__}")
+        alpha = float(alpha)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"{loss}: alpha (the focal-loss positive-class weight) must be in [0, 1] or None, got {alpha}")
+    return gamma, alpha

@@ -72,6 +72,7 @@ def cross_entropy(
     sample_weight: Optional[torch.Tensor] = None,
     class_weighting=None,
     return_stats: bool = False,
+    gamma: float = 0.0,
 ):
     r"""Softmax cross-entropy: :func:`torch.nn.functional.cross_entropy` plus weighting.
 
@@ -90,6 +91,9 @@ def cross_entropy(
             elements: the mean of the ``"none"`` output over them).
         return_stats: also return a :class:`CrossEntropyStats` (class counts, class weights,
             normaliser): the result is then ``(loss, stats)``.
+        gamma: focal loss (Lin et al., 2017): each element's ``-log p_t`` becomes
+            ``(1 - p_t)^gamma * -log p_t``, every weight and normaliser unchanged. ``0`` (the
+            default) is plain cross-entropy. Needs class-index targets and no label smoothing.
 
     With ``class_weighting=BatchWeighting(..., sync=True)`` under an initialised
     ``torch.distributed`` process group, the counts and the normaliser are the group's and the
@@ -99,24 +103,25 @@ def cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, sample_weight,
         class_weighting, size_average, reduce,
     )
+    gamma = _checks.check_focal_ce(gamma, label_smoothing, args.prob_target)
     label_smoothing = float(label_smoothing)
     if args.weighting is not None and distributed.sync_active(args.weighting):
         loss, stats = _cross_entropy_synced(
-            input, target, weight, ignore_index, label_smoothing, sample_weight, args
+            input, target, weight, ignore_index, label_smoothing, sample_weight, args, gamma
         )
         return (loss, stats) if return_stats else loss
     if not return_stats:
         return _cross_entropy_route(
             input, target, weight, ignore_index, args.reduction, label_smoothing, sample_weight,
-            args.weighting, args.prob_target,
+            args.weighting, args.prob_target, gamma,
         )
     return _cross_entropy_with_stats(
-        input, target, weight, ignore_index, label_smoothing, sample_weight, args
+        input, target, weight, ignore_index, label_smoothing, sample_weight, args, gamma
     )
 
 
 def _cross_entropy_route(input, target, weight, ignore_index, reduction, label_smoothing,
-                         sample_weight, weighting, prob_target):
+                         sample_weight, weighting, prob_target, gamma=0.0):
     """The loss alone, from the kernels where they serve the call, else from the reference."""
     if use_extension(input.device):
         from . import ops
@@ -124,13 +129,13 @@ def _cross_entropy_route(input, target, weight, ignore_index, reduction, label_s
         if ops.ce_supported(input, target, weight, sample_weight, prob_target):
             return ops.cross_entropy(
                 input, target, weight, ignore_index, reduction, label_smoothing,
-                sample_weight, weighting,
+                sample_weight, weighting, gamma,
             )
     if not prob_target:
         _checks.check_target_range(target, input.shape[0 if input.dim() == 1 else 1], ignore_index)
     return reference.cross_entropy_checked(
         input, target, weight, ignore_index, reduction, label_smoothing,
-        sample_weight, weighting, prob_target,
+        sample_weight, weighting, prob_target, gamma,
     )
 
 
@@ -198,7 +203,7 @@ def _ce_weights_and_norm(sums, num_classes, weight, weighting, reduction, prob_t
 
 
 def _cross_entropy_with_stats(input, target, weight, ignore_index, label_smoothing, sample_weight,
-                              args):
+                              args, gamma=0.0):
     acc = _acc_dtype(input.dtype)
     num_classes = args.num_classes
     weighting = args.weighting
@@ -211,14 +216,14 @@ def _cross_entropy_with_stats(input, target, weight, ignore_index, label_smoothi
             # (ops._ops: the namespace the wrappers use, which the tests may point elsewhere.)
             loss, _lse, class_weight, norm = ops._ops.cross_entropy_forward(
                 input, target, weight, sample_weight, ignore_index, label_smoothing,
-                ops.REDUCTION_CODES[args.reduction], *_scheme_args(weighting),
+                ops.REDUCTION_CODES[args.reduction], *_scheme_args(weighting), gamma,
             )
             if weight is None and weighting is None:  # the operator returns an empty tensor
                 class_weight = torch.ones(num_classes, dtype=acc, device=input.device)
             return loss, CrossEntropyStats(sums[:num_classes].to(acc), class_weight.detach(), norm.detach())
     loss = _cross_entropy_route(
         input, target, weight, ignore_index, args.reduction, label_smoothing, sample_weight,
-        weighting, args.prob_target,
+        weighting, args.prob_target, gamma,
     )
     counts, class_weight, norm = _ce_weights_and_norm(
         sums, num_classes, weight, weighting, args.reduction, args.prob_target,
@@ -227,7 +232,8 @@ def _cross_entropy_with_stats(input, target, weight, ignore_index, label_smoothi
     return loss, CrossEntropyStats(counts, class_weight.detach(), norm.detach())
 
 
-def _cross_entropy_synced(input, target, weight, ignore_index, label_smoothing, sample_weight, args):
+def _cross_entropy_synced(input, target, weight, ignore_index, label_smoothing, sample_weight, args,
+                          gamma=0.0):
     """Counts over the process group, then one pass of the kernel with the resulting weights as
     static class weights; the normaliser and DDP's 1/R are folded into those weights, so the
     kernel's ``"sum"`` is this rank's share of the global mean (no float16 overflow of a plain
@@ -250,7 +256,7 @@ def _cross_entropy_synced(input, target, weight, ignore_index, label_smoothing, 
         applied = applied * world
     loss = _cross_entropy_route(
         input, target, applied, ignore_index, "none" if reduction == "none" else "sum",
-        label_smoothing, sample_weight, None, args.prob_target,
+        label_smoothing, sample_weight, None, args.prob_target, gamma,
     )
     if reduction in ("mean", "sample_mean"):
         loss = loss + _nan_where_zero(norm.detach()).to(loss.dtype)
@@ -269,6 +275,8 @@ def binary_cross_entropy_with_logits(
     sample_weight: Optional[torch.Tensor] = None,
     class_weighting=None,
     return_stats: bool = False,
+    gamma: float = 0.0,
+    alpha: Optional[float] = None,
 ):
     r"""Sigmoid binary cross-entropy: :func:`torch.nn.functional.binary_cross_entropy_with_logits`
     plus weighting.
@@ -287,6 +295,11 @@ def binary_cross_entropy_with_logits(
             ``"sample_mean"`` (the same as ``"mean"`` here).
         return_stats: also return a :class:`BCEStats` (per-label counts and dynamic weights,
             normaliser): the result is then ``(loss, stats)``.
+        gamma, alpha: sigmoid focal loss as ``torchvision.ops.sigmoid_focal_loss`` defines it:
+            each element's loss times ``alpha_t * (1 - p_t)^gamma`` with ``p = sigmoid(x)``,
+            ``p_t = p t + (1 - p)(1 - t)`` and ``alpha_t = alpha t + (1 - alpha)(1 - t)``
+            (``alpha=None``: 1), before ``weight``, ``pos_weight``, the dynamic weights and
+            ``sample_weight`` apply as usual. ``gamma=0, alpha=None`` is plain BCE.
 
     A single-logit classifier with class weights ``[w0, w1]`` (negatives ``w0``, positives ``w1``)
     is ``binary_cross_entropy_with_logits(x, t, weight=torch.tensor(w0),
@@ -299,24 +312,25 @@ def binary_cross_entropy_with_logits(
         input, target, weight, reduction, pos_weight, sample_weight, class_weighting,
         size_average, reduce,
     )
+    focal = _checks.check_focal_bce(gamma, alpha)
     if args.weighting is not None and distributed.sync_active(args.weighting):
-        loss, stats = _bce_synced(input, target, weight, pos_weight, sample_weight, args)
+        loss, stats = _bce_synced(input, target, weight, pos_weight, sample_weight, args, focal)
         return (loss, stats) if return_stats else loss
     if not return_stats:
-        return _bce_route(input, target, weight, args.reduction, pos_weight, sample_weight, args.weighting)
-    return _bce_with_stats(input, target, weight, pos_weight, sample_weight, args)
+        return _bce_route(input, target, weight, args.reduction, pos_weight, sample_weight, args.weighting, focal)
+    return _bce_with_stats(input, target, weight, pos_weight, sample_weight, args, focal)
 
 
-def _bce_route(input, target, weight, reduction, pos_weight, sample_weight, weighting):
+def _bce_route(input, target, weight, reduction, pos_weight, sample_weight, weighting, focal=(0.0, None)):
     """The loss alone, from the kernels where they serve the call, else from the reference."""
     if use_extension(input.device):
         from . import ops
 
         if ops.bce_supported(input, target, weight, pos_weight, sample_weight):
             return ops.binary_cross_entropy_with_logits(
-                input, target, weight, reduction, pos_weight, sample_weight, weighting,
+                input, target, weight, reduction, pos_weight, sample_weight, weighting, *focal,
             )
-    return reference.bce_checked(input, target, weight, reduction, pos_weight, sample_weight, weighting)
+    return reference.bce_checked(input, target, weight, reduction, pos_weight, sample_weight, weighting, *focal)
 
 
 def _bce_local_sums(input, target):
@@ -353,7 +367,7 @@ def _bce_weights_and_norm(sums, weighting, reduction, acc):
     return BCEStats(pos_counts, neg_counts, neg_w, pos_w, norm)
 
 
-def _bce_with_stats(input, target, weight, pos_weight, sample_weight, args):
+def _bce_with_stats(input, target, weight, pos_weight, sample_weight, args, focal=(0.0, None)):
     acc = _acc_dtype(input.dtype)
     stats = _bce_weights_and_norm(_bce_local_sums(input, target), args.weighting, args.reduction, acc)
     if use_extension(input.device):
@@ -363,16 +377,17 @@ def _bce_with_stats(input, target, weight, pos_weight, sample_weight, args):
             # The operator returns the label weights it applied: log those.
             loss, neg_w, pos_w = ops._ops.bce_forward(
                 input, target, weight, pos_weight, sample_weight, ops.REDUCTION_CODES[args.reduction],
-                *_scheme_args(args.weighting), args.weighting is not None and args.weighting.balanced,
+                *_scheme_args(args.weighting)[:3], args.weighting is not None and args.weighting.balanced,
+                focal[0], -1.0 if focal[1] is None else focal[1],
             )
             if args.weighting is not None:  # without weighting the operator returns empty tensors
                 stats = stats._replace(neg_weight=neg_w, pos_weight=pos_w)
             return loss, stats
-    loss = _bce_route(input, target, weight, args.reduction, pos_weight, sample_weight, args.weighting)
+    loss = _bce_route(input, target, weight, args.reduction, pos_weight, sample_weight, args.weighting, focal)
     return loss, stats
 
 
-def _bce_synced(input, target, weight, pos_weight, sample_weight, args):
+def _bce_synced(input, target, weight, pos_weight, sample_weight, args, focal=(0.0, None)):
     """Label counts over the process group, then one pass of the kernel with the label weights
     (and the normaliser and DDP's 1/R) folded into its static per-label ``weight`` and
     ``pos_weight``: the negative part of label ``l`` is weighted ``a_l``, the positive part
@@ -399,7 +414,7 @@ def _bce_synced(input, target, weight, pos_weight, sample_weight, args):
         elem_pos_weight = ratio if pos_weight is None else pos_weight * ratio
     loss = _bce_route(
         input, target, elem_weight, "none" if reduction == "none" else "sum", elem_pos_weight,
-        sample_weight, None,
+        sample_weight, None, focal,
     )
     if reduction in ("mean", "sample_mean"):
         loss = loss + _nan_where_zero(stats.normalizer).to(loss.dtype)

@@ -58,7 +58,8 @@ def _scheme_args(weighting: Optional[BatchWeighting]):
 
 # ---- cross-entropy --------------------------------------------------------------------------------
 
-def _ce_forward_fake(input, target, weight, sample_weight, ignore_index, label_smoothing, reduction, scheme, smoothing, beta):
+def _ce_forward_fake(input, target, weight, sample_weight, ignore_index, label_smoothing, reduction, scheme, smoothing, beta,
+                     gamma=0.0):
     torch._check(input.dim() >= 1, lambda: "cross_entropy_forward: input must have at least 1 dimension")
     torch._check(target.dtype in (torch.int64, torch.int32), lambda: "cross_entropy_forward: target must be int64 or int32")
     loss_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
@@ -71,15 +72,18 @@ def _ce_forward_fake(input, target, weight, sample_weight, ignore_index, label_s
     return loss, lse, class_weight, input.new_empty((), dtype=acc)
 
 
-def _ce_backward_fake(grad_loss, input, target, class_weight, sample_weight, lse, norm, ignore_index, label_smoothing, reduction):
+def _ce_backward_fake(grad_loss, input, target, class_weight, sample_weight, lse, norm, ignore_index, label_smoothing, reduction,
+                      gamma=0.0):
     return input.new_empty(input.shape)
 
 
 def _ce_setup_context(ctx, inputs, output):
     input, target, _weight, sample_weight, ignore_index, label_smoothing, reduction = inputs[:7]
+    gamma = inputs[10] if len(inputs) > 10 else 0.0
     _loss, lse, class_weight, norm = output
     ctx.mark_non_differentiable(lse, class_weight, norm)
-    ctx.options = (ignore_index, label_smoothing, reduction)
+    ctx.options = (ignore_index, label_smoothing, reduction, gamma)
+    ctx.num_inputs = len(inputs)
     if ctx.needs_input_grad[0]:
         ctx.save_for_backward(input, target, sample_weight, lse, class_weight, norm)
 
@@ -96,7 +100,7 @@ def _ce_backward(ctx, grad_loss, *_unused):
         grad_input = _ops.cross_entropy_backward(
             grad_loss, input, target, class_weight, sample_weight, lse, norm, *ctx.options
         )
-    return (grad_input,) + (None,) * 9
+    return (grad_input,) + (None,) * (ctx.num_inputs - 1)
 
 
 def ce_supported(input, target, weight, sample_weight, prob_target: bool) -> bool:
@@ -111,19 +115,20 @@ def ce_supported(input, target, weight, sample_weight, prob_target: bool) -> boo
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_weight,
-                  weighting: Optional[BatchWeighting]):
+                  weighting: Optional[BatchWeighting], gamma: float = 0.0):
     """The kernel path of the public function, for calls ``ce_supported`` accepts."""
     scheme, smoothing, beta, _ = _scheme_args(weighting)
     loss, _lse, _class_weight, _norm = _ops.cross_entropy_forward(
         input, target, weight, sample_weight, ignore_index, label_smoothing,
-        REDUCTION_CODES[reduction], scheme, smoothing, beta,
+        REDUCTION_CODES[reduction], scheme, smoothing, beta, gamma,
     )
     return loss
 
 
 # ---- binary cross-entropy -------------------------------------------------------------------------
 
-def _bce_forward_fake(input, target, weight, pos_weight, sample_weight, reduction, scheme, smoothing, beta, balanced):
+def _bce_forward_fake(input, target, weight, pos_weight, sample_weight, reduction, scheme, smoothing, beta, balanced,
+                      gamma=0.0, alpha=-1.0):
     torch._check(target.shape == input.shape, lambda: "bce_forward: target must have the input's shape")
     acc = _acc_dtype(input.dtype)
     num_labels = input.shape[-1] if input.dim() >= 2 else 1
@@ -132,7 +137,8 @@ def _bce_forward_fake(input, target, weight, pos_weight, sample_weight, reductio
     return loss, input.new_empty(label_shape, dtype=acc), input.new_empty(label_shape, dtype=acc)
 
 
-def _bce_backward_fake(grad_loss, input, target, weight, pos_weight, sample_weight, neg_label_weight, pos_label_weight, reduction):
+def _bce_backward_fake(grad_loss, input, target, weight, pos_weight, sample_weight, neg_label_weight, pos_label_weight, reduction,
+                       gamma=0.0, alpha=-1.0):
     return input.new_empty(input.shape)
 
 
@@ -141,6 +147,8 @@ def _bce_setup_context(ctx, inputs, output):
     _loss, neg_label_weight, pos_label_weight = output
     ctx.mark_non_differentiable(neg_label_weight, pos_label_weight)
     ctx.reduction = reduction
+    ctx.focal = (inputs[10] if len(inputs) > 10 else 0.0, inputs[11] if len(inputs) > 11 else -1.0)
+    ctx.num_inputs = len(inputs)
     if ctx.needs_input_grad[0]:
         ctx.save_for_backward(input, target, weight, pos_weight, sample_weight, neg_label_weight, pos_label_weight)
 
@@ -154,8 +162,8 @@ def _bce_backward(ctx, grad_loss, *_unused):
         )
     grad_input = None
     if ctx.needs_input_grad[0]:
-        grad_input = _ops.bce_backward(grad_loss, *ctx.saved_tensors, ctx.reduction)
-    return (grad_input,) + (None,) * 9
+        grad_input = _ops.bce_backward(grad_loss, *ctx.saved_tensors, ctx.reduction, *ctx.focal)
+    return (grad_input,) + (None,) * (ctx.num_inputs - 1)
 
 
 def bce_supported(input, target, weight, pos_weight, sample_weight) -> bool:
@@ -170,12 +178,13 @@ def bce_supported(input, target, weight, pos_weight, sample_weight) -> bool:
 
 
 def binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight, sample_weight,
-                                     weighting: Optional[BatchWeighting]):
+                                     weighting: Optional[BatchWeighting], gamma: float = 0.0,
+                                     alpha: Optional[float] = None):
     """The kernel path of the public function, for calls ``bce_supported`` accepts."""
     scheme, smoothing, beta, balanced = _scheme_args(weighting)
     loss, _neg, _pos = _ops.bce_forward(
         input, target, weight, pos_weight, sample_weight, REDUCTION_CODES[reduction],
-        scheme, smoothing, beta, balanced,
+        scheme, smoothing, beta, balanced, gamma, -1.0 if alpha is None else alpha,
     )
     return loss
 

@@ -27,6 +27,12 @@ positive part: both the dynamic label weight, or for "balanced" the negative and
 
     loss = weight * s_row * (a * (1 - t) * softplus(x) + b * t * softplus(-x))
     "mean" = "sample_mean" = sum / element count
+
+Focal loss (``gamma`` > 0; Lin et al., 2017). Cross-entropy with index targets, no label
+smoothing: ``-logp[i, t_i]`` becomes ``(1 - p_t)^gamma * -logp[i, t_i]`` with ``p_t = exp(logp[i, t_i])``,
+the weights and normalisers unchanged. Binary cross-entropy, as ``torchvision.ops.sigmoid_focal_loss``
+(``p = sigmoid(x)``, ``1 - p_t = p (1 - t) + (1 - p) t``, ``alpha_t = alpha t + (1 - alpha)(1 - t)``, or 1
+without ``alpha``): the element loss above, before ``weight`` and ``s_row``, times ``alpha_t (1 - p_t)^gamma``.
 """
 
 from __future__ import annotations
@@ -77,18 +83,28 @@ def cross_entropy(
     *,
     sample_weight: Optional[torch.Tensor] = None,
     class_weighting=None,
+    gamma: float = 0.0,
 ) -> torch.Tensor:
     """Reference of :func:`fused_wloss.cross_entropy` (see the module docstring for the formulas)."""
     args = _checks.check_cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, sample_weight,
         class_weighting, size_average, reduce,
     )
+    gamma = _checks.check_focal_ce(gamma, label_smoothing, args.prob_target)
     if not args.prob_target:
         _checks.check_target_range(target, args.num_classes, ignore_index)
     return cross_entropy_checked(
         input, target, weight, ignore_index, args.reduction, float(label_smoothing),
-        sample_weight, args.weighting, args.prob_target,
+        sample_weight, args.weighting, args.prob_target, gamma,
     )
+
+
+def _focal_factor(u: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``u ** gamma`` with a finite gradient where ``u`` is 0 (``u ** (gamma - 1)`` is infinite
+    there for gamma < 1, and the true derivative of the focal loss is 0)."""
+    positive = u > 0
+    safe = torch.where(positive, u, torch.ones_like(u))
+    return torch.where(positive, safe**gamma, torch.zeros_like(u))
 
 
 def cross_entropy_checked(
@@ -101,6 +117,7 @@ def cross_entropy_checked(
     sample_weight: Optional[torch.Tensor],
     weighting: Optional[BatchWeighting],
     prob_target: bool,
+    gamma: float = 0.0,
 ) -> torch.Tensor:
     """The reference computation on arguments that have passed the checks."""
     dtype = _compute_dtype(input.dtype)
@@ -148,6 +165,8 @@ def cross_entropy_checked(
             class_w = dynamic if class_w is None else class_w * dynamic
         if num_classes > 0:
             nll = -logp.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+            if gamma > 0.0:  # focal: (1 - p_t)^gamma * nll, 1 - p_t = -expm1(-nll)
+                nll = _focal_factor(-torch.expm1(-nll), gamma) * nll
         else:  # no class: every target is ignored (the range check saw to it)
             nll = torch.zeros(t.shape, dtype=dtype, device=t.device)
         target_w = valid.to(dtype)
@@ -185,13 +204,17 @@ def binary_cross_entropy_with_logits(
     *,
     sample_weight: Optional[torch.Tensor] = None,
     class_weighting=None,
+    gamma: float = 0.0,
+    alpha: Optional[float] = None,
 ) -> torch.Tensor:
     """Reference of :func:`fused_wloss.binary_cross_entropy_with_logits`."""
     args = _checks.check_bce(
         input, target, weight, reduction, pos_weight, sample_weight, class_weighting,
         size_average, reduce,
     )
-    return bce_checked(input, target, weight, args.reduction, pos_weight, sample_weight, args.weighting)
+    gamma, alpha = _checks.check_focal_bce(gamma, alpha)
+    return bce_checked(input, target, weight, args.reduction, pos_weight, sample_weight, args.weighting,
+                       gamma, alpha)
 
 
 def bce_checked(
@@ -202,6 +225,8 @@ def bce_checked(
     pos_weight: Optional[torch.Tensor],
     sample_weight: Optional[torch.Tensor],
     weighting: Optional[BatchWeighting],
+    gamma: float = 0.0,
+    alpha: Optional[float] = None,
 ) -> torch.Tensor:
     """The reference computation on arguments that have passed the checks."""
     dtype = _compute_dtype(input.dtype)
@@ -234,6 +259,11 @@ def bce_checked(
         # a (1 - t) softplus(x) + b t softplus(-x), with softplus(x) = x + softplus(-x)
         neg = neg_w * (1.0 - t)
         loss = neg * x + (neg + pos_w * t) * softplus_neg
+    if gamma > 0.0:  # sigmoid focal: (1 - p_t)^gamma, 1 - p_t = p (1 - t) + (1 - p) t
+        p = torch.sigmoid(x)
+        loss = loss * _focal_factor(p * (1.0 - t) + (1.0 - p) * t, gamma)
+    if alpha is not None:
+        loss = loss * (alpha * t + (1.0 - alpha) * (1.0 - t))
     if weight is not None:
         loss = loss * weight.to(dtype)
     if sample_weight is not None:

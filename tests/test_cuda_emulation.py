@@ -80,6 +80,7 @@ def test_atomics_across_blocks():
     ("missing_lane", r"mask 0xffffffff waits for lane 31, which has exited"),
     ("read_outside_mask", r"reads lane 1, which is not in its mask 0x00000001"),
     ("device_assert", r"thread \(3,0,0\): device-side assertion failed: thread 3 may not pass"),
+    ("group_sum_3", r"shuffle width 3 \(line \d+\) is not a power of 2 <= 32"),
 ])
 def test_misuse_is_reported(name, message):
     with pytest.raises(RuntimeError, match=message):

@@ -231,6 +231,34 @@ def test_empty_inputs(dev, shape, reduction):
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("shape", [(4, 10), (4, 33), (3, 4100), (3, 6, 5)], ids=str)
+def test_nan_and_inf_logits_as_torch(dev, shape):
+    """A NaN anywhere in a row makes its loss NaN, wherever it falls in the row's split over
+    threads (first chunk, scalar head, another warp, K-dim); +-inf logits behave as in torch."""
+    x = torch.randn(shape, dtype=torch.float64)
+    x[0][:8] = float("nan")  # row 0 (pixel row 0 for K-dim): NaN at the first classes
+    x[1][-1] = float("nan")  # row 1: NaN at the last class
+    x[2][0] = float("-inf")  # row 2: a -inf logit (finite loss unless it is the target)
+    t = torch.full(shape[:1] + shape[2:], 1, dtype=torch.long)
+    on = {"device": dev.device}
+    with dev.calls():
+        ours = fused_wloss.cross_entropy(x.to(**on), t.to(**on), reduction="none")
+    theirs = F.cross_entropy(x, t, reduction="none")
+    torch.testing.assert_close(ours.cpu(), theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("ignore_index", [0, 3])
+def test_int32_targets_and_ignore_index_inside_the_classes(dev, ignore_index):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(50, 7, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 7, (50,), generator=gen)
+    kw = {"ignore_index": ignore_index, "class_weighting": "inverse", "label_smoothing": 0.1}
+    out, grad = _run(dev, fused_wloss.cross_entropy, x.to(dev.device), t.int().to(dev.device), kw)
+    ref_out, ref_grad = _run(KernelDevice("ref"), reference.cross_entropy, x, t, kw)
+    assert_close(out.cpu(), ref_out, torch.float64, "value")
+    assert_close(grad.cpu(), ref_grad, torch.float64, "gradient")
+
+
 def test_noncontiguous_inputs(dev):
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(40, 70, generator=gen, dtype=torch.float64)

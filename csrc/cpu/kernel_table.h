@@ -36,6 +36,7 @@ struct CeInputs {
   double sum_w;              // sum_c class_w[c] (C without class weights)
   int64_t ignore_index;
   double label_smoothing;
+  double gamma;              // focal-loss focusing; 0 for plain cross-entropy
 };
 
 struct CeForwardArgs {
@@ -83,6 +84,8 @@ struct BceArgs {
   const void* grad_elems;     // acc_t[rows * L] upstream gradient ("none"), or nullptr
   double grad_scalar;
   void* grad_input;           // scalar_t[rows * L]
+  // sigmoid focal loss (bce_focal_loss): gamma 0 and alpha < 0 for plain BCE
+  double gamma, alpha;
 };
 
 using CeForwardFn = void (*)(const CeForwardArgs&, int64_t chunk, CePartial* out);

@@ -235,7 +235,9 @@ struct CeForward {
         const double s = sw ? static_cast<double>(sw[row]) : 1.0;
         const double nll = (md - x_t) + ls;
         const double smooth_sum = smooth ? sum_w * ls - static_cast<double>(sum_wd) : 0.0;
-        loss = s * ce_index_loss(nll, smooth_sum, w_t, eps, num_classes);
+        // focal loss (gamma > 0; never with label smoothing, the Python layer refuses that)
+        const double focal_nll = focal_ce_loss(nll, a.in.gamma);
+        loss = s * ce_index_loss(focal_nll, smooth_sum, w_t, eps, num_classes);
         part->loss_sum += loss;
         part->weight_sum += s * w_t;
         part->valid += 1;
@@ -419,7 +421,12 @@ struct CeBackward {
     }
     const acc_t w_t = cw ? cw[t] : acc_t(1);
     const acc_t g = grad_rows ? grad_rows[r] : static_cast<acc_t>(a.grad_scalar);
-    const acc_t scale = g * (sw ? sw[r] : acc_t(1));
+    acc_t scale = g * (sw ? sw[r] : acc_t(1));
+    if (a.in.gamma != 0.0) {  // focal loss: d loss / d x_c = G (p_c - [c == t]) times the weights
+      const CeLayout& l = a.in.layout;
+      const double nll = lse[r] - static_cast<double>(x[ce_row_offset(r, l.C, l.P) + t * l.P]);
+      scale *= static_cast<acc_t>(focal_ce_grad_factor(nll, a.in.gamma));
+    }
     *t_out = t;
     *w_t_out = w_t;
     return ce_index_grad_coeffs(scale, w_t, sum_w, eps, num_classes);
@@ -641,10 +648,52 @@ struct Bce {
     return at::vec::maximum(zero - v, zero) + log1p_e;
   }
 
+  // The sigmoid focal loss (gamma != 0 or alpha >= 0) runs element by element through the shared
+  // bce_focal_loss / bce_focal_grad: correct first; the plain loss keeps the vector path.
+  bool focal() const { return a.gamma != 0.0 || a.alpha >= 0.0; }
+
+  void scalar_weights(int64_t i, int64_t j, acc_t* neg, acc_t* pos, acc_t* w) const {
+    *neg = neg_w ? neg_w[j] : acc_t(1);
+    *pos = pos_w ? pos_w[j] : acc_t(1);
+    if (elem_pos_w) *pos *= elem_pos_w[i];
+    *w = elem_w ? elem_w[i] : acc_t(1);
+    if (sw) *w *= sw[i / a.L];
+  }
+
+  double focal_forward_chunk(int64_t begin, int64_t count) const {
+    scalar_t* out = static_cast<scalar_t*>(a.loss_out);
+    const acc_t gamma = static_cast<acc_t>(a.gamma), alpha = static_cast<acc_t>(a.alpha);
+    double total = 0;
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t i = begin + j;
+      acc_t neg, pos, w;
+      scalar_weights(i, j, &neg, &pos, &w);
+      const acc_t loss = w * bce_focal_loss(static_cast<acc_t>(x[i]), static_cast<acc_t>(t[i]), neg, pos, gamma, alpha);
+      if (out) out[i] = static_cast<scalar_t>(loss);
+      total += static_cast<double>(loss);
+    }
+    return total;
+  }
+
+  void focal_backward_chunk(int64_t begin, int64_t count) const {
+    const acc_t* ge = static_cast<const acc_t*>(a.grad_elems);
+    scalar_t* gx = static_cast<scalar_t*>(a.grad_input);
+    const acc_t gamma = static_cast<acc_t>(a.gamma), alpha = static_cast<acc_t>(a.alpha);
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t i = begin + j;
+      acc_t neg, pos, w;
+      scalar_weights(i, j, &neg, &pos, &w);
+      const acc_t g = ge ? ge[i] : static_cast<acc_t>(a.grad_scalar);
+      gx[i] = static_cast<scalar_t>(
+          g * w * bce_focal_grad(static_cast<acc_t>(x[i]), static_cast<acc_t>(t[i]), neg, pos, gamma, alpha));
+    }
+  }
+
   double forward_chunk(int64_t chunk) const {
     const int64_t r0 = chunk * a.rows_per_chunk;
     const int64_t r1 = std::min(a.rows, r0 + a.rows_per_chunk);
     const int64_t begin = r0 * a.L, count = (r1 - r0) * a.L;
+    if (focal()) return focal_forward_chunk(begin, count);
     scalar_t* out = static_cast<scalar_t*>(a.loss_out);
     const Vec one(acc_t(1)), zero(acc_t(0));
     double total = 0;
@@ -676,6 +725,7 @@ struct Bce {
     const int64_t r0 = chunk * a.rows_per_chunk;
     const int64_t r1 = std::min(a.rows, r0 + a.rows_per_chunk);
     const int64_t begin = r0 * a.L, count = (r1 - r0) * a.L;
+    if (focal()) return focal_backward_chunk(begin, count);
     const acc_t* ge = static_cast<const acc_t*>(a.grad_elems);
     scalar_t* gx = static_cast<scalar_t*>(a.grad_input);
     const Vec one(acc_t(1)), zero(acc_t(0)), gs(static_cast<acc_t>(a.grad_scalar));

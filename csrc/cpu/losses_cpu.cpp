@@ -245,7 +245,7 @@ CeCall ce_call(const at::Tensor& input, const at::Tensor& target, int64_t reduct
 
 CeInputs ce_inputs(const CeShape& s, const at::Tensor& x, const at::Tensor& t,
                    const at::Tensor& class_w, const at::Tensor& sw, int64_t ignore_index,
-                   double label_smoothing) {
+                   double label_smoothing, double gamma) {
   CeInputs in{};
   in.layout = make_ce_layout(s.N, s.C, s.P);
   in.input = x.data_ptr();
@@ -256,6 +256,7 @@ CeInputs ce_inputs(const CeShape& s, const at::Tensor& x, const at::Tensor& t,
   in.sum_w = sum_in_order(class_w, s.C);
   in.ignore_index = ignore_index;
   in.label_smoothing = label_smoothing;
+  in.gamma = gamma;
   return in;
 }
 
@@ -264,7 +265,7 @@ CeInputs ce_inputs(const CeShape& s, const at::Tensor& x, const at::Tensor& t,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& sample_weight, int64_t ignore_index, double label_smoothing,
-    int64_t reduction, int64_t scheme, double smoothing, double beta) {
+    int64_t reduction, int64_t scheme, double smoothing, double beta, double gamma) {
   const auto [s, di, acc, x, t, rows] = ce_call(input, target, reduction);
 
   const at::Tensor class_w =
@@ -275,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   if (reduction == kNone) loss_rows = at::empty(s.loss_shape, x.options());
 
   CeForwardArgs args{};
-  args.in = ce_inputs(s, x, t, class_w, sw, ignore_index, label_smoothing);
+  args.in = ce_inputs(s, x, t, class_w, sw, ignore_index, label_smoothing, gamma);
   args.loss_out = loss_rows.defined() ? loss_rows.data_ptr() : nullptr;
   args.lse_out = lse.data_ptr<double>();
 
@@ -319,7 +320,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
                                       const c10::optional<at::Tensor>& sample_weight,
                                       const at::Tensor& lse, const at::Tensor& norm,
                                       int64_t ignore_index, double label_smoothing,
-                                      int64_t reduction) {
+                                      int64_t reduction, double gamma) {
   const auto [s, di, acc, x, t, rows] = ce_call(input, target, reduction);
   TORCH_CHECK(lse.numel() == rows, "fused_wloss: lse must have ", rows, " elements");
   const at::Tensor class_w =
@@ -329,7 +330,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   at::Tensor grad_input = empty_large_output(x.sizes(), x.options());
 
   CeBackwardArgs args{};
-  args.in = ce_inputs(s, x, t, class_w, sw, ignore_index, label_smoothing);
+  args.in = ce_inputs(s, x, t, class_w, sw, ignore_index, label_smoothing, gamma);
   args.lse = lse_d.data_ptr<double>();
   at::Tensor grad_rows;
   if (reduction == kNone) {
@@ -448,7 +449,8 @@ BcePlan make_bce_plan(const at::Tensor& input, const at::Tensor& target,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward_cpu(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& pos_weight, const c10::optional<at::Tensor>& sample_weight,
-    int64_t reduction, int64_t scheme, double smoothing, double beta, bool balanced) {
+    int64_t reduction, int64_t scheme, double smoothing, double beta, bool balanced, double gamma,
+    double alpha) {
   const int di = dtype_index(input.scalar_type());
   const at::ScalarType acc = acc_dtype(input.scalar_type());
   const BceShape s = bce_shape(input, target);
@@ -473,6 +475,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward_cpu(
     });
   }
   BcePlan p = make_bce_plan(input, target, weight, pos_weight, sample_weight, neg_dyn, pos_dyn);
+  p.args.gamma = gamma;
+  p.args.alpha = alpha;
   at::Tensor loss_elems;
   if (reduction == kNone) {
     loss_elems = at::empty(input.sizes(), input.options());
@@ -502,11 +506,13 @@ at::Tensor bce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input
                             const c10::optional<at::Tensor>& pos_weight,
                             const c10::optional<at::Tensor>& sample_weight,
                             const at::Tensor& neg_label_weight, const at::Tensor& pos_label_weight,
-                            int64_t reduction) {
+                            int64_t reduction, double gamma, double alpha) {
   const int di = dtype_index(input.scalar_type());
   const at::ScalarType acc = acc_dtype(input.scalar_type());
   BcePlan p = make_bce_plan(input, target, weight, pos_weight, sample_weight, neg_label_weight,
                             pos_label_weight);
+  p.args.gamma = gamma;
+  p.args.alpha = alpha;
   at::Tensor grad_input = empty_large_output(input.sizes(), input.options());
   at::Tensor grad_elems;
   if (reduction == kNone) {

@@ -22,6 +22,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -85,14 +86,21 @@ struct alignas(16) Pack {
   T v[kSize];
 };
 
+// Through uint4, so that nvcc emits one 128-bit access (a Pack of c10::Half or c10::BFloat16
+// copied as a struct becomes eight 16-bit stores).
 template <typename T>
 __device__ __forceinline__ Pack<T> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T>*>(p);
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  Pack<T> v;
+  memcpy(&v, &u, sizeof(v));
+  return v;
 }
 
 template <typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T>& v) {
-  *reinterpret_cast<Pack<T>*>(p) = v;
+  uint4 u;
+  memcpy(&u, &v, sizeof(u));
+  *reinterpret_cast<uint4*>(p) = u;
 }
 
 // exp in acc_t through exp2 (one multiply and the hardware's exp2 on the GPU)

@@ -47,6 +47,7 @@ struct CeKernelArgs {
   int64_t rows, C, P;
   int64_t ignore_index;
   double eps;             // label smoothing
+  double gamma;           // focal-loss focusing, 0 for plain cross-entropy
   int group;              // lanes per row (kBlockPerRow = false, P == 1)
   // forward
   double* lse;              // [rows]
@@ -74,9 +75,11 @@ __device__ __forceinline__ void stats_add(RowStats<acc_t>& st, const acc_t* v, i
   acc_t cm = -std::numeric_limits<acc_t>::infinity();
   for (int k = 0; k < n; ++k) cm = v[k] > cm ? v[k] : cm;  // NaN never wins; it shows in the sum
   const acc_t m = st.max > cm ? st.max : cm;
-  if (m == -std::numeric_limits<acc_t>::infinity()) {  // nothing but -inf so far
-    if (smooth)
-      for (int k = 0; k < n; ++k) st.wsum += class_w ? class_w[c0 + k] : acc_t(1);
+  if (m == -std::numeric_limits<acc_t>::infinity()) {  // nothing but -inf (or NaN) so far
+    for (int k = 0; k < n; ++k) {
+      if (v[k] != v[k]) st.sum = v[k];  // a NaN logit makes the row NaN, as in torch
+      if (smooth) st.wsum += class_w ? class_w[c0 + k] : acc_t(1);
+    }
     return;
   }
   st = row_stats_rebase(st, m);
@@ -163,7 +166,8 @@ __device__ __forceinline__ CePartialSums ce_forward_row_epilogue(const CeKernelA
     const double nll = (md - x_t) + ls;
     const double smooth_sum =
         a.eps > 0.0 ? static_cast<double>(st.wsum) * ls - static_cast<double>(st.wdiff) : 0.0;
-    out.loss_sum = s * ce_index_loss<double>(nll, smooth_sum, w_t, a.eps, static_cast<double>(a.C));
+    out.loss_sum = s * ce_index_loss<double>(focal_ce_loss(nll, a.gamma), smooth_sum, w_t, a.eps,
+                                             static_cast<double>(a.C));
     out.weight_sum = s * w_t;
     out.valid = 1;
   }
@@ -247,7 +251,11 @@ __global__ void ce_backward_kernel(CeKernelArgs<scalar_t> a) {
                       "fused_wloss.cross_entropy: target out of range: class indices must be in [0, C) or ignore_index");
   }
   const acc_t w_t = ignored ? acc_t(0) : (a.class_w ? a.class_w[t] : acc_t(1));
-  const acc_t scale = ignored ? acc_t(0) : ce_upstream_grad(a, row) * (a.sample_w ? a.sample_w[row] : acc_t(1));
+  acc_t scale = ignored ? acc_t(0) : ce_upstream_grad(a, row) * (a.sample_w ? a.sample_w[row] : acc_t(1));
+  if (a.gamma != 0.0 && !ignored) {  // focal loss: d loss / d x_c = G (p_c - [c == t]) times the weights
+    const double nll = a.lse[row] - static_cast<double>(to_acc(xr[t * a.P]));
+    scale *= static_cast<acc_t>(focal_ce_grad_factor(nll, a.gamma));
+  }
   const acc_t sum_w = a.sum_w ? *a.sum_w : static_cast<acc_t>(a.C);
   const CeGradCoeffs<acc_t> k = ce_index_grad_coeffs<acc_t>(scale, w_t, sum_w, static_cast<acc_t>(a.eps),
                                                             static_cast<acc_t>(a.C));
@@ -379,6 +387,7 @@ struct BceKernelArgs {
   const acc_t* elem_w;      // [numel] or nullptr
   const acc_t* elem_pos_w;  // [numel] or nullptr
   const acc_t* sample_w;    // [numel / L] or nullptr
+  acc_t gamma, alpha;       // sigmoid focal loss; gamma 0 and alpha < 0 for plain BCE
   // forward
   scalar_t* loss_elems;     // [numel] for "none", else nullptr
   double* partials;         // [gridDim.x]
@@ -389,15 +398,21 @@ struct BceKernelArgs {
 };
 
 // The weights of element i: w (static x sample weight), neg and pos (label and pos weights).
+// The row and label of element i are divided out only when a weight needs them (a 64-bit
+// division is a long instruction sequence on the GPU).
 template <typename acc_t, typename Args>
 __device__ __forceinline__ void bce_weights(const Args& a, int64_t i, acc_t* w, acc_t* neg, acc_t* pos) {
-  const int64_t row = i / a.L;
-  const int64_t l = i - row * a.L;
-  *neg = a.neg_label ? a.neg_label[l] : acc_t(1);
-  *pos = a.pos_label ? a.pos_label[l] : acc_t(1);
-  if (a.elem_pos_w) *pos *= a.elem_pos_w[i];
+  *neg = acc_t(1);
+  *pos = acc_t(1);
   *w = a.elem_w ? a.elem_w[i] : acc_t(1);
-  if (a.sample_w) *w *= a.sample_w[row];
+  if (a.elem_pos_w) *pos = a.elem_pos_w[i];
+  if (a.neg_label || a.pos_label || a.sample_w) {
+    const int64_t row = a.L == 1 ? i : i / a.L;
+    const int64_t l = i - row * a.L;
+    if (a.neg_label) *neg = a.neg_label[l];
+    if (a.pos_label) *pos *= a.pos_label[l];
+    if (a.sample_w) *w *= a.sample_w[row];
+  }
 }
 
 template <typename scalar_t>
@@ -410,7 +425,9 @@ __global__ void bce_forward_kernel(BceKernelArgs<scalar_t> a) {
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     acc_t w, neg, pos;
     bce_weights(a, i, &w, &neg, &pos);
-    const acc_t loss = w * bce_loss<acc_t>(to_acc(a.x[i]), to_acc(a.t[i]), neg, pos);
+    const acc_t xi = to_acc(a.x[i]), ti = to_acc(a.t[i]);
+    const acc_t loss = w * (a.gamma != acc_t(0) || a.alpha >= acc_t(0) ? bce_focal_loss(xi, ti, neg, pos, a.gamma, a.alpha)
+                                                                       : bce_loss(xi, ti, neg, pos));
     if (a.loss_elems) a.loss_elems[i] = static_cast<scalar_t>(loss);
     sum += loss;
   }
@@ -436,7 +453,10 @@ __global__ void bce_backward_kernel(BceKernelArgs<scalar_t> a, double divisor) {
     acc_t w, neg, pos;
     bce_weights(a, i, &w, &neg, &pos);
     const acc_t g = a.reduction == kNone ? to_acc(a.grad_out[i]) : g_all;
-    a.grad_x[i] = static_cast<scalar_t>(g * w * bce_grad<acc_t>(to_acc(a.x[i]), to_acc(a.t[i]), neg, pos));
+    const acc_t xi = to_acc(a.x[i]), ti = to_acc(a.t[i]);
+    const acc_t d = a.gamma != acc_t(0) || a.alpha >= acc_t(0) ? bce_focal_grad(xi, ti, neg, pos, a.gamma, a.alpha)
+                                                                : bce_grad(xi, ti, neg, pos);
+    a.grad_x[i] = static_cast<scalar_t>(g * w * d);
   }
 }
 

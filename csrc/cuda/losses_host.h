@@ -69,9 +69,10 @@ inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes
     l.group = static_cast<int>(threads_per_row(C, per_vec, 2, kWarpSize));
     l.threads = kRowsBlock;
     l.blocks = ceil_div(rows, kRowsBlock / l.group);
-  } else {  // a block per row, about four vectors a thread
+  } else {  // a block per row, about four vectors a thread; at most 512 threads, so that two
+            // blocks fit on an SM at the kernels' register count
     l.block_per_row = true;
-    l.group = static_cast<int>(threads_per_row(C, per_vec, 4, 1024));
+    l.group = static_cast<int>(threads_per_row(C, per_vec, 4, 512));
     l.group = std::max(l.group, 128);
     l.threads = l.group;
     l.blocks = rows;
@@ -83,7 +84,7 @@ inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes
 template <typename scalar_t>
 CeKernelArgs<scalar_t> ce_kernel_args(const CeShape& s, const CeLaunch& l, const at::Tensor& x, const at::Tensor& t,
                                       const at::Tensor& class_w, const at::Tensor& sum_w, const at::Tensor& sw,
-                                      int64_t ignore_index, double label_smoothing) {
+                                      int64_t ignore_index, double label_smoothing, double gamma) {
   using acc_t = acc_t_of<scalar_t>;
   CeKernelArgs<scalar_t> a{};
   a.x = x.data_ptr<scalar_t>();
@@ -97,6 +98,7 @@ CeKernelArgs<scalar_t> ce_kernel_args(const CeShape& s, const CeLaunch& l, const
   a.P = s.P;
   a.ignore_index = ignore_index;
   a.eps = label_smoothing;
+  a.gamma = gamma;
   a.group = l.group;
   return a;
 }
@@ -161,7 +163,7 @@ inline std::pair<at::Tensor, at::Tensor> ce_class_weights(const at::Tensor& targ
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& sample_weight, int64_t ignore_index, double label_smoothing,
-    int64_t reduction, int64_t scheme, double smoothing, double beta) {
+    int64_t reduction, int64_t scheme, double smoothing, double beta, double gamma) {
   check_kernel_dtype(input.scalar_type());
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
   TORCH_CHECK(target.device() == input.device(), "fused_wloss: target must be on the input's device ",
@@ -205,7 +207,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
   at::Tensor partials = at::empty({l.blocks * static_cast<int64_t>(sizeof(CePartialSums))}, x.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_wloss_ce_forward", [&] {
     using acc_t = acc_t_of<scalar_t>;
-    CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing);
+    CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing, gamma);
     a.lse = lse.data_ptr<double>();
     a.loss_rows = ptr_or_null<scalar_t>(loss_rows);
     a.partials = reinterpret_cast<CePartialSums*>(partials.data_ptr());
@@ -222,7 +224,7 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
                                          const at::Tensor& target, const at::Tensor& class_weight,
                                          const c10::optional<at::Tensor>& sample_weight, const at::Tensor& lse,
                                          const at::Tensor& norm, int64_t ignore_index, double label_smoothing,
-                                         int64_t reduction) {
+                                         int64_t reduction, double gamma) {
   check_kernel_dtype(input.scalar_type());
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
   const CeShape s = ce_shape(input, target);
@@ -263,7 +265,7 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
   const CeLaunch l = ce_launch(rows, s.C, s.P, x.element_size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_wloss_ce_backward", [&] {
     using acc_t = acc_t_of<scalar_t>;
-    CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing);
+    CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing, gamma);
     a.lse = const_cast<double*>(lse_d.data_ptr<double>());
     a.grad_out = g.data_ptr<scalar_t>();
     a.norm = ptr_or_null<acc_t>(n);
@@ -278,7 +280,7 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
 
 constexpr int kBceThreads = 256;
 constexpr int64_t kBceElemsPerBlock = 4096;
-constexpr int64_t kBceSegments = 64;
+constexpr int64_t kBceMaxSegments = 1024;
 
 struct BceTensors {
   BceShape shape;
@@ -307,7 +309,7 @@ inline BceTensors bce_tensors(const at::Tensor& input, const at::Tensor& target,
 }
 
 template <typename scalar_t>
-BceKernelArgs<scalar_t> bce_args(const BceTensors& b) {
+BceKernelArgs<scalar_t> bce_args(const BceTensors& b, double gamma, double alpha) {
   using acc_t = acc_t_of<scalar_t>;
   BceKernelArgs<scalar_t> a{};
   a.x = b.x.data_ptr<scalar_t>();
@@ -320,13 +322,15 @@ BceKernelArgs<scalar_t> bce_args(const BceTensors& b) {
   a.elem_w = ptr_or_null<acc_t>(b.elem_w);
   a.elem_pos_w = ptr_or_null<acc_t>(b.elem_pos_w);
   a.sample_w = ptr_or_null<acc_t>(b.sw);
+  a.gamma = static_cast<acc_t>(gamma);
+  a.alpha = static_cast<acc_t>(alpha);
   return a;
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& pos_weight, const c10::optional<at::Tensor>& sample_weight, int64_t reduction,
-    int64_t scheme, double smoothing, double beta, bool balanced) {
+    int64_t scheme, double smoothing, double beta, bool balanced, double gamma, double alpha) {
   check_kernel_dtype(input.scalar_type());
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
   TORCH_CHECK(target.device() == input.device(), "fused_wloss: target must be on the input's device ",
@@ -345,7 +349,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
     pos_dyn = at::empty({s.L}, input.options().dtype(acc));
     if (s.L > 0) {
       const at::Tensor tc = target.contiguous();
-      const int64_t segments = std::max<int64_t>(1, std::min<int64_t>(kBceSegments, s.rows));
+      // enough segments to keep the GPU busy, bounded so that the partials stay small
+      const int64_t segments = std::max<int64_t>(
+          1, std::min({s.rows, kBceMaxSegments, std::max<int64_t>(1, (int64_t(1) << 22) / s.L)}));
       const int64_t per = ceil_div(std::max<int64_t>(s.rows, 1), segments);
       at::Tensor part = at::empty({segments * s.L}, input.options().dtype(at::kDouble));
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tc.scalar_type(), "fused_wloss_bce_counts", [&] {
@@ -371,7 +377,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
   const int64_t blocks = ceil_div(numel, kBceElemsPerBlock);
   at::Tensor partials = at::empty({blocks}, input.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_wloss_bce_forward", [&] {
-    BceKernelArgs<scalar_t> a = bce_args<scalar_t>(b);
+    BceKernelArgs<scalar_t> a = bce_args<scalar_t>(b, gamma, alpha);
     a.loss_elems = ptr_or_null<scalar_t>(loss_elems);
     a.partials = partials.data_ptr<double>();
     launch_kernel(bce_forward_kernel<scalar_t>, dim3(blocks), dim3(kBceThreads), 0, stream, a);
@@ -387,7 +393,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
 inline at::Tensor bce_backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
                                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
                                const c10::optional<at::Tensor>& sample_weight, const at::Tensor& neg_label_weight,
-                               const at::Tensor& pos_label_weight, int64_t reduction) {
+                               const at::Tensor& pos_label_weight, int64_t reduction, double gamma,
+                               double alpha) {
   check_kernel_dtype(input.scalar_type());
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
   const CallContext call(input);
@@ -408,7 +415,7 @@ inline at::Tensor bce_backward(const at::Tensor& grad_loss, const at::Tensor& in
   const double divisor = reduction == kSum || reduction == kNone ? 1.0 : static_cast<double>(numel);
   const int64_t blocks = std::min<int64_t>(ceil_div(numel, kBceThreads), int64_t(1) << 20);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_wloss_bce_backward", [&] {
-    BceKernelArgs<scalar_t> a = bce_args<scalar_t>(b);
+    BceKernelArgs<scalar_t> a = bce_args<scalar_t>(b, gamma, alpha);
     a.grad_out = g.data_ptr<scalar_t>();
     a.reduction = static_cast<int>(reduction);
     a.grad_x = grad_input.data_ptr<scalar_t>();

@@ -204,6 +204,9 @@ class BlockScheduler {
     std::abort();  // unreachable: fail() never resumes the fiber
   }
 
+  // Called from a fiber: a misuse found before the fiber reaches a meeting point; never returns.
+  [[noreturn]] void misuse(const std::string& what) { fail(ctx().self, what); }
+
   int num_threads() const { return static_cast<int>(fibers_.size()); }
 
  private:
@@ -268,9 +271,9 @@ class BlockScheduler {
     const int w = s.width;
     const int seg = lane & ~(w - 1);
     switch (s.kind) {
-      case kShflXor: {
-        const int src = lane ^ s.src_arg;
-        return (src >= seg && src < seg + w) ? src : lane;
+      case kShflXor: {  // a group may read earlier groups, not later ones
+        const int src = lane ^ (s.src_arg & (kWarpSize - 1));
+        return src < seg + w ? src : lane;
       }
       case kShflDown: {
         const int src = lane + s.src_arg;
@@ -466,7 +469,8 @@ inline T from_bits(uint64_t b) {
 template <typename T>
 inline T shuffle(int kind, unsigned mask, T v, int arg, int width, int line) {
   if (width <= 0 || width > kWarpSize || (width & (width - 1)) != 0) {
-    throw Error("fused_wloss CUDA emulation: shuffle width " + std::to_string(width) + " is not a power of 2 <= 32");
+    ctx().sched->misuse("shuffle width " + std::to_string(width) + " (line " + std::to_string(line) +
+                        ") is not a power of 2 <= 32");
   }
   WarpSlot s;
   s.mask = mask;
@@ -600,4 +604,7 @@ struct alignas(16) float4 {
 };
 struct alignas(16) int4 {
   int x, y, z, w;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
 };
