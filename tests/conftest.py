@@ -21,6 +21,13 @@ BCE_IMPLS = {
 }
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "big: needs several GB of memory (the 2^31-element test); deselect with -m 'not big' "
+        "or skip with FUSED_WLOSS_SKIP_BIG=1",
+    )
+
+
 def pytest_report_header(config):
     return (
         f"torch {torch.__version__}; fused_wloss backend: cpu={fused_wloss.backend('cpu')}"
