@@ -69,6 +69,22 @@ def test_block_allreduce(threads):
     assert torch.equal(run("block_sum", threads, 2), torch.full((2 * threads,), threads * (threads - 1) // 2))
 
 
+def test_scratch_reuse_behind_a_barrier_is_correct():
+    threads = 128
+    out = run("scratch_reuse", threads, 2)
+    assert torch.equal(out, torch.full((2 * threads,), threads * (threads - 1) // 2 * 10000 + threads))
+
+
+def test_a_missing_barrier_before_scratch_reuse_shows_up():
+    """Without the trailing barrier warp 0, run ahead (block 0), writes the second call's partial
+    into scratch[0] before warps 1-3 have read the first call's result: a GPU may do the same."""
+    threads = 128
+    expected = threads * (threads - 1) // 2 * 10000 + threads
+    out = run("racy_scratch_reuse", threads, 2).view(2, threads)
+    assert torch.equal(out[0, :32], torch.full((32,), expected))  # warp 0 read in time
+    assert not torch.equal(out[0, 32:], torch.full((threads - 32,), expected))
+
+
 def test_atomics_across_blocks():
     out = run("atomics", 64, 5)
     assert out[0].item() == 64 * (1 + 2 + 3 + 4 + 5)

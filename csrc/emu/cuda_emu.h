@@ -4,7 +4,10 @@
 //
 // Model. A launch runs its blocks one after another on the calling thread. The threads of a block
 // are fibers (ucontext) that the block scheduler runs in turn, each until it reaches a point
-// where CUDA threads meet: __syncthreads, a warp shuffle or vote, or its end. A meeting point is
+// where CUDA threads meet: __syncthreads, a warp shuffle or vote, or its end. One warp runs as far
+// as it can before the next starts (warps in increasing order in even blocks, decreasing in odd
+// ones), so a warp that races ahead and overwrites shared memory another warp has yet to read,
+// for want of a barrier, changes the result. A meeting point is
 // released only when every thread CUDA says takes part has arrived, with CUDA's semantics:
 // - __syncthreads: every thread of the block. A thread that exits while others wait at a barrier
 //   (a barrier in divergent code) is reported, as is a barrier some threads never reach.
@@ -16,9 +19,9 @@
 // their stacks).
 //
 // What it does not model: timing, coalescing, caches, the memory consistency of a real GPU
-// (fibers switch only at meeting points, so a race between two threads of a block that a
-// barrier should order goes unseen unless it changes the result), independent thread scheduling
-// inside a warp, and several blocks in flight at once.
+// (fibers switch only at meeting points, so a race between threads of one warp, or one that the
+// two warp orders above do not expose, goes unseen), independent thread scheduling inside a warp,
+// and several blocks in flight at once. Static __shared__ memory is not refilled between blocks.
 //
 // Memory: __shared__ variables are function-local statics per host thread (one block runs at a
 // time per host thread, as on one SM with one resident block); dynamic shared memory
@@ -142,7 +145,13 @@ class BlockScheduler {
   }
 
   // Runs body() as every thread of the block; throws Error on misuse.
-  void run(const std::function<void()>& body, const dim3& block) {
+  //
+  // Schedule: one warp at a time runs as far as it can, through its own warp operations, until
+  // it waits at __syncthreads or ends; then the next warp. Warps go in increasing order in even
+  // blocks and decreasing order in odd ones. Both are schedules a GPU may pick, and running a
+  // warp ahead of the others is the adversarial one for shared memory: a warp that overwrites
+  // what another has not read yet, for want of a barrier, changes the result.
+  void run(const std::function<void()>& body, const dim3& block, bool reverse_warps = false) {
     body_ = &body;
     error_.clear();
     const int n = static_cast<int>(fibers_.size());
@@ -159,16 +168,26 @@ class BlockScheduler {
       f.ctx.uc_link = &main_;
       makecontext(&f.ctx, reinterpret_cast<void (*)()>(&BlockScheduler::entry), 0);
     }
+    const int warps = (n + kWarpSize - 1) / kWarpSize;
     for (;;) {
-      for (Fiber& f : fibers_) {
-        if (f.state == FiberState::Runnable) switch_to(f);
-        if (!error_.empty()) throw Error(error_);
+      for (int k = 0; k < warps; ++k) {
+        const int w0 = (reverse_warps ? warps - 1 - k : k) * kWarpSize;
+        const int w1 = std::min(n, w0 + kWarpSize);
+        bool progress = true;
+        while (progress) {
+          for (int i = w0; i < w1; ++i) {
+            if (fibers_[i].state == FiberState::Runnable) switch_to(fibers_[i]);
+            if (!error_.empty()) throw Error(error_);
+          }
+          progress = release_warp(w0);
+          if (!error_.empty()) throw Error(error_);
+        }
       }
       if (std::all_of(fibers_.begin(), fibers_.end(),
                       [](const Fiber& f) { return f.state == FiberState::Done; })) {
         return;
       }
-      const bool released = release_warps() || release_barrier();
+      const bool released = release_barrier();
       if (!error_.empty()) throw Error(error_);
       if (!released) throw Error(describe_stall());
     }
@@ -290,11 +309,12 @@ class BlockScheduler {
     }
   }
 
-  // Releases every warp operation all of whose lanes have arrived. Returns whether any was.
-  bool release_warps() {
+  // Releases every warp operation of the warp starting at thread w0 all of whose lanes have
+  // arrived. Returns whether any was.
+  bool release_warp(int w0) {
     bool any = false;
     const int n = num_threads();
-    for (int w0 = 0; w0 < n; w0 += kWarpSize) {
+    {
       const int lanes = std::min(kWarpSize, n - w0);
       for (int l = 0; l < lanes; ++l) {
         Fiber& f = fibers_[w0 + l];
@@ -447,7 +467,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
       for (unsigned x = 0; x < grid.x; ++x) {
         c.block_idx = {x, y, z};
         std::fill(c.dynamic_smem.begin(), c.dynamic_smem.end(), 0xFF);
-        sched.run(body, block);
+        sched.run(body, block, ((x + y + z) & 1u) != 0);
       }
 }
 

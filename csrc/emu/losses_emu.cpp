@@ -71,6 +71,39 @@ __global__ void block_sum_kernel(int64_t* out) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = v;
 }
 
+// block_allreduce_sum twice on the same scratch: its trailing barrier keeps the second call from
+// overwriting what the first has not read yet.
+__global__ void scratch_reuse_kernel(int64_t* out) {
+  __shared__ int64_t scratch[32];
+  const int64_t first = cuda::block_allreduce_sum(static_cast<int64_t>(threadIdx.x), scratch);
+  const int64_t second = cuda::block_allreduce_sum(int64_t(1), scratch);
+  out[blockIdx.x * blockDim.x + threadIdx.x] = first * 10000 + second;
+}
+
+// The same without that barrier: a race on a GPU, which the warp-ahead schedule must expose as a
+// wrong result in some warp.
+__device__ int64_t block_sum_without_trailing_barrier(int64_t v, int64_t* scratch) {
+  const int warp = threadIdx.x / warpSize, lane = threadIdx.x % warpSize;
+  const int warps = blockDim.x / warpSize;
+  v = cuda::group_allreduce(v, warpSize, cuda::SumOp{});
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    int64_t w = lane < warps ? scratch[lane] : 0;
+    w = cuda::group_allreduce(w, warpSize, cuda::SumOp{});
+    if (lane == 0) scratch[0] = w;
+  }
+  __syncthreads();
+  return scratch[0];
+}
+
+__global__ void racy_scratch_reuse_kernel(int64_t* out) {
+  __shared__ int64_t scratch[32];
+  const int64_t first = block_sum_without_trailing_barrier(static_cast<int64_t>(threadIdx.x), scratch);
+  const int64_t second = block_sum_without_trailing_barrier(int64_t(1), scratch);
+  out[blockIdx.x * blockDim.x + threadIdx.x] = first * 10000 + second;
+}
+
 // Every thread of every block adds its block number + 1 to one counter.
 __global__ void atomics_kernel(int64_t* out) {
   atomicAdd(reinterpret_cast<unsigned long long*>(out), static_cast<unsigned long long>(blockIdx.x + 1));
@@ -127,6 +160,10 @@ at::Tensor selftest(const std::string& name, int64_t threads, int64_t blocks) {
     launch_kernel(dynamic_reverse_kernel, g, b, threads * sizeof(int64_t), nullptr, p);
   } else if (name == "block_sum") {
     launch_kernel(block_sum_kernel, g, b, 0, nullptr, p);
+  } else if (name == "scratch_reuse") {
+    launch_kernel(scratch_reuse_kernel, g, b, 0, nullptr, p);
+  } else if (name == "racy_scratch_reuse") {
+    launch_kernel(racy_scratch_reuse_kernel, g, b, 0, nullptr, p);
   } else if (name == "atomics") {
     launch_kernel(atomics_kernel, g, b, 0, nullptr, p);
   } else if (name == "missing_barrier") {
