@@ -12,7 +12,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: setup test bench clean cuda-lane
+.PHONY: setup test bench clean cuda-lane check-deep
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 
 test: setup
 	FUSED_WLOSS_REQUIRE_EMU=1 $(VPY) -m pytest tests -q
+
+# The reliability lane's sanitizer run (README, "The reliability lane"): every compiled module rebuilt
+# with ASan+UBSan into build/sanitizers, the kernel, bad-input, fuzz and thread tests run against it.
+# Kept out of `make test` for its time (a few minutes); .ci/run runs both.
+check-deep: setup
+	$(VPY) tests/sanitizers/run.py
 
 # The CUDA lane, on a machine with a GPU (see .ci/cuda_lane): the CUDA tests, compute-sanitizer and
 # the GPU benchmark, with that machine's own python3 and torch and a JIT build.
