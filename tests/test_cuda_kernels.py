@@ -353,8 +353,11 @@ def test_cuda_graph_capture(gpu):
     static_x.grad.zero_()
     graph.replay()
     torch.cuda.synchronize()
-    ref = reference.cross_entropy(x.detach().double(), t, **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    x64 = x.detach().double().requires_grad_(True)
+    ref = reference.cross_entropy(x64, t, **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    ref.backward()
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(static_x.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_compile_reduce_overhead(gpu):
@@ -365,5 +368,11 @@ def test_compile_reduce_overhead(gpu):
 
     compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
     for _ in range(3):
-        out = compiled(x, t)
-    torch.testing.assert_close(out, reference.cross_entropy(x, t, class_weighting="inverse"), rtol=1e-5, atol=1e-6)
+        xg = x.detach().clone().requires_grad_(True)
+        out = compiled(xg, t)
+        out.backward()
+    xr = x.detach().clone().requires_grad_(True)
+    expected = reference.cross_entropy(xr, t, class_weighting="inverse")
+    expected.backward()
+    torch.testing.assert_close(out.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-7)
