@@ -168,7 +168,7 @@ def cross_entropy_checked(
             if gamma > 0.0:  # focal: (1 - p_t)^gamma * nll, 1 - p_t = -expm1(-nll)
                 nll = _focal_factor(-torch.expm1(-nll), gamma) * nll
         else:  # no class: every target is ignored (the range check saw to it)
-            nll = torch.zeros(t.shape, dtype=dtype, device=t.device)
+            nll = x.sum(dim=1) * 0.0  # zeros that keep the graph: the input's gradient is 0, not missing
         target_w = valid.to(dtype)
         if class_w is not None and num_classes > 0:
             target_w = torch.where(valid, class_w[safe_t], 0.0)
@@ -181,7 +181,8 @@ def cross_entropy_checked(
             row_w = valid.to(dtype)
             if sample_weight is not None:
                 row_w = row_w * sample_weight.to(dtype)
-            loss = (1.0 - eps) * loss + (eps / num_classes) * row_w * smooth
+            smooth_scale = eps / num_classes if num_classes > 0 else 0.0  # no class: every target ignored
+            loss = (1.0 - eps) * loss + smooth_scale * row_w * smooth
         # ignored elements leave the graph entirely: their gradient is 0 whatever the normaliser
         loss = torch.where(valid, loss, torch.zeros_like(loss))
         mean_denominator = target_w.sum()

@@ -97,3 +97,17 @@ def test_half_precision_follows_torch(ce_impl, bce_impl):
         out = bce_impl(x.to(dtype), t.to(dtype))
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), F.binary_cross_entropy_with_logits(x, t), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_no_classes_with_label_smoothing_keeps_the_graph(ce_impl, reduction):
+    """C = 0: every target is ignored; the loss is 0 ("mean": NaN, 0 / 0) and the input's gradient
+    is a zero tensor, not missing; label smoothing adds nothing (there is no class to smooth over)."""
+    x = torch.zeros(3, 0, dtype=torch.float64, requires_grad=True)
+    t = torch.full((3,), -100)
+    loss = ce_impl(x, t, label_smoothing=0.1, reduction=reduction)
+    expected = {"none": torch.zeros(3, dtype=torch.float64), "sum": torch.tensor(0.0, dtype=torch.float64),
+                "mean": torch.tensor(float("nan"), dtype=torch.float64)}[reduction]
+    torch.testing.assert_close(loss.detach(), expected, equal_nan=True)
+    loss.sum().backward()
+    assert x.grad is not None and x.grad.shape == (3, 0)
