@@ -300,6 +300,9 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="the same as --compile none")
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds of repeated calls per implementation and mode (default 0.15 quick, 0.5 full)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and fused_wloss (default: torch's, one per core); "
+                   "1 gives steadier times on a machine that other jobs share")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory and saved-bytes measurements")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--out", default=None,
@@ -310,6 +313,8 @@ def parse_args(argv=None):
         p.error(f"--device cuda: torch sees no CUDA GPU here (torch {torch.__version__}, "
                 f"CUDA build {torch.version.cuda or 'none'}, torch.cuda.is_available() is False). "
                 "Run it on a machine with an NVIDIA GPU, or use --device cpu.")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads: expected a positive number of threads, got {args.threads}")
     if args.dtype:
         bad = [d for d in args.dtype.split(",") if d not in ("float32", "bfloat16", "float16", "float64")]
         if bad:
@@ -341,9 +346,18 @@ def select_cases(args):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _main(parse_args(argv), argv)
+    finally:
+        torch.set_num_threads(threads)  # --threads does not outlive the run (in-process callers)
+
+
+def _main(args, argv) -> int:
     # torch.compile imports cpp_extension, which warns that this machine has no CUDA runtime
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
