@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Optional, Tuple, Union
 
 import pytest
@@ -47,7 +46,7 @@ import fused_wloss
 from fused_wloss import BatchWeighting, _extension, ops, reference
 
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, event, example, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -56,18 +55,11 @@ pytestmark = pytest.mark.skipif(
     f"{_extension.load_error()}",
 )
 
-_ENV_EXAMPLES = os.environ.get("FUSED_WLOSS_HYPOTHESIS_EXAMPLES")
+from fuzzing import fuzz_settings  # noqa: E402
 
 
 def _settings(default_examples: int):
-    return settings(
-        max_examples=int(_ENV_EXAMPLES) if _ENV_EXAMPLES else default_examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    )
+    return fuzz_settings(default_examples, HealthCheck.filter_too_much)
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Optional, Tuple, Union
 
 import pytest
@@ -32,7 +31,7 @@ import fused_wloss
 from fused_wloss import BatchWeighting, _extension, ops, reference
 
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -41,18 +40,11 @@ pytestmark = pytest.mark.skipif(
     f"{_extension.load_error()}",
 )
 
-_ENV_EXAMPLES = os.environ.get("FUSED_WLOSS_HYPOTHESIS_EXAMPLES")
+from fuzzing import fuzz_settings  # noqa: E402
 
 
 def _settings(default_examples: int):
-    return settings(
-        max_examples=int(_ENV_EXAMPLES) if _ENV_EXAMPLES else default_examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    return fuzz_settings(default_examples)
 
 
 TOLERANCES = {torch.float64: (1e-9, 1e-11), torch.float32: (1e-4, 1e-5)}
