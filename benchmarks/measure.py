@@ -149,6 +149,40 @@ def summarize(times: List[float]) -> dict:
             "reps": len(times)}
 
 
+# -- other processes ---------------------------------------------------------------------------------
+
+class OtherLoad:
+    """The share of the machine's CPU time that other processes used between ``start`` and ``stop``
+    (Linux: /proc/stat's busy time minus this process's own CPU time), or None where unknown. On a
+    shared machine it tells which timings other jobs disturbed: a 2-thread parallel region waits for
+    whichever of its threads another process has descheduled, so small calls inflate most."""
+
+    def __init__(self):
+        self._start = None
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle, iowait
+        t = os.times()
+        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+    def start(self):
+        self._start = self._sample()
+
+    def stop(self) -> Optional[float]:
+        end = self._sample()
+        if self._start is None or end is None:
+            return None
+        wall = end[0] - self._start[0]
+        others = (end[1] - self._start[1]) - (end[2] - self._start[2])
+        return max(0.0, min(1.0, others / (wall * (os.cpu_count() or 1)))) if wall > 0 else None
+
+
 # -- memory ------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager

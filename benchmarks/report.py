@@ -28,9 +28,10 @@ def format_table(rows, mode: str) -> str:
     names = impl_order(rows)
     w = 15
     lines = [f"== {MODE_TITLES[mode]}: fused_wloss median ms (±half IQR); every other column: its time / "
-             f"fused_wloss's (> 1: fused_wloss faster), its median ms in brackets ==",
+             f"fused_wloss's (> 1: fused_wloss faster), its median ms in brackets; others: the CPU share "
+             f"other processes used meanwhile ==",
              f"{'case':28} {'MB':>6} " + " ".join(f"{n:>{w}}" for n in names)
-             + f" {'floor ms':>8} {'%floor bw':>9}"]
+             + f" {'floor ms':>8} {'%floor bw':>9} {'others':>6}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['case']:28} {r['error']}")
@@ -45,8 +46,13 @@ def format_table(rows, mode: str) -> str:
             cells.append(f"{t[n]['median_ms'] / ours:.2f}x ({_fmt_ms(t[n]['median_ms'])})" if n in t else "-")
         floor = t["floor"]["median_ms"]
         lines.append(f"{r['case']:28} {r['logits_mb']:6.1f} " + " ".join(f"{c:>{w}}" for c in cells)
-                     + f" {_fmt_ms(floor):>8} {_pct(100 * floor / ours):>9}")
+                     + f" {_fmt_ms(floor):>8} {_pct(100 * floor / ours):>9} {_others(r):>6}")
     return "\n".join(lines)
+
+
+def _others(r) -> str:
+    v = r.get("other_load")
+    return "?" if v is None else f"{100 * v:.0f}%"
 
 
 def format_memory(rows) -> str:
@@ -67,8 +73,15 @@ def format_memory(rows) -> str:
     return "\n".join(lines)
 
 
+BUSY = 0.10  # other processes' share of the CPUs above which a case's times are flagged
+
+
 def format_notes(rows) -> str:
     lines = []
+    busy = [f"{r['case']} ({100 * r['other_load']:.0f}%)" for r in rows if (r.get("other_load") or 0) > BUSY]
+    if busy:
+        lines.append("other processes used a share of the CPUs while these cases were timed, so their times "
+                     "are inflated (small calls most): " + ", ".join(busy))
     for r in rows:
         for name, msg in r.get("skipped", {}).items():
             lines.append(f"{r['case']}: {name} not timed: {msg}")
@@ -82,7 +95,7 @@ def format_notes(rows) -> str:
 
 CSV_FIELDS = ["case", "loss", "shape", "weighting", "dtype", "logits_mb", "impl", "mode", "median_ms",
               "q1_ms", "q3_ms", "min_ms", "reps", "gb_per_s", "floor_ms", "pct_floor_bandwidth",
-              "ratio_to_fused", "peak_mb", "saved_mb", "backend", "device", "device_name", "cores",
+              "ratio_to_fused", "peak_mb", "saved_mb", "other_load", "backend", "device", "device_name", "cores",
               "torch", "date"]
 
 
@@ -111,6 +124,7 @@ def write_csv(path: Path, machine: dict, rows) -> None:
                         "ratio_to_fused": f"{m['median_ms'] / ours['median_ms']:.3f}" if ours else "",
                         "peak_mb": f"{mem['peak_bytes'] / 2**20:.2f}" if "peak_bytes" in mem else "",
                         "saved_mb": f"{mem['saved_bytes'] / 2**20:.2f}" if "saved_bytes" in mem else "",
+                        "other_load": "" if r.get("other_load") is None else f"{r['other_load']:.3f}",
                         "backend": r["backend"], "device": machine["device"], "device_name": device_name,
                         "cores": machine["cores"], "torch": machine["torch"], "date": machine["date"],
                     })
@@ -246,8 +260,8 @@ def markdown_table(data: dict, mode: str = "fwd+bwd") -> str:
     floor's bandwidth, and peak / saved memory next to torch's."""
     lines = [f"| case | logits MB | fused_wloss ms | vs reference | vs torch | vs recipe | vs torch.compile "
              f"| % of floor bandwidth | peak MB: ours / torch | saved for backward MB: ours / torch "
-             f"| forward only vs torch |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| forward only vs torch | other jobs' CPU share |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ratio(t, name, m):
         return f"{t[name][m]['median_ms'] / t['fused_wloss'][m]['median_ms']:.1f}x" if name in t else "-"
@@ -258,7 +272,7 @@ def markdown_table(data: dict, mode: str = "fwd+bwd") -> str:
 
     for r in data["rows"]:
         if "timings" not in r:
-            lines.append(f"| {r['case']} | | {r.get('error', 'not timed')} |" + " |" * 8)
+            lines.append(f"| {r['case']} | | {r.get('error', 'not timed')} |" + " |" * 9)
             continue
         t = r["timings"]
         ours = t["fused_wloss"][mode]
@@ -270,7 +284,7 @@ def markdown_table(data: dict, mode: str = "fwd+bwd") -> str:
             f"| {ratio(t, 'torch', mode)} | {ratio(t, 'recipe', mode)} | {ratio(t, best, mode) if best else '-'} "
             f"| {_pct(ours['pct_floor_bandwidth'])} | {mem(r, 'fused_wloss', 'peak_bytes')} / "
             f"{mem(r, torch_name, 'peak_bytes')} | {mem(r, 'fused_wloss', 'saved_bytes')} / "
-            f"{mem(r, torch_name, 'saved_bytes')} | {ratio(t, torch_name, 'fwd')} |")
+            f"{mem(r, torch_name, 'saved_bytes')} | {ratio(t, torch_name, 'fwd')} | {_others(r)} |")
     return "\n".join(lines)
 
 

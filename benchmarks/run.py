@@ -199,6 +199,8 @@ def run_case(case: Case, device, compile_mode: str, liger, timer: Timer, with_me
     floors, traffic = floor_calls(case, inputs, device)
     shared = inputs.x.detach().clone().requires_grad_()
     row["timings"] = {}
+    other_load = measure.OtherLoad()
+    other_load.start()
     for mode in ("fwd+bwd", "fwd", "bwd"):
         items = [Timed("floor", lambda _, f=floors[mode]: f())]
         items += [timed_calls(impl, inputs, shared, mode) for impl in impls.values()]
@@ -211,6 +213,7 @@ def run_case(case: Case, device, compile_mode: str, liger, timer: Timer, with_me
             _release(device)
         lap(mode)
         progress.update(1)
+    row["other_load"] = other_load.stop()  # share of the CPUs other processes used while this case was timed
     if any(m not in row["timings"].get("floor", {}) for m in MODES) or "fused_wloss" not in impls:
         row["error"] = f"not timed: {skipped.get('fused_wloss') or skipped.get('floor')}"
         row.pop("timings")

@@ -31,7 +31,8 @@ CUDA_ONLY_IMPLS = ["liger"]  # Liger-Kernel's Triton cross entropy, when it is i
 MODES = ["fwd", "bwd", "fwd+bwd"]
 
 # every case compiles the same torch code for a new shape: allow more than the default 8 versions
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+setattr(torch._dynamo.config, _LIMIT, max(getattr(torch._dynamo.config, _LIMIT), 256))
 
 
 @pytest.fixture(scope="session")
