@@ -120,7 +120,6 @@ class Impl:
     fn: Callable
     # writes into its input logits (Liger stores the gradient there): every call gets a fresh copy
     destructive: bool = False
-    note: str = ""
 
 
 # -- the torch code users write today ---------------------------------------------------------------

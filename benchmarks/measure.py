@@ -47,8 +47,8 @@ def tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
 
 
-def value_and_grad(fn: Callable, inputs, destructive: bool = False):
-    """The loss and the gradient of the logits, in float64."""
+def value_and_grad(fn: Callable, inputs):
+    """The loss and the gradient of the logits (from a fresh copy of them), in float64."""
     xx = inputs.x.detach().clone().requires_grad_()
     loss = fn(xx, inputs.y, inputs.w, inputs.s)
     if loss.dim() != 0:

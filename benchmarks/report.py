@@ -258,9 +258,9 @@ def markdown_table(data: dict, mode: str = "fwd+bwd") -> str:
     """A Markdown table of a results file: fused_wloss's median, its speed-up over each baseline
     (their time / ours; for torch.compile the faster of the compiled baselines), its share of the
     floor's bandwidth, and peak / saved memory next to torch's."""
-    lines = [f"| case | logits MB | fused_wloss ms | vs reference | vs torch | vs recipe | vs torch.compile "
-             f"| % of floor bandwidth | peak MB: ours / torch | saved for backward MB: ours / torch "
-             f"| forward only vs torch | other jobs' CPU share |",
+    lines = ["| case | logits MB | fused_wloss ms | vs reference | vs torch | vs recipe | vs torch.compile "
+             "| % of floor bandwidth | peak MB: ours / torch | saved for backward MB: ours / torch "
+             "| forward only vs torch | other jobs' CPU share |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ratio(t, name, m):
