@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -117,6 +118,36 @@ inline std::pair<at::Tensor, at::Tensor> fold_bce_label_weights(const BceWeight&
   const at::Tensor nd = neg_dyn.numel() > 0 ? neg_dyn.to(acc) : at::Tensor();
   const at::Tensor pd = pos_dyn.numel() > 0 ? pos_dyn.to(acc) : at::Tensor();
   return {mul(w.label, nd), mul(mul(w.label, pw.label), pd)};
+}
+
+// What the CPU and the CUDA BCE operators both read: contiguous input and target, the weights
+// that vary per element (undefined where absent), the sample weight per row, and the folded
+// per-label weights of the negative and the positive part (contiguous, undefined where all 1).
+struct BceInputs {
+  BceShape shape;
+  at::Tensor x, t, neg_label, pos_label, elem_w, elem_pos_w, sw;
+};
+
+inline BceInputs bce_inputs(const at::Tensor& input, const at::Tensor& target,
+                            const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& pos_weight,
+                            const c10::optional<at::Tensor>& sample_weight,
+                            const at::Tensor& neg_dyn, const at::Tensor& pos_dyn) {
+  BceInputs b;
+  b.shape = bce_shape(input, target);
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const int64_t L = b.shape.L;
+  b.x = input.contiguous();
+  b.t = target.contiguous();
+  const BceWeight w = classify_weight(weight, input, L, acc, "weight");
+  const BceWeight pw = classify_weight(pos_weight, input, L, acc, "pos_weight");
+  b.elem_w = w.full;
+  b.elem_pos_w = pw.full;
+  b.sw = as_acc(sample_weight, acc, "sample_weight", b.shape.rows);
+  std::tie(b.neg_label, b.pos_label) = fold_bce_label_weights(w, pw, neg_dyn, pos_dyn, L, acc);
+  if (b.neg_label.defined()) b.neg_label = b.neg_label.contiguous();
+  if (b.pos_label.defined()) b.pos_label = b.pos_label.contiguous();
+  return b;
 }
 
 }  // namespace fused_wloss

@@ -398,9 +398,9 @@ void label_counts(const at::Tensor& t, const BceShape& s, std::vector<double>* p
 }
 
 struct BcePlan {
-  BceShape shape;
+  BceInputs in;
   BceArgs args{};
-  at::Tensor x, t, neg_period, pos_period, elem_w, elem_pos_w, sw;
+  at::Tensor neg_period, pos_period;
 };
 
 // Folds the per-label static weight, per-label pos_weight and the dynamic weights into the two
@@ -411,36 +411,25 @@ BcePlan make_bce_plan(const at::Tensor& input, const at::Tensor& target,
                       const c10::optional<at::Tensor>& sample_weight, const at::Tensor& neg_dyn,
                       const at::Tensor& pos_dyn) {
   BcePlan p;
-  p.shape = bce_shape(input, target);
-  const at::ScalarType acc = acc_dtype(input.scalar_type());
-  const int64_t L = p.shape.L;
-  p.x = input.contiguous();
-  p.t = target.contiguous();
-  const BceWeight w = classify_weight(weight, input, L, acc, "weight");
-  const BceWeight pw = classify_weight(pos_weight, input, L, acc, "pos_weight");
-  p.elem_w = w.full;
-  p.elem_pos_w = pw.full;
-  p.sw = as_acc(sample_weight, acc, "sample_weight", p.shape.rows);
-
-  const auto [neg_label, pos_label] = fold_bce_label_weights(w, pw, neg_dyn, pos_dyn, L, acc);
-
-  p.args.rows = p.shape.rows;
+  p.in = bce_inputs(input, target, weight, pos_weight, sample_weight, neg_dyn, pos_dyn);
+  const int64_t L = p.in.shape.L;
+  p.args.rows = p.in.shape.rows;
   p.args.L = L;
   p.args.rows_per_chunk = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
-  p.args.num_chunks = L > 0 ? (p.shape.rows + p.args.rows_per_chunk - 1) / p.args.rows_per_chunk : 0;
-  const int64_t period_rows = std::min(p.args.rows_per_chunk, std::max<int64_t>(p.shape.rows, 1));
+  p.args.num_chunks = L > 0 ? (p.in.shape.rows + p.args.rows_per_chunk - 1) / p.args.rows_per_chunk : 0;
+  const int64_t period_rows = std::min(p.args.rows_per_chunk, std::max<int64_t>(p.in.shape.rows, 1));
   auto period = [&](const at::Tensor& label) {
-    return label.defined() ? label.contiguous().repeat({period_rows}) : at::Tensor();
+    return label.defined() ? label.repeat({period_rows}) : at::Tensor();
   };
-  p.neg_period = period(neg_label);
-  p.pos_period = period(pos_label);
-  p.args.input = p.x.data_ptr();
-  p.args.target = p.t.data_ptr();
+  p.neg_period = period(p.in.neg_label);
+  p.pos_period = period(p.in.pos_label);
+  p.args.input = p.in.x.data_ptr();
+  p.args.target = p.in.t.data_ptr();
   p.args.neg_label_w = p.neg_period.defined() ? p.neg_period.data_ptr() : nullptr;
   p.args.pos_label_w = p.pos_period.defined() ? p.pos_period.data_ptr() : nullptr;
-  p.args.elem_w = p.elem_w.defined() ? p.elem_w.data_ptr() : nullptr;
-  p.args.elem_pos_w = p.elem_pos_w.defined() ? p.elem_pos_w.data_ptr() : nullptr;
-  p.args.sample_w = p.sw.defined() ? p.sw.data_ptr() : nullptr;
+  p.args.elem_w = p.in.elem_w.defined() ? p.in.elem_w.data_ptr() : nullptr;
+  p.args.elem_pos_w = p.in.elem_pos_w.defined() ? p.in.elem_pos_w.data_ptr() : nullptr;
+  p.args.sample_w = p.in.sw.defined() ? p.in.sw.data_ptr() : nullptr;
   return p;
 }
 

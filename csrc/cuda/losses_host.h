@@ -282,34 +282,8 @@ constexpr int kBceThreads = 256;
 constexpr int64_t kBceElemsPerBlock = 4096;
 constexpr int64_t kBceMaxSegments = 1024;
 
-struct BceTensors {
-  BceShape shape;
-  at::Tensor x, t, neg_label, pos_label, elem_w, elem_pos_w, sw;
-};
-
-inline BceTensors bce_tensors(const at::Tensor& input, const at::Tensor& target,
-                              const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pos_weight,
-                              const c10::optional<at::Tensor>& sample_weight, const at::Tensor& neg_dyn,
-                              const at::Tensor& pos_dyn) {
-  BceTensors b;
-  b.shape = bce_shape(input, target);
-  const at::ScalarType acc = acc_dtype(input.scalar_type());
-  const int64_t L = b.shape.L;
-  b.x = input.contiguous();
-  b.t = target.contiguous();
-  const BceWeight w = classify_weight(weight, input, L, acc, "weight");
-  const BceWeight pw = classify_weight(pos_weight, input, L, acc, "pos_weight");
-  b.elem_w = w.full;
-  b.elem_pos_w = pw.full;
-  b.sw = as_acc(sample_weight, acc, "sample_weight", b.shape.rows);
-  std::tie(b.neg_label, b.pos_label) = fold_bce_label_weights(w, pw, neg_dyn, pos_dyn, L, acc);
-  if (b.neg_label.defined()) b.neg_label = b.neg_label.contiguous();
-  if (b.pos_label.defined()) b.pos_label = b.pos_label.contiguous();
-  return b;
-}
-
 template <typename scalar_t>
-BceKernelArgs<scalar_t> bce_args(const BceTensors& b, double gamma, double alpha) {
+BceKernelArgs<scalar_t> bce_args(const BceInputs& b, double gamma, double alpha) {
   using acc_t = acc_t_of<scalar_t>;
   BceKernelArgs<scalar_t> a{};
   a.x = b.x.data_ptr<scalar_t>();
@@ -366,7 +340,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
       });
     }
   }
-  const BceTensors b = bce_tensors(input, target, weight, pos_weight, sample_weight, neg_dyn, pos_dyn);
+  const BceInputs b = bce_inputs(input, target, weight, pos_weight, sample_weight, neg_dyn, pos_dyn);
   const int64_t numel = b.x.numel();
   at::Tensor loss_elems = reduction == kNone ? at::empty(input.sizes(), input.options()) : at::Tensor();
   at::Tensor loss = reduction == kNone ? loss_elems : at::empty({}, input.options());
@@ -399,8 +373,8 @@ inline at::Tensor bce_backward(const at::Tensor& grad_loss, const at::Tensor& in
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
   const CallContext call(input);
   const cudaStream_t stream = call.stream();
-  const BceTensors b =
-      bce_tensors(input, target, weight, pos_weight, sample_weight, neg_label_weight, pos_label_weight);
+  const BceInputs b =
+      bce_inputs(input, target, weight, pos_weight, sample_weight, neg_label_weight, pos_label_weight);
   const int64_t numel = b.x.numel();
   at::Tensor grad_input = at::empty(input.sizes(), input.options());
   if (reduction == kNone) {
