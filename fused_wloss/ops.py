@@ -58,6 +58,25 @@ def _scheme_args(weighting: Optional[BatchWeighting]):
 
 # ---- cross-entropy --------------------------------------------------------------------------------
 
+def _eager_autograd(input: torch.Tensor) -> bool:
+    """Whether a call that builds a graph takes the eager autograd.Function below instead of the
+    formula registered with torch.library. That formula costs about 100 us of Python per forward
+    and backward (filling schema defaults, redispatching through Python), as much as the kernels of
+    a 65536 x 10 batch; the Function calls the same operators below the autograd key. Traced or
+    transformed calls (torch.compile, torch.func, tensor subclasses) keep the registered formula,
+    which is what those systems understand."""
+    return (
+        type(input) is torch.Tensor
+        and input.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
 def _ce_forward_fake(input, target, weight, sample_weight, ignore_index, label_smoothing, reduction, scheme, smoothing, beta,
                      gamma=0.0):
     torch._check(input.dim() >= 1, lambda: "cross_entropy_forward: input must have at least 1 dimension")
@@ -118,11 +137,38 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
                   weighting: Optional[BatchWeighting], gamma: float = 0.0):
     """The kernel path of the public function, for calls ``ce_supported`` accepts."""
     scheme, smoothing, beta, _ = _scheme_args(weighting)
+    options = (ignore_index, label_smoothing, REDUCTION_CODES[reduction], scheme, smoothing, beta, gamma)
+    if _eager_autograd(input):
+        return _EagerCrossEntropy.apply(input, target, weight, sample_weight, options, _ops)
     loss, _lse, _class_weight, _norm = _ops.cross_entropy_forward(
-        input, target, weight, sample_weight, ignore_index, label_smoothing,
-        REDUCTION_CODES[reduction], scheme, smoothing, beta, gamma,
+        input, target, weight, sample_weight, *options
     )
     return loss
+
+
+class _EagerCrossEntropy(torch.autograd.Function):
+    """The eager-mode twin of the autograd formula registered on ``cross_entropy_forward``: the same
+    operators and saved tensors, without torch.library's per-call Python work (see _eager_autograd)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, sample_weight, options, ops):
+        with _below_autograd():
+            loss, lse, class_weight, norm = ops.cross_entropy_forward(input, target, weight, sample_weight, *options)
+        ctx.save_for_backward(input, target, sample_weight, lse, class_weight, norm)
+        ctx.options = (options[0], options[1], options[2], options[6])
+        ctx.ops = ops
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        input, target, sample_weight, lse, class_weight, norm = ctx.saved_tensors
+        args = (grad_loss, input, target, class_weight, sample_weight, lse, norm, *ctx.options)
+        if torch.is_grad_enabled():  # create_graph: the registered formula refuses double backward
+            grad_input = ctx.ops.cross_entropy_backward(*args)
+        else:
+            with _below_autograd():
+                grad_input = ctx.ops.cross_entropy_backward(*args)
+        return grad_input, None, None, None, None, None
 
 
 # ---- binary cross-entropy -------------------------------------------------------------------------
@@ -182,11 +228,36 @@ def binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weigh
                                      alpha: Optional[float] = None):
     """The kernel path of the public function, for calls ``bce_supported`` accepts."""
     scheme, smoothing, beta, balanced = _scheme_args(weighting)
-    loss, _neg, _pos = _ops.bce_forward(
-        input, target, weight, pos_weight, sample_weight, REDUCTION_CODES[reduction],
-        scheme, smoothing, beta, balanced, gamma, -1.0 if alpha is None else alpha,
-    )
+    options = (REDUCTION_CODES[reduction], scheme, smoothing, beta, balanced, gamma, -1.0 if alpha is None else alpha)
+    if _eager_autograd(input):
+        return _EagerBce.apply(input, target, weight, pos_weight, sample_weight, options, _ops)
+    loss, _neg, _pos = _ops.bce_forward(input, target, weight, pos_weight, sample_weight, *options)
     return loss
+
+
+class _EagerBce(torch.autograd.Function):
+    """The eager-mode twin of the formula registered on ``bce_forward`` (see _eager_autograd)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, pos_weight, sample_weight, options, ops):
+        with _below_autograd():
+            loss, neg_label_weight, pos_label_weight = ops.bce_forward(
+                input, target, weight, pos_weight, sample_weight, *options
+            )
+        ctx.save_for_backward(input, target, weight, pos_weight, sample_weight, neg_label_weight, pos_label_weight)
+        ctx.options = (options[0], options[5], options[6])
+        ctx.ops = ops
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        args = (grad_loss, *ctx.saved_tensors, *ctx.options)
+        if torch.is_grad_enabled():  # create_graph: the registered formula refuses double backward
+            grad_input = ctx.ops.bce_backward(*args)
+        else:
+            with _below_autograd():
+                grad_input = ctx.ops.bce_backward(*args)
+        return grad_input, None, None, None, None, None, None
 
 
 # ---- double backward: refused with a clear message -------------------------------------------------
