@@ -562,33 +562,38 @@ struct CeBackward {
     if (!true_class_written) gr[t] = static_cast<scalar_t>(ce_true_class_grad(k, p_of(xr[t], sf), w_t));
   }
 
-  // columns: like CeForward::columns; writes the gradient of every lane, then fixes the true class
-  // of the real lanes. `ka`, `ke`, `ref` hold the per-lane coefficients and shifts (Shift).
-  template <typename io_t>
-  void columns(const io_t* base, io_t* out, int64_t stride, int64_t n, const acc_t* ka,
-               const acc_t* ke, const acc_t* ref, bool with_e) const {
-    using CIO = Io<io_t>;
-    const int64_t C = a.in.layout.C;
-    const Vec va = Vec::loadu(ka), ve = Vec::loadu(ke), sh = shift_of(Vec::loadu(ref));
-    for (int64_t c = 0; c < C; ++c) {
-      const Vec v = n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
-      Vec g = va * exp_shifted(v, sh);
-      if (with_e) g = g - ve * Vec(cw ? cw[c] : acc_t(1));
-      CIO::store(out + c * stride, g, n);
-    }
-  }
-
   // The coefficients and shifts of the rows of one tile, one lane per row (see lane_coeffs).
   struct Lanes {
     alignas(64) acc_t ka[kTileLanes];   // coefficient of exp(x - ref): a * factor
     alignas(64) acc_t kb[kTileLanes];   // b, subtracted at the true class
     alignas(64) acc_t ke[kTileLanes];   // e, the label-smoothing term's coefficient of W_c
     alignas(64) acc_t ref[kTileLanes];  // Shift::ref
-    alignas(64) acc_t fac[kTileLanes];  // Shift::factor
-    alignas(64) acc_t kp[kTileLanes];   // a, the coefficient of p itself
-    alignas(64) acc_t wt[kTileLanes];   // W at the true class
     int64_t tt[kTileLanes];             // the true class, -1 for a row without gradient
+    alignas(64) at::vec::int_same_size_t<acc_t> ti[kTileLanes];  // tt, as lanes of a vector
   };
+
+  // columns: V rows whose class c sits at base + c * stride + lane (see CeForward::columns), with
+  // the coefficients of `L` from lane0 on; writes the whole gradient of the `n` real lanes: the
+  // true class's -b folded in where the lane's class equals c, rows without gradient zeroed.
+  template <typename io_t>
+  void columns(const io_t* base, io_t* out, int64_t stride, int64_t n, const Lanes& L,
+               int64_t lane0, bool with_e) const {
+    using CIO = Io<io_t>;
+    using VI = Vectorized<at::vec::int_same_size_t<acc_t>>;
+    const int64_t C = a.in.layout.C;
+    const Vec zero(acc_t(0));
+    const Vec va = Vec::loadu(L.ka + lane0), ve = Vec::loadu(L.ke + lane0), vb = Vec::loadu(L.kb + lane0);
+    const Vec sh = shift_of(Vec::loadu(L.ref + lane0));
+    const VI ti = VI::loadu(L.ti + lane0);
+    const Vec valid = at::vec::cast<acc_t>(ti >= VI(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec v = n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
+      Vec g = va * exp_shifted(v, sh);
+      if (with_e) g = g - ve * Vec(cw ? cw[c] : acc_t(1));
+      g = g - (vb & at::vec::cast<acc_t>(ti == VI(static_cast<at::vec::int_same_size_t<acc_t>>(c))));
+      CIO::store(out + c * stride, Vec::blendv(zero, g, valid), n);
+    }
+  }
 
   // Fill `L` for `lanes` rows r0, r0 + stride_rows, ...; the other lanes get zeros. Returns
   // whether any lane has a label-smoothing term.
@@ -597,19 +602,19 @@ struct CeBackward {
     for (int64_t j = 0; j < kTileLanes; ++j) {
       if (j < lanes) {
         const int64_t r = r0 + j * stride_rows;
-        const CeGradCoeffs<acc_t> k = coeffs(r, &L.tt[j], &L.wt[j]);
+        acc_t w_t;
+        const CeGradCoeffs<acc_t> k = coeffs(r, &L.tt[j], &w_t);
         const Shift sf = L.tt[j] < 0 ? Shift{acc_t(0), acc_t(0)} : shift_for(r);
         L.ka[j] = k.a * sf.factor;
         L.kb[j] = k.b;
         L.ke[j] = k.e;
         L.ref[j] = sf.ref;
-        L.fac[j] = sf.factor;
-        L.kp[j] = k.a;
         with_e = with_e || k.e != acc_t(0);
       } else {
-        L.ka[j] = L.kb[j] = L.ke[j] = L.ref[j] = L.kp[j] = L.fac[j] = L.wt[j] = acc_t(0);
+        L.ka[j] = L.kb[j] = L.ke[j] = L.ref[j] = acc_t(0);
         L.tt[j] = -1;
       }
+      L.ti[j] = static_cast<at::vec::int_same_size_t<acc_t>>(L.tt[j]);
     }
     return with_e;
   }
@@ -657,17 +662,7 @@ struct CeBackward {
         const int64_t lanes = std::min<int64_t>(V, p1 - p);
         const int64_t r0 = n * l.P + p;
         const bool with_e = lane_coeffs(L, r0, lanes, 1);
-        columns<scalar_t>(x + offset + p, gx + offset + p, l.P, lanes, L.ka, L.ke, L.ref, with_e);
-        for (int64_t j = 0; j < lanes; ++j) {
-          const int64_t i = offset + p + j;
-          if (L.tt[j] < 0) {
-            for (int64_t c = 0; c < l.C; ++c) gx[i + c * l.P] = scalar_t(0);
-            continue;
-          }
-          const int64_t it = i + L.tt[j] * l.P;
-          const acc_t p_t = p_of(x[it], Shift{L.ref[j], L.fac[j]});
-          gx[it] = static_cast<scalar_t>(ce_true_class_grad<acc_t>({L.kp[j], L.kb[j], L.ke[j]}, p_t, L.wt[j]));
-        }
+        columns<scalar_t>(x + offset + p, gx + offset + p, l.P, lanes, L, 0, with_e);
       }
       return;
     }
@@ -699,16 +694,10 @@ struct CeBackward {
       CeForward<scalar_t>::pack_tile(x + r * l.C, rows, l.C, tile);
       const bool with_e = lane_coeffs(L, r, rows, 1);
       for (int64_t j = 0; j < kTileLanes; j += V) {
-        columns<acc_t>(tile + j, gtile + j, kTileLanes, V, L.ka + j, L.ke + j, L.ref + j, with_e);
+        columns<acc_t>(tile + j, gtile + j, kTileLanes, V, L, j, with_e);
       }
       for (int64_t j = 0; j < rows; ++j) {
         scalar_t* gr = gx + (r + j) * l.C;
-        if (L.tt[j] < 0) {
-          std::fill(gr, gr + l.C, scalar_t(0));
-          continue;
-        }
-        // the tile holds a p_t - e W_t at the true class, in acc_t: subtract b there
-        gtile[L.tt[j] * kTileLanes + j] -= L.kb[j];
         for (int64_t c = 0; c < l.C; ++c) gr[c] = static_cast<scalar_t>(gtile[c * kTileLanes + j]);
       }
     }
