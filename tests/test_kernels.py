@@ -462,6 +462,24 @@ def test_streamed_gradient_matches_reference(isa, num_classes):
         torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_labels", [1001, 1024], ids=["unaligned-chunks", "aligned-chunks"])
+def test_bce_streamed_gradient_matches_reference(isa, num_labels):
+    """A float32 BCE gradient of 16 MB or more is streamed too: each chunk of rows stores a head up
+    to the first aligned address, whole vectors with non-temporal stores, and a tail; with 1001
+    labels the chunks start at every alignment."""
+    gen = torch.Generator().manual_seed(10)
+    n = (16 << 20) // (4 * num_labels) + 5
+    x = torch.randn(n, num_labels, generator=gen) * 4
+    t = (torch.rand(n, num_labels, generator=gen) < 0.3).float()
+    w = torch.rand(num_labels, generator=gen) + 0.5
+    for kwargs in ({}, {"weight": w, "pos_weight": w.flip(0)}, {"class_weighting": "inverse"}):
+        got = _value_and_grad(fused_wloss.binary_cross_entropy_with_logits, x, t, reduction="sum", **kwargs)
+        expected = _value_and_grad(reference.binary_cross_entropy_with_logits, x.double(), t.double(), reduction="sum",
+                                   **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        torch.testing.assert_close(got[0].double(), expected[0], rtol=1e-5, atol=0)
+        torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e5])
 @pytest.mark.parametrize("shape, smoothing", [((8, 100), 0.0), ((8, 1000), 0.1), ((4, 7), 0.1), ((2, 9, 20), 0.1)],
                          ids=["rows", "rows-smooth", "tiled-smooth", "kdim-smooth"])

@@ -86,6 +86,7 @@ struct BceArgs {
   void* grad_input;           // scalar_t[rows * L]
   // sigmoid focal loss (bce_focal_loss): gamma 0 and alpha < 0 for plain BCE
   double gamma, alpha;
+  bool streaming_stores;      // write the gradient with non-temporal stores (a large float32 one)
 };
 
 using CeForwardFn = void (*)(const CeForwardArgs&, int64_t chunk, CePartial* out);

@@ -515,6 +515,7 @@ at::Tensor bce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input
     p.args.grad_scalar = g;
   }
   p.args.grad_input = grad_input.data_ptr();
+  p.args.streaming_stores = grad_input.nbytes() >= (size_t(16) << 20);  // as cross-entropy's
   if (p.args.num_chunks > 0) {
     const BceBackwardFn fn = kernels().bce_backward[di];
     at::parallel_for(0, p.args.num_chunks, 1, [&](int64_t b, int64_t e) {
