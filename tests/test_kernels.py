@@ -480,6 +480,24 @@ def test_bce_streamed_gradient_matches_reference(isa, num_labels):
         torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3000, 7), (40000, 3), (1030, 31), (700, 45), (2050, 33)],
+                         ids=["flat-blocks-and-rest", "flat-whole-blocks", "flat-widest", "rows-tail", "rows-one-full"])
+def test_bce_label_sums_of_dynamic_weights(isa, dtype, shape):
+    """The per-label target sums behind the dynamic BCE weights: few labels go through flat vectors
+    (V rows at a time, lanes of several labels), many through vectors along each row; both in
+    blocks, with rows and labels left over. Soft targets, so every sum is a real addition."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    t = torch.rand(shape, generator=gen).to(dtype)
+    t[::3] = (t[::3] > 0.7).to(dtype)
+    _, stats = fused_wloss.binary_cross_entropy_with_logits(x, t, class_weighting="balanced", return_stats=True)
+    td = t.double()
+    pos, neg = td.sum(0), (1.0 - td).sum(0)
+    torch.testing.assert_close(stats.pos_weight.double(), 1.0 / (pos + 1.0), rtol=2e-6, atol=0)
+    torch.testing.assert_close(stats.neg_weight.double(), 1.0 / (neg + 1.0), rtol=2e-6, atol=0)
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e5])
 @pytest.mark.parametrize("shape, smoothing", [((8, 100), 0.0), ((8, 1000), 0.1), ((4, 7), 0.1), ((2, 9, 20), 0.1)],
                          ids=["rows", "rows-smooth", "tiled-smooth", "kdim-smooth"])

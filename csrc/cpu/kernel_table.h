@@ -93,6 +93,8 @@ using CeForwardFn = void (*)(const CeForwardArgs&, int64_t chunk, CePartial* out
 using CeBackwardFn = void (*)(const CeBackwardArgs&, int64_t chunk);
 using BceForwardFn = double (*)(const BceArgs&, int64_t chunk);  // returns the chunk's loss sum
 using BceBackwardFn = void (*)(const BceArgs&, int64_t chunk);
+// Adds rows [r0, r1) of (rows, L) contiguous targets into acc[L] (float64), per label.
+using BceLabelSumsFn = void (*)(const void* target, int64_t L, int64_t r0, int64_t r1, double* acc);
 
 struct KernelTable {
   const char* isa;  // "default", "avx2", "avx512"
@@ -101,6 +103,7 @@ struct KernelTable {
   CeBackwardFn ce_backward[kNumDtypes];
   BceForwardFn bce_forward[kNumDtypes];
   BceBackwardFn bce_backward[kNumDtypes];
+  BceLabelSumsFn bce_label_sums[kNumDtypes];
 };
 
 // Rows of one tile of the tiled (small C) and the K-dim paths: a multiple of every vector width.

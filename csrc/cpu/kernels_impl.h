@@ -28,6 +28,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "../fused_wloss_math.h"
 #include "kernel_table.h"
@@ -909,6 +910,55 @@ void bce_backward_chunk(const BceArgs& args, int64_t chunk) {
   Bce<scalar_t>(args).backward_chunk(chunk);
 }
 
+// The label sums of the dynamic BCE weights: each vector lane adds up 64 targets in acc_t (exact
+// for 0/1 targets), then goes into the float64 sums; a fixed order, so the same doubles for any
+// thread count.
+template <typename scalar_t>
+void bce_label_sums(const void* target, int64_t L, int64_t r0, int64_t r1, double* acc) {
+  using acc_t = acc_type_t<scalar_t>;
+  using IO = Io<scalar_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t kBlockRows = 64;
+  const scalar_t* t = static_cast<const scalar_t*>(target);
+  if (L < 2 * V) {
+    // few labels: V rows at a time are L flat vectors, lane i of vector k holding label
+    // (k V + i) % L; blocks of up to 64 V rows so, the last rows (fewer than V) element by element
+    Vec sums[2 * V];
+    alignas(64) acc_t lanes[V];
+    int16_t label_of[2 * V * V];
+    for (int64_t f = 0; f < L * V; ++f) label_of[f] = static_cast<int16_t>(f % L);
+    int64_t r = r0;
+    for (int64_t rows; (rows = std::min(kBlockRows * V, (r1 - r) / V * V)) > 0; r += rows) {
+      for (int64_t k = 0; k < L; ++k) sums[k] = Vec(acc_t(0));
+      for (int64_t p = r; p < r + rows; p += V) {
+        const scalar_t* tp = t + p * L;
+        for (int64_t k = 0; k < L; ++k) sums[k] = sums[k] + IO::load(tp + k * V);
+      }
+      for (int64_t k = 0; k < L; ++k) {
+        sums[k].store(lanes);
+        for (int64_t i = 0; i < V; ++i) acc[label_of[k * V + i]] += static_cast<double>(lanes[i]);
+      }
+    }
+    for (; r < r1; ++r)
+      for (int64_t l = 0; l < L; ++l) acc[l] += static_cast<double>(t[r * L + l]);
+    return;
+  }
+  const int64_t full = L - L % V;
+  std::vector<acc_t> block(static_cast<size_t>(L));
+  for (int64_t rb = r0; rb < r1; rb += kBlockRows) {
+    const int64_t re = std::min(r1, rb + kBlockRows);
+    std::fill(block.begin(), block.end(), acc_t(0));
+    for (int64_t r = rb; r < re; ++r) {  // row by row: the targets stream in order
+      const scalar_t* tr = t + r * L;
+      int64_t l = 0;
+      for (; l < full; l += V) (Vec::loadu(block.data() + l) + IO::load(tr + l)).store(block.data() + l);
+      for (; l < L; ++l) block[l] += static_cast<acc_t>(tr[l]);
+    }
+    for (int64_t l = 0; l < L; ++l) acc[l] += static_cast<double>(block[l]);
+  }
+}
+
 #define FWL_STR2(x) #x
 #define FWL_STR(x) FWL_STR2(x)
 
@@ -924,6 +974,8 @@ inline const KernelTable* kernel_table() {
        &bce_forward_chunk<c10::BFloat16>},
       {&bce_backward_chunk<float>, &bce_backward_chunk<double>, &bce_backward_chunk<c10::Half>,
        &bce_backward_chunk<c10::BFloat16>},
+      {&bce_label_sums<float>, &bce_label_sums<double>, &bce_label_sums<c10::Half>,
+       &bce_label_sums<c10::BFloat16>},
   };
   return &table;
 }

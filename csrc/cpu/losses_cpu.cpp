@@ -374,16 +374,11 @@ void label_counts(const at::Tensor& t, const BceShape& s, std::vector<double>* p
   const int64_t per = (s.rows + segments - 1) / segments;
   std::vector<double> part(static_cast<size_t>(segments) * s.L, 0.0);
   const at::Tensor tc = t.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tc.scalar_type(), "label_counts", [&] {
-    const scalar_t* tp = tc.data_ptr<scalar_t>();
-    at::parallel_for(0, segments, 1, [&](int64_t b, int64_t e) {
-      for (int64_t g = b; g < e; ++g) {
-        double* acc = part.data() + g * s.L;
-        const int64_t r1 = std::min(s.rows, (g + 1) * per);
-        for (int64_t r = g * per; r < r1; ++r)
-          for (int64_t l = 0; l < s.L; ++l) acc[l] += static_cast<double>(tp[r * s.L + l]);
-      }
-    });
+  const BceLabelSumsFn fn = kernels().bce_label_sums[dtype_index(tc.scalar_type())];
+  at::parallel_for(0, segments, 1, [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; ++g) {
+      fn(tc.data_ptr(), s.L, g * per, std::min(s.rows, (g + 1) * per), part.data() + g * s.L);
+    }
   });
   pos->assign(s.L, 0.0);
   neg->assign(s.L, 0.0);
