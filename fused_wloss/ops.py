@@ -64,14 +64,23 @@ def _eager_autograd(input: torch.Tensor) -> bool:
     and backward (filling schema defaults, redispatching through Python), as much as the kernels of
     a 65536 x 10 batch; the Function calls the same operators below the autograd key. Traced or
     transformed calls (torch.compile, torch.func, tensor subclasses) keep the registered formula,
-    which is what those systems understand."""
+    which is what those systems understand, and so do calls under inference_mode (with grad
+    enabled inside it), where nothing may be saved for a backward."""
     return (
         type(input) is torch.Tensor
         and input.requires_grad
         and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_compiling()  # first: Dynamo cannot trace the two checks below
+        and not torch.is_inference_mode_enabled()
         and not torch._C._are_functorch_transforms_active()
     )
+
+
+def _plain_backward_call() -> bool:
+    """Whether a backward of the eager Functions calls its operator through the dispatcher as usual:
+    under create_graph (the registered formula then refuses a double backward) and while compiled
+    autograd traces the backward; otherwise it skips the autograd key, as their forward does."""
+    return torch.is_grad_enabled() or torch.compiler.is_compiling()
 
 
 _below_autograd = torch._C._AutoDispatchBelowAutograd
@@ -163,7 +172,7 @@ class _EagerCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         input, target, sample_weight, lse, class_weight, norm = ctx.saved_tensors
         args = (grad_loss, input, target, class_weight, sample_weight, lse, norm, *ctx.options)
-        if torch.is_grad_enabled():  # create_graph: the registered formula refuses double backward
+        if _plain_backward_call():
             grad_input = ctx.ops.cross_entropy_backward(*args)
         else:
             with _below_autograd():
@@ -252,7 +261,7 @@ class _EagerBce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         args = (grad_loss, *ctx.saved_tensors, *ctx.options)
-        if torch.is_grad_enabled():  # create_graph: the registered formula refuses double backward
+        if _plain_backward_call():
             grad_input = ctx.ops.bce_backward(*args)
         else:
             with _below_autograd():

@@ -75,3 +75,30 @@ def test_inductor_training_step_with_dynamic_weights():
     got.backward()
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(layer.weight.grad, expected_grad)
+
+
+def test_compiled_autograd_traces_the_eager_backward():
+    """Compiled autograd traces the backward of an eager call (whose forward ran outside
+    torch.compile, through ops._EagerCrossEntropy / _EagerBce) with fullgraph=True: their backward
+    must call the operator through the dispatcher there, not below the autograd key."""
+    from torch._dynamo import compiled_autograd
+
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(32, 7, generator=gen, requires_grad=True)
+    t = torch.randint(0, 7, (32,), generator=gen)
+    y = (torch.rand(32, 7, generator=gen) < 0.3).float()
+
+    def step():
+        x.grad = None
+        loss = fused_wloss.cross_entropy(x, t, class_weighting="inverse") + fused_wloss.binary_cross_entropy_with_logits(
+            x, y, class_weighting="balanced"
+        )
+        loss.backward()
+        return x.grad.clone()
+
+    want = step()
+    torch._dynamo.reset()
+    with compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+        got = step()
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

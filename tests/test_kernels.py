@@ -462,6 +462,21 @@ def test_streamed_gradient_matches_reference(isa, num_classes):
         torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
 
 
+def test_inference_mode_with_grad_enabled_builds_no_graph(isa):
+    """enable_grad inside inference_mode: no graph can be recorded there (its outputs are inference
+    tensors), so the eager autograd.Function must stand aside and the call just compute the loss."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(16, 5, generator=gen, requires_grad=True)
+    t = torch.randint(0, 5, (16,), generator=gen)
+    y = (torch.rand(16, 5, generator=gen) < 0.3).float()
+    with torch.inference_mode(), torch.enable_grad():
+        ce = fused_wloss.cross_entropy(x, t, class_weighting="inverse")
+        bce = fused_wloss.binary_cross_entropy_with_logits(x, y, class_weighting="inverse")
+    assert ce.grad_fn is None and bce.grad_fn is None
+    torch.testing.assert_close(ce, reference.cross_entropy(x.detach(), t, class_weighting="inverse"))
+    torch.testing.assert_close(bce, reference.binary_cross_entropy_with_logits(x.detach(), y, class_weighting="inverse"))
+
+
 @pytest.mark.parametrize("num_labels", [1001, 1024], ids=["unaligned-chunks", "aligned-chunks"])
 def test_bce_streamed_gradient_matches_reference(isa, num_labels):
     """A float32 BCE gradient of 16 MB or more is streamed too: each chunk of rows stores a head up
@@ -481,8 +496,9 @@ def test_bce_streamed_gradient_matches_reference(isa, num_labels):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(3000, 7), (40000, 3), (1030, 31), (700, 45), (2050, 33)],
-                         ids=["flat-blocks-and-rest", "flat-whole-blocks", "flat-widest", "rows-tail", "rows-one-full"])
+@pytest.mark.parametrize("shape", [(3000, 7), (40000, 3), (70000, 3), (1030, 31), (700, 45), (2050, 33)],
+                         ids=["flat-blocks-and-rest", "flat-whole-blocks", "flat-64v-block", "flat-widest", "rows-tail",
+                              "rows-one-full"])
 def test_bce_label_sums_of_dynamic_weights(isa, dtype, shape):
     """The per-label target sums behind the dynamic BCE weights: few labels go through flat vectors
     (V rows at a time, lanes of several labels), many through vectors along each row; both in
