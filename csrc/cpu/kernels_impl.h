@@ -328,7 +328,11 @@ struct CeForward {
     const Vec sh = shift_of(Vec(m));
     Vec s0 = zero, s1 = zero, s2 = zero, s3 = zero;
     Vec w0 = zero, w1 = zero;
+    // the next row's lines are requested while this row's exponentials are computed
+    const char* next = reinterpret_cast<const char*>(xr + C);
+    const bool prefetch = r + 1 < a.in.layout.N;
     auto sweep = [&](int64_t at, Vec& s_acc, Vec& w_acc) {
+      if (prefetch) _mm_prefetch(next + at * static_cast<int64_t>(sizeof(scalar_t)), _MM_HINT_T0);
       const Vec d = IO::load(xr + at) + sh;
       s_acc = s_acc + exp_of_difference(d);
       if constexpr (kSmooth) w_acc = w_acc + (cw ? d * Vec::loadu(cw + at) : d);
