@@ -76,14 +76,17 @@ def _eager_autograd(input: torch.Tensor) -> bool:
     )
 
 
-def _plain_backward_call() -> bool:
-    """Whether a backward of the eager Functions calls its operator through the dispatcher as usual:
-    under create_graph (the registered formula then refuses a double backward) and while compiled
-    autograd traces the backward; otherwise it skips the autograd key, as their forward does."""
-    return torch.is_grad_enabled() or torch.compiler.is_compiling()
-
-
 _below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+def _eager_backward_call(op, *args):
+    """The backward operator call of the eager Functions: through the dispatcher as usual under
+    create_graph (the registered formula then refuses a double backward) and while compiled
+    autograd traces the backward; otherwise below the autograd key, as their forward."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return op(*args)
+    with _below_autograd():
+        return op(*args)
 
 
 def _ce_forward_fake(input, target, weight, sample_weight, ignore_index, label_smoothing, reduction, scheme, smoothing, beta,
@@ -171,12 +174,10 @@ class _EagerCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         input, target, sample_weight, lse, class_weight, norm = ctx.saved_tensors
-        args = (grad_loss, input, target, class_weight, sample_weight, lse, norm, *ctx.options)
-        if _plain_backward_call():
-            grad_input = ctx.ops.cross_entropy_backward(*args)
-        else:
-            with _below_autograd():
-                grad_input = ctx.ops.cross_entropy_backward(*args)
+        grad_input = _eager_backward_call(
+            ctx.ops.cross_entropy_backward,
+            grad_loss, input, target, class_weight, sample_weight, lse, norm, *ctx.options,
+        )
         return grad_input, None, None, None, None, None
 
 
@@ -260,12 +261,7 @@ class _EagerBce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        args = (grad_loss, *ctx.saved_tensors, *ctx.options)
-        if _plain_backward_call():
-            grad_input = ctx.ops.bce_backward(*args)
-        else:
-            with _below_autograd():
-                grad_input = ctx.ops.bce_backward(*args)
+        grad_input = _eager_backward_call(ctx.ops.bce_backward, grad_loss, *ctx.saved_tensors, *ctx.options)
         return grad_input, None, None, None, None, None, None
 
 

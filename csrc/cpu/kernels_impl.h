@@ -544,11 +544,8 @@ struct CeBackward {
       if (a.streaming_stores) {
         // head up to the first aligned element, then whole vectors straight to memory with the
         // true-class term folded in (the line is never read back, so no store may follow)
-        const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(gr) % (V * sizeof(float)));
-        if (misalign != 0) {
-          c = std::min<int64_t>(C, V - misalign / static_cast<int64_t>(sizeof(float)));
-          store_lanes(gr, vector_grad(0, c), c);
-        }
+        c = vector_split(reinterpret_cast<uintptr_t>(gr), C, sizeof(float), V * sizeof(float)).head;
+        if (c > 0) store_lanes(gr, vector_grad(0, c), c);
         const int64_t body = c;
         for (; c + V <= C; c += V) {
           Vec g = vector_grad(c, V);
@@ -573,8 +570,8 @@ struct CeBackward {
     alignas(64) acc_t kb[kTileLanes];   // b, subtracted at the true class
     alignas(64) acc_t ke[kTileLanes];   // e, the label-smoothing term's coefficient of W_c
     alignas(64) acc_t ref[kTileLanes];  // Shift::ref
-    int64_t tt[kTileLanes];             // the true class, -1 for a row without gradient
-    alignas(64) at::vec::int_same_size_t<acc_t> ti[kTileLanes];  // tt, as lanes of a vector
+    // the true class, -1 for a row without gradient (as lanes of an integer vector)
+    alignas(64) at::vec::int_same_size_t<acc_t> tt[kTileLanes];
   };
 
   // columns: V rows whose class c sits at base + c * stride + lane (see CeForward::columns), with
@@ -589,27 +586,27 @@ struct CeBackward {
     const Vec zero(acc_t(0));
     const Vec va = Vec::loadu(L.ka + lane0), ve = Vec::loadu(L.ke + lane0), vb = Vec::loadu(L.kb + lane0);
     const Vec sh = shift_of(Vec::loadu(L.ref + lane0));
-    const VI ti = VI::loadu(L.ti + lane0);
-    const Vec valid = at::vec::cast<acc_t>(ti >= VI(0));
+    const VI tt = VI::loadu(L.tt + lane0);
+    const Vec valid = at::vec::cast<acc_t>(tt >= VI(0));
     for (int64_t c = 0; c < C; ++c) {
       const Vec v = n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
       Vec g = va * exp_shifted(v, sh);
       if (with_e) g = g - ve * Vec(cw ? cw[c] : acc_t(1));
-      g = g - (vb & at::vec::cast<acc_t>(ti == VI(static_cast<at::vec::int_same_size_t<acc_t>>(c))));
+      g = g - (vb & at::vec::cast<acc_t>(tt == VI(static_cast<at::vec::int_same_size_t<acc_t>>(c))));
       CIO::store(out + c * stride, Vec::blendv(zero, g, valid), n);
     }
   }
 
-  // Fill `L` for `lanes` rows r0, r0 + stride_rows, ...; the other lanes get zeros. Returns
-  // whether any lane has a label-smoothing term.
-  bool lane_coeffs(Lanes& L, int64_t r0, int64_t lanes, int64_t stride_rows) const {
+  // Fill `L` for the `lanes` rows from r0 on; the other lanes get zeros. Returns whether any lane
+  // has a label-smoothing term.
+  bool lane_coeffs(Lanes& L, int64_t r0, int64_t lanes) const {
     bool with_e = false;
     for (int64_t j = 0; j < kTileLanes; ++j) {
+      int64_t t = -1;
       if (j < lanes) {
-        const int64_t r = r0 + j * stride_rows;
         acc_t w_t;
-        const CeGradCoeffs<acc_t> k = coeffs(r, &L.tt[j], &w_t);
-        const Shift sf = L.tt[j] < 0 ? Shift{acc_t(0), acc_t(0)} : shift_for(r);
+        const CeGradCoeffs<acc_t> k = coeffs(r0 + j, &t, &w_t);
+        const Shift sf = t < 0 ? Shift{acc_t(0), acc_t(0)} : shift_for(r0 + j);
         L.ka[j] = k.a * sf.factor;
         L.kb[j] = k.b;
         L.ke[j] = k.e;
@@ -617,9 +614,8 @@ struct CeBackward {
         with_e = with_e || k.e != acc_t(0);
       } else {
         L.ka[j] = L.kb[j] = L.ke[j] = L.ref[j] = acc_t(0);
-        L.tt[j] = -1;
       }
-      L.ti[j] = static_cast<at::vec::int_same_size_t<acc_t>>(L.tt[j]);
+      L.tt[j] = static_cast<at::vec::int_same_size_t<acc_t>>(t);
     }
     return with_e;
   }
@@ -633,7 +629,7 @@ struct CeBackward {
     constexpr int64_t V = Vec::size();
     const int64_t C = a.in.layout.C;
     Lanes L;
-    const bool with_e = lane_coeffs(L, r, rows, 1);
+    const bool with_e = lane_coeffs(L, r, rows);
     const float* xb = x + r * C;
     float* gb = gx + r * C;
     const int64_t count = rows * C;
@@ -666,7 +662,7 @@ struct CeBackward {
       for (int64_t p = p0; p < p1; p += V) {
         const int64_t lanes = std::min<int64_t>(V, p1 - p);
         const int64_t r0 = n * l.P + p;
-        const bool with_e = lane_coeffs(L, r0, lanes, 1);
+        const bool with_e = lane_coeffs(L, r0, lanes);
         columns<scalar_t>(x + offset + p, gx + offset + p, l.P, lanes, L, 0, with_e);
       }
       return;
@@ -697,7 +693,7 @@ struct CeBackward {
     for (int64_t r = r0; r < r1; r += kTileLanes) {
       const int64_t rows = std::min<int64_t>(kTileLanes, r1 - r);
       CeForward<scalar_t>::pack_tile(x + r * l.C, rows, l.C, tile);
-      const bool with_e = lane_coeffs(L, r, rows, 1);
+      const bool with_e = lane_coeffs(L, r, rows);
       for (int64_t j = 0; j < kTileLanes; j += V) {
         columns<acc_t>(tile + j, gtile + j, kTileLanes, V, L, j, with_e);
       }
@@ -874,8 +870,7 @@ struct Bce {
     int64_t head = 0;  // elements before the first vector-aligned gradient address
     if constexpr (kStreamable<scalar_t>) {
       stream = a.streaming_stores;
-      const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(gx + begin) % (V * sizeof(float)));
-      if (stream && misalign != 0) head = std::min<int64_t>(count, V - misalign / static_cast<int64_t>(sizeof(float)));
+      if (stream) head = vector_split(reinterpret_cast<uintptr_t>(gx + begin), count, sizeof(float), V * sizeof(float)).head;
     }
     for (int64_t j = 0, n = 0; j < count; j += n) {
       n = j == 0 && head > 0 ? head : std::min<int64_t>(V, count - j);
