@@ -85,43 +85,70 @@ struct Io<float> : IoNative<float> {};
 template <>
 struct Io<double> : IoNative<double> {};
 
-// 2^t for t <= 0 (up to rounding), to about 1 ulp in float.
+// 2^t for t <= 0 (up to rounding). kDegree picks the polynomial for the fraction of t: 6 gives
+// about 1 ulp in float and serves every value that is stored (probabilities, gradients, BCE terms);
+// 5 gives 2.4 ulp at most (0.9 on average, with no bias) for one fused multiply-add less, and serves
+// only the terms of a sum of exponentials, whose log-sum-exp it moves by 1.5e-7 at most. The
+// cross-entropy forward is bound by its exponential sweep, so that one instruction in ten is worth
+// about 7% of it.
 #if defined(CPU_CAPABILITY_AVX512)
-// t = n + f with n = floor(t) and f in [0, 1) by one vreduceps, a degree-6 polynomial for 2^f (a
-// least-squares fit of its relative error on [0, 1), 1.9e-9 before float rounding; 1.4 * 2^-24
-// after it), and the product with 2^n by one vscalefps, which also rounds results below 2^-126 to
+// t = n + f with n = floor(t) and f in [0, 1) by one vreduceps, a polynomial for 2^f (least-squares
+// fits of its relative error on [0, 1): 1.9e-9 before float rounding for degree 6, 8.2e-8 for
+// degree 5), and the product with 2^n by one vscalefps, which also rounds results below 2^-126 to
 // subnormals and gives 0 for t = -inf (vreduceps returns 0 there) and NaN for NaN. Eight vector
-// instructions in all.
+// instructions in all at degree 6.
+template <int kDegree = 6>
 inline Vectorized<float> exp2_nonpositive(const Vectorized<float>& t) {
+  static_assert(kDegree == 5 || kDegree == 6);
   const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 p = _mm512_set1_ps(2.170225489e-04f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.243968843e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.678840637e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.548334122e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402298301e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470037e-01f));
+  __m512 p;
+  if constexpr (kDegree == 6) {
+    p = _mm512_set1_ps(2.170225489e-04f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.243968843e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.678840637e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.548334122e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402298301e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470037e-01f));
+  } else {
+    p = _mm512_set1_ps(1.867130703e-03f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.017028957e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.579991411e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.401644499e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931513118e-01f));
+  }
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, t);
 }
 #else
-// t = n + f with n = round(t) and |f| <= 1/2, a degree-6 polynomial for 2^f (a least-squares fit
-// of relative error on Chebyshev nodes, 2e-9 before float rounding) and 2^n built in the exponent
-// bits. Inlined it is about a dozen vector instructions, several times cheaper than a call to
-// Sleef's expf. t is clamped below at -127, where n = -127 makes the exponent field, and so the
-// result, exactly 0: 2^-inf = 0 with no blend. NaN propagates (clamp_min is max(lo, t), which
-// returns t when t is NaN). Arguments above 127 are not supported.
+// t = n + f with n = round(t) and |f| <= 1/2, a polynomial for 2^f (least-squares fits of relative
+// error on Chebyshev nodes: 2e-9 before float rounding for degree 6, 9.2e-8 for degree 5) and 2^n
+// built in the exponent bits. Inlined it is about a dozen vector instructions, several times
+// cheaper than a call to Sleef's expf. t is clamped below at -127, where n = -127 makes the
+// exponent field, and so the result, exactly 0: 2^-inf = 0 with no blend. NaN propagates
+// (clamp_min is max(lo, t), which returns t when t is NaN). Arguments above 127 are not supported.
+template <int kDegree = 6>
 inline Vectorized<float> exp2_nonpositive(const Vectorized<float>& t) {
+  static_assert(kDegree == 5 || kDegree == 6);
   using V = Vectorized<float>;
   using Vi = Vectorized<int32_t>;
   const V tc = at::vec::clamp_min(t, V(-127.0f));
   const V n = tc.round();
   const V f = tc - n;
-  V p(1.533757750e-04f);
-  p = at::vec::fmadd(p, f, V(1.339985989e-03f));
-  p = at::vec::fmadd(p, f, V(9.618519805e-03f));
-  p = at::vec::fmadd(p, f, V(5.550329015e-02f));
-  p = at::vec::fmadd(p, f, V(2.402264625e-01f));
-  p = at::vec::fmadd(p, f, V(6.931471825e-01f));
+  V p;
+  if constexpr (kDegree == 6) {
+    p = V(1.533757750e-04f);
+    p = at::vec::fmadd(p, f, V(1.339985989e-03f));
+    p = at::vec::fmadd(p, f, V(9.618519805e-03f));
+    p = at::vec::fmadd(p, f, V(5.550329015e-02f));
+    p = at::vec::fmadd(p, f, V(2.402264625e-01f));
+    p = at::vec::fmadd(p, f, V(6.931471825e-01f));
+  } else {
+    p = V(1.326472708e-03f);
+    p = at::vec::fmadd(p, f, V(9.671512862e-03f));
+    p = at::vec::fmadd(p, f, V(5.550733746e-02f));
+    p = at::vec::fmadd(p, f, V(2.402224208e-01f));
+    p = at::vec::fmadd(p, f, V(6.931469776e-01f));
+  }
   p = at::vec::fmadd(p, f, V(1.0f));
   const Vi scale = (at::vec::convert_to_int_of_same_size(n) + Vi(127)) << Vi(23);
   return p * at::vec::cast<float>(scale);
@@ -140,9 +167,10 @@ inline Vectorized<double> exp_shifted(const Vectorized<double>& x, const Vectori
   return (x + neg_m).exp();
 }
 
-// exp(d) for a difference d = x - m <= 0 the caller has already formed.
+// exp(d) for a difference d = x - m <= 0 the caller has already formed, as a term of a sum of
+// exponentials (the forward's): the degree-5 polynomial.
 inline Vectorized<float> exp_of_difference(const Vectorized<float>& d) {
-  return exp2_nonpositive(d * Vectorized<float>(kLog2e));
+  return exp2_nonpositive<5>(d * Vectorized<float>(kLog2e));
 }
 inline Vectorized<double> exp_of_difference(const Vectorized<double>& d) { return d.exp(); }
 
@@ -231,6 +259,9 @@ inline int64_t load_target(const void* target, bool is_int32, int64_t row) {
 
 // ---------------------------------------------------------------------------------------------
 // Cross-entropy forward
+
+// How far ahead of its exponential sweep the rows path of the forward prefetches the logits.
+constexpr int64_t kPrefetchBytes = 8192;
 
 template <typename scalar_t>
 struct CeForward {
@@ -328,9 +359,14 @@ struct CeForward {
     const Vec sh = shift_of(Vec(m));
     Vec s0 = zero, s1 = zero, s2 = zero, s3 = zero;
     Vec w0 = zero, w1 = zero;
-    // the next row's lines are requested while this row's exponentials are computed
-    const char* next = reinterpret_cast<const char*>(xr + C);
-    const bool prefetch = r + 1 < a.in.layout.N;
+    // The lines of the row `ahead` rows on are requested while this row's exponentials are
+    // computed, so they have arrived by the time its max sweep reads them. One row ahead is too
+    // close for short rows: a 4 KB row's sweep takes about as long as DRAM takes to answer, and
+    // the max sweep of the next row stalled on the prefetches issued last (about 8% of the forward
+    // at C = 1000). About 8 KB ahead, and never less than a row.
+    const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (C * static_cast<int64_t>(sizeof(scalar_t))));
+    const char* next = reinterpret_cast<const char*>(xr + ahead * C);
+    const bool prefetch = r + ahead < a.in.layout.N;
     auto sweep = [&](int64_t at, Vec& s_acc, Vec& w_acc) {
       if (prefetch) _mm_prefetch(next + at * static_cast<int64_t>(sizeof(scalar_t)), _MM_HINT_T0);
       const Vec d = IO::load(xr + at) + sh;
