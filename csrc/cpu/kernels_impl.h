@@ -12,7 +12,9 @@
 // - tiled (P == 1, C < 32): a vector along C would be mostly empty, so 16 rows are packed into a
 //   [C][16] tile and processed as 16 lanes, one row per lane.
 // - columns (P > 1, K-dim inputs): classes are strided by P and pixels contiguous, so vectors run
-//   along the pixels in place, one pixel per lane, with no permute copy.
+//   along the pixels, one pixel per lane, with no permute copy of the logits: the backward in place,
+//   the forward through a [C][16] block copied from the class planes, one block ahead of its sweep.
+//   Every class plane is also prefetched, a kilobyte ahead.
 // The per-row epilogue (target gather, weights, loss) and the true-class gradient are scalar, in
 // acc_t (float32 for reduced precision inputs).
 #pragma once
@@ -221,6 +223,17 @@ inline V running_max(const V& acc, const V& v) {
   return at::vec::clamp_min(v, acc);
 }
 
+// K-dim inputs are read as C streams, one per class plane, a plane apart: more streams than the
+// hardware prefetchers follow at segmentation shapes (C = 19 took the forward to half the speed
+// of the same logits in rows). Each access also requests the line kPlanePrefetchBytes further on
+// in its plane, into L2: with a power-of-two plane the C lines of one block share an L1 set, and
+// prefetches into L1 evicted one another before use. 512 to 4096 bytes measured alike.
+constexpr int64_t kPlanePrefetchBytes = 1024;
+template <typename T>
+inline void prefetch_plane(const T* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kPlanePrefetchBytes, _MM_HINT_T1);
+}
+
 template <typename V>
 inline typename V::value_type reduce_sum(const V& v) {
   typename V::value_type buf[V::size()];
@@ -294,7 +307,8 @@ struct CeForward {
   // sum_wd = sum_c W_c (x_c - m): gather the target logit (class c of the row at xrow[c * stride]),
   // apply the weights, add to the partials. In float64, with every lse - x formed as
   // (m - x) + log s. `part` is the caller's local copy, so the sums stay in registers.
-  void finish_row(int64_t row, const scalar_t* xrow, int64_t stride, acc_t m, acc_t log_s,
+  template <typename in_t>
+  C10_ALWAYS_INLINE void finish_row(int64_t row, const in_t* xrow, int64_t stride, acc_t m, acc_t log_s,
                   acc_t sum_wd, CePartial& part) const {
     const int64_t C = a.in.layout.C;
     const double md = static_cast<double>(m), ls = static_cast<double>(log_s);
@@ -322,6 +336,60 @@ struct CeForward {
       }
     }
     if (loss_out) loss_out[row] = static_cast<scalar_t>(loss);
+  }
+
+  // finish_row for the `lanes` consecutive rows from row0 of a block (or tile), row j's class c at
+  // xb[c * stride + j]. Plain cross-entropy (no label smoothing, no focal term) takes a loop with
+  // every invariant in a register and none of finish_row's option branches: at C = 19 the
+  // per-row epilogue had cost as much as the block's vector sweeps. Same formulas, in float64.
+  template <typename in_t>
+  void finish_block(int64_t row0, const in_t* xb, int64_t stride, int64_t lanes, const acc_t* mx,
+                    const acc_t* log_s, const acc_t* sum_wd, CePartial& part) const {
+    if (smooth || a.in.gamma != 0.0) {
+      for (int64_t j = 0; j < lanes; ++j) finish_row(row0 + j, xb + j, stride, mx[j], log_s[j], sum_wd[j], part);
+      return;
+    }
+    int64_t tt[kTileLanes];
+    if (a.in.target_int32) {
+      const int32_t* tp = static_cast<const int32_t*>(a.in.target) + row0;
+      for (int64_t j = 0; j < lanes; ++j) tt[j] = tp[j];
+    } else {
+      const int64_t* tp = static_cast<const int64_t*>(a.in.target) + row0;
+      for (int64_t j = 0; j < lanes; ++j) tt[j] = tp[j];
+    }
+    const int64_t C = a.in.layout.C, ignore = a.in.ignore_index;
+    const acc_t* const w = cw;
+    const acc_t* const s = sw ? sw + row0 : nullptr;
+    double* const lse = lse_out + row0;
+    scalar_t* const out = loss_out ? loss_out + row0 : nullptr;
+    double loss_sum = 0, weight_sum = 0;
+    int64_t valid = 0;
+    for (int64_t j = 0; j < lanes; ++j) {
+      const double md = static_cast<double>(mx[j]), ls = static_cast<double>(log_s[j]);
+      lse[j] = md + ls;
+      const int64_t t = tt[j];
+      double loss = 0;
+      if (t != ignore) {
+        if (t < 0 || t >= C) {
+          if (part.bad_row < 0) {
+            part.bad_row = row0 + j;
+            part.bad_value = t;
+          }
+        } else {
+          const double w_t = w ? static_cast<double>(w[t]) : 1.0;
+          const double s_j = s ? static_cast<double>(s[j]) : 1.0;
+          const double nll = (md - static_cast<double>(xb[t * stride + j])) + ls;
+          loss = s_j * (w_t * nll);
+          loss_sum += loss;
+          weight_sum += s_j * w_t;
+          valid += 1;
+        }
+      }
+      if (out) out[j] = static_cast<scalar_t>(loss);
+    }
+    part.loss_sum += loss_sum;
+    part.weight_sum += weight_sum;
+    part.valid += valid;
   }
 
   // rows layout: vectors along one row of C contiguous classes; a max sweep, then a sweep of
@@ -390,28 +458,74 @@ struct CeForward {
     finish_row(r, xr, 1, m, std::log(s), sum_wd, part);
   }
 
-  // columns: V rows whose class c sits at base + c * stride + lane, stride-contiguous lanes; `n`
-  // of the V lanes are real (the others read as zeros and are not used). Writes each lane's max,
-  // log of the sum of exponentials and sum_c W_c (x_c - max).
-  template <typename in_t>
-  void columns(const in_t* base, int64_t stride, int64_t n, acc_t* mx, acc_t* log_s, acc_t* sum_wd) const {
-    using CIO = Io<in_t>;
+  // Blocks: V rows (or pixels) one per lane, in an acc_t block whose class c is the vector at
+  // block + c * stride (a packed tile of the tiled path, a copied K-dim block of the columns path).
+
+  // The lanes' maximum over the classes; two accumulators, so the max latency chain is half as long.
+  Vec block_max(const acc_t* block, int64_t stride) const {
     const int64_t C = a.in.layout.C;
-    auto load = [&](int64_t c) {
-      return n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
-    };
-    Vec vmax(-std::numeric_limits<acc_t>::infinity());
-    for (int64_t c = 0; c < C; ++c) vmax = running_max(vmax, load(c));
-    const Vec sh = shift_of(vmax);
-    Vec vs(acc_t(0)), vwd(acc_t(0));
-    for (int64_t c = 0; c < C; ++c) {
-      const Vec d = load(c) + sh;
-      vs = vs + exp_of_difference(d);
-      if (smooth) vwd = vwd + d * Vec(cw ? cw[c] : acc_t(1));
+    Vec m0(-std::numeric_limits<acc_t>::infinity()), m1 = m0;
+    int64_t c = 0;
+    for (; c + 2 <= C; c += 2) {
+      m0 = running_max(m0, Vec::loadu(block + c * stride));
+      m1 = running_max(m1, Vec::loadu(block + (c + 1) * stride));
     }
+    if (c < C) m0 = running_max(m0, Vec::loadu(block + c * stride));
+    return running_max(m0, m1);
+  }
+
+  // From the lanes' maximum `vmax`: writes each lane's max, log of the sum of exponentials and
+  // sum_c W_c (x_c - max).
+  void block_sums(const acc_t* block, int64_t stride, const Vec& vmax, acc_t* mx, acc_t* log_s,
+                  acc_t* sum_wd) const {
+    if (smooth) {
+      block_sweep<true>(block, stride, vmax, mx, log_s, sum_wd);
+    } else {
+      block_sweep<false>(block, stride, vmax, mx, log_s, sum_wd);
+    }
+  }
+
+  template <bool kSmooth>
+  void block_sweep(const acc_t* block, int64_t stride, const Vec& vmax, acc_t* mx, acc_t* log_s,
+                   acc_t* sum_wd) const {
+    const int64_t C = a.in.layout.C;
+    const Vec sh = shift_of(vmax), zero(acc_t(0));
+    Vec s0 = zero, s1 = zero, wd = zero;
+    auto term = [&](int64_t c, Vec& s_acc) {
+      const Vec d = Vec::loadu(block + c * stride) + sh;
+      s_acc = s_acc + exp_of_difference(d);
+      if constexpr (kSmooth) wd = wd + d * Vec(cw ? cw[c] : acc_t(1));
+    };
+    int64_t c = 0;
+    for (; c + 2 <= C; c += 2) {
+      term(c, s0);
+      term(c + 1, s1);
+    }
+    if (c < C) term(c, s0);
     vmax.store(mx);
-    vs.log().store(log_s);
-    vwd.store(sum_wd);
+    (s0 + s1).log().store(log_s);
+    wd.store(sum_wd);
+  }
+
+  // K-dim: the n <= V pixels from src on (class c at src + c * stride) copied into a [C][V] block
+  // (lanes past n are 0); returns their maximum over the classes.
+  Vec pack_columns(const scalar_t* src, int64_t stride, int64_t n, acc_t* block) const {
+    constexpr int64_t V = Vec::size();
+    const int64_t C = a.in.layout.C;
+    Vec m0(-std::numeric_limits<acc_t>::infinity()), m1 = m0;
+    auto copy = [&](int64_t c, Vec& m_acc) {
+      prefetch_plane(src + c * stride);
+      const Vec v = n == V ? IO::load(src + c * stride) : IO::load(src + c * stride, n);
+      v.store(block + c * V);
+      m_acc = running_max(m_acc, v);
+    };
+    int64_t c = 0;
+    for (; c + 2 <= C; c += 2) {
+      copy(c, m0);
+      copy(c + 1, m1);
+    }
+    if (c < C) copy(c, m0);
+    return running_max(m0, m1);
   }
 
   void chunk(int64_t chunk_index, CePartial* out) const {
@@ -424,10 +538,25 @@ struct CeForward {
       const int64_t p0 = (chunk_index % l.chunks_per_n) * l.rows_per_chunk;
       const int64_t p1 = std::min(l.P, p0 + l.rows_per_chunk);
       const scalar_t* xn = x + n * l.C * l.P;
+      // A block of V pixels is copied, as acc_t, into a [C][V] block in consecutive lines (its C
+      // lines in memory lie a plane apart: with a power-of-two P they share an L1 and an L2 set,
+      // and the second sweep and the target gather read them again from further out). The loop
+      // is software-pipelined: the copy and maximum of block k + 1 come before the exponential
+      // sweep of block k, which does not depend on them, so the max latency chain of one block
+      // runs under the other's sweep; one block at a time, the sweep waited for it.
+      const int64_t C = l.C;
+      std::vector<acc_t> blocks(static_cast<size_t>(2 * C * V));
+      acc_t* cur = blocks.data();
+      acc_t* next = cur + C * V;
+      Vec vmax = pack_columns(xn + p0, l.P, std::min<int64_t>(V, p1 - p0), cur);
       for (int64_t p = p0; p < p1; p += V) {
         const int64_t lanes = std::min<int64_t>(V, p1 - p);
-        columns(xn + p, l.P, lanes, mx, ls, swd);
-        for (int64_t j = 0; j < lanes; ++j) finish_row(n * l.P + p + j, xn + p + j, l.P, mx[j], ls[j], swd[j], part);
+        Vec next_max = vmax;
+        if (p + V < p1) next_max = pack_columns(xn + p + V, l.P, std::min<int64_t>(V, p1 - p - V), next);
+        block_sums(cur, V, vmax, mx, ls, swd);
+        finish_block(n * l.P + p, cur, V, lanes, mx, ls, swd, part);
+        std::swap(cur, next);
+        vmax = next_max;
       }
       *out = part;
       return;
@@ -453,9 +582,9 @@ struct CeForward {
     alignas(64) acc_t tile[2 * kTileLanes * kTileLanes];  // C < 2 * kTileLanes
     pack_tile(x + r * C, rows, C, tile);
     for (int64_t j = 0; j < kTileLanes; j += V) {
-      columns<acc_t>(tile + j, kTileLanes, V, mx + j, ls + j, swd + j);
+      block_sums(tile + j, kTileLanes, block_max(tile + j, kTileLanes), mx + j, ls + j, swd + j);
     }
-    for (int64_t j = 0; j < rows; ++j) finish_row(r + j, x + (r + j) * C, 1, mx[j], ls[j], swd[j], part);
+    finish_block(r, tile, kTileLanes, rows, mx, ls, swd, part);
   }
 
   static void pack_tile(const scalar_t* src, int64_t rows, int64_t C, acc_t* tile) {
@@ -610,12 +739,12 @@ struct CeBackward {
     alignas(64) at::vec::int_same_size_t<acc_t> tt[kTileLanes];
   };
 
-  // columns: V rows whose class c sits at base + c * stride + lane (see CeForward::columns), with
-  // the coefficients of `L` from lane0 on; writes the whole gradient of the `n` real lanes: the
+  // columns: V rows whose class c sits at base + c * stride + lane (see CeForward::block_max), with
+  // the coefficients of `L` from lane0 on (`planes`: base and out are K-dim class planes); writes the whole gradient of the `n` real lanes: the
   // true class's -b folded in where the lane's class equals c, rows without gradient zeroed.
   template <typename io_t>
   void columns(const io_t* base, io_t* out, int64_t stride, int64_t n, const Lanes& L,
-               int64_t lane0, bool with_e) const {
+               int64_t lane0, bool with_e, bool planes = false) const {
     using CIO = Io<io_t>;
     using VI = Vectorized<at::vec::int_same_size_t<acc_t>>;
     const int64_t C = a.in.layout.C;
@@ -625,6 +754,10 @@ struct CeBackward {
     const VI tt = VI::loadu(L.tt + lane0);
     const Vec valid = at::vec::cast<acc_t>(tt >= VI(0));
     for (int64_t c = 0; c < C; ++c) {
+      if (planes) {  // both the logits and the gradient lines (the stores read them first)
+        prefetch_plane(base + c * stride);
+        prefetch_plane(out + c * stride);
+      }
       const Vec v = n == Vec::size() ? CIO::load(base + c * stride) : CIO::load(base + c * stride, n);
       Vec g = va * exp_shifted(v, sh);
       if (with_e) g = g - ve * Vec(cw ? cw[c] : acc_t(1));
@@ -699,7 +832,7 @@ struct CeBackward {
         const int64_t lanes = std::min<int64_t>(V, p1 - p);
         const int64_t r0 = n * l.P + p;
         const bool with_e = lane_coeffs(L, r0, lanes);
-        columns<scalar_t>(x + offset + p, gx + offset + p, l.P, lanes, L, 0, with_e);
+        columns<scalar_t>(x + offset + p, gx + offset + p, l.P, lanes, L, 0, with_e, true);
       }
       return;
     }
