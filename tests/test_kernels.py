@@ -6,6 +6,7 @@ vector tails, the tiled path (C < 32) with partial tiles, the K-dim column path 
 vectors, and several chunks of each (see make_ce_layout in csrc/cpu/kernel_table.h).
 """
 
+import contextlib
 import os
 
 import pytest
@@ -473,6 +474,39 @@ def test_inference_mode_with_grad_enabled_builds_no_graph(isa):
         ce = fused_wloss.cross_entropy(x, t, class_weighting="inverse")
         bce = fused_wloss.binary_cross_entropy_with_logits(x, y, class_weighting="inverse")
     assert ce.grad_fn is None and bce.grad_fn is None
+    torch.testing.assert_close(ce, reference.cross_entropy(x.detach(), t, class_weighting="inverse"))
+    torch.testing.assert_close(bce, reference.binary_cross_entropy_with_logits(x.detach(), y, class_weighting="inverse"))
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "input_without_grad"])
+def test_calls_that_build_no_graph(isa, context):
+    """Evaluation calls run the forward operator below the autograd key (ops._eager_no_graph): the
+    loss must equal the reference's, carry no graph, and the operator must still be seen by
+    dispatch modes beneath autograd (torch.utils._python_dispatch), as a profiler or FakeTensorMode
+    would see it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(16, 5, 3, generator=gen, requires_grad=context != "input_without_grad")
+    t = torch.randint(0, 5, (16, 3), generator=gen)
+    y = (torch.rand(16, 5, 3, generator=gen) < 0.3).float()
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+           "input_without_grad": contextlib.nullcontext}[context]
+    seen = Seen()
+    with ctx(), seen:
+        ce = fused_wloss.cross_entropy(x, t, class_weighting="inverse")
+        bce = fused_wloss.binary_cross_entropy_with_logits(x, y, class_weighting="inverse")
+    assert ce.grad_fn is None and bce.grad_fn is None
+    assert {"fused_wloss.cross_entropy_forward", "fused_wloss.bce_forward"} <= seen.ops, seen.ops
     torch.testing.assert_close(ce, reference.cross_entropy(x.detach(), t, class_weighting="inverse"))
     torch.testing.assert_close(bce, reference.binary_cross_entropy_with_logits(x.detach(), y, class_weighting="inverse"))
 
