@@ -314,58 +314,56 @@ class BlockScheduler {
   bool release_warp(int w0) {
     bool any = false;
     const int n = num_threads();
-    {
-      const int lanes = std::min(kWarpSize, n - w0);
-      for (int l = 0; l < lanes; ++l) {
-        Fiber& f = fibers_[w0 + l];
-        if (f.state != FiberState::AtWarp) continue;
-        const WarpSlot& s = f.slot;
-        bool complete = true;
-        for (int m = 0; m < kWarpSize; ++m) {
-          if (!(s.mask >> m & 1u)) continue;
-          if (m >= lanes) {
-            fail_from_scheduler(f, "a warp operation (line " + std::to_string(s.line) + ") whose mask 0x" +
-                                       hex(s.mask) + " names lane " + std::to_string(m) +
-                                       ", which this block does not have");
-            return false;
-          }
-          const Fiber& g = fibers_[w0 + m];
-          if (g.state != FiberState::AtWarp) {
-            complete = false;
-            break;
-          }
-          if (g.slot.mask != s.mask || g.slot.kind != s.kind || g.slot.width != s.width) {
-            fail_from_scheduler(f, "lanes " + std::to_string(l) + " and " + std::to_string(m) +
-                                       " meet at different warp operations (lines " +
-                                       std::to_string(s.line) + " and " + std::to_string(g.slot.line) +
-                                       ", masks 0x" + hex(s.mask) + " and 0x" + hex(g.slot.mask) + ")");
-            return false;
-          }
+    const int lanes = std::min(kWarpSize, n - w0);
+    for (int l = 0; l < lanes; ++l) {
+      Fiber& f = fibers_[w0 + l];
+      if (f.state != FiberState::AtWarp) continue;
+      const WarpSlot& s = f.slot;
+      bool complete = true;
+      for (int m = 0; m < kWarpSize; ++m) {
+        if (!(s.mask >> m & 1u)) continue;
+        if (m >= lanes) {
+          fail_from_scheduler(f, "a warp operation (line " + std::to_string(s.line) + ") whose mask 0x" +
+                                     hex(s.mask) + " names lane " + std::to_string(m) +
+                                     ", which this block does not have");
+          return false;
         }
-        if (!complete) continue;
-        // every lane of the mask is here: compute all their results, then release them
-        uint64_t ballot = 0;
-        for (int m = 0; m < kWarpSize; ++m)
-          if ((s.mask >> m & 1u) && fibers_[w0 + m].slot.predicate) ballot |= uint64_t(1) << m;
-        for (int m = 0; m < kWarpSize; ++m) {
-          if (!(s.mask >> m & 1u)) continue;
-          Fiber& g = fibers_[w0 + m];
-          if (s.kind == kBallot) {
-            g.slot.result = ballot;
-          } else if (s.kind != kSyncWarp) {
-            const int src = src_lane(g.slot, m);
-            if (src < 0 || src >= kWarpSize || !(s.mask >> src & 1u)) {
-              fail_from_scheduler(g, "a shuffle (line " + std::to_string(s.line) + ") reads lane " +
-                                         std::to_string(src) + ", which is not in its mask 0x" + hex(s.mask));
-              return false;
-            }
-            g.slot.result = fibers_[w0 + src].slot.value;
-          }
+        const Fiber& g = fibers_[w0 + m];
+        if (g.state != FiberState::AtWarp) {
+          complete = false;
+          break;
         }
-        for (int m = 0; m < kWarpSize; ++m)
-          if (s.mask >> m & 1u) fibers_[w0 + m].state = FiberState::Runnable;
-        any = true;
+        if (g.slot.mask != s.mask || g.slot.kind != s.kind || g.slot.width != s.width) {
+          fail_from_scheduler(f, "lanes " + std::to_string(l) + " and " + std::to_string(m) +
+                                     " meet at different warp operations (lines " +
+                                     std::to_string(s.line) + " and " + std::to_string(g.slot.line) +
+                                     ", masks 0x" + hex(s.mask) + " and 0x" + hex(g.slot.mask) + ")");
+          return false;
+        }
       }
+      if (!complete) continue;
+      // every lane of the mask is here: compute all their results, then release them
+      uint64_t ballot = 0;
+      for (int m = 0; m < kWarpSize; ++m)
+        if ((s.mask >> m & 1u) && fibers_[w0 + m].slot.predicate) ballot |= uint64_t(1) << m;
+      for (int m = 0; m < kWarpSize; ++m) {
+        if (!(s.mask >> m & 1u)) continue;
+        Fiber& g = fibers_[w0 + m];
+        if (s.kind == kBallot) {
+          g.slot.result = ballot;
+        } else if (s.kind != kSyncWarp) {
+          const int src = src_lane(g.slot, m);
+          if (src < 0 || src >= kWarpSize || !(s.mask >> src & 1u)) {
+            fail_from_scheduler(g, "a shuffle (line " + std::to_string(s.line) + ") reads lane " +
+                                       std::to_string(src) + ", which is not in its mask 0x" + hex(s.mask));
+            return false;
+          }
+          g.slot.result = fibers_[w0 + src].slot.value;
+        }
+      }
+      for (int m = 0; m < kWarpSize; ++m)
+        if (s.mask >> m & 1u) fibers_[w0 + m].state = FiberState::Runnable;
+      any = true;
     }
     return any;
   }
