@@ -478,6 +478,24 @@ def test_inference_mode_with_grad_enabled_builds_no_graph(isa):
     torch.testing.assert_close(bce, reference.binary_cross_entropy_with_logits(x.detach(), y, class_weighting="inverse"))
 
 
+@pytest.mark.parametrize("options", [{}, {"weight": True}, {"label_smoothing": 0.1}], ids=str)
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 40), (40, 5), (40, 50)], ids=["kdim", "tiled", "rows"])
+def test_out_of_range_target_names_its_element(isa, shape, target_dtype, options):
+    """The kernels' epilogues (the block one of plain cross-entropy, the per-row one otherwise)
+    report the first bad target by its index in the whole target tensor: here element 20, in the
+    second block of 16 pixels (rows) of the first sample, ahead of another bad one at element 33."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(shape, generator=gen)
+    t = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=gen).to(target_dtype)
+    t.view(-1)[20], t.view(-1)[33] = -3, shape[1]
+    kwargs = dict(options)
+    if kwargs.pop("weight", False):
+        kwargs["weight"] = torch.rand(shape[1], generator=gen) + 0.5
+    with pytest.raises(IndexError, match=r"found -3 at element 20$"):
+        fused_wloss.cross_entropy(x, t, **kwargs)
+
+
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode", "input_without_grad"])
 def test_calls_that_build_no_graph(isa, context):
     """Evaluation calls run the forward operator below the autograd key (ops._eager_no_graph): the

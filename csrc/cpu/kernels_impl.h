@@ -13,10 +13,10 @@
 //   [C][16] tile and processed as 16 lanes, one row per lane.
 // - columns (P > 1, K-dim inputs): classes are strided by P and pixels contiguous, so vectors run
 //   along the pixels, one pixel per lane, with no permute copy of the logits: the backward in place,
-//   the forward through a [C][16] block copied from the class planes, one block ahead of its sweep.
-//   Every class plane is also prefetched, a kilobyte ahead.
-// The per-row epilogue (target gather, weights, loss) and the true-class gradient are scalar, in
-// acc_t (float32 for reduced precision inputs).
+//   the forward through a [C][V] block (V lanes of acc_t) copied from the class planes, one block
+//   ahead of its sweep. Every class plane is also prefetched, a kilobyte ahead.
+// The per-row epilogue (target gather, weights, loss) is scalar, in float64; the true-class
+// gradient is in acc_t (float32 for reduced precision inputs).
 #pragma once
 
 #include <Python.h>
@@ -88,11 +88,11 @@ template <>
 struct Io<double> : IoNative<double> {};
 
 // 2^t for t <= 0 (up to rounding). kDegree picks the polynomial for the fraction of t: 6 gives
-// about 1 ulp in float and serves every value that is stored (probabilities, gradients, BCE terms);
-// 5 gives 2.4 ulp at most (0.9 on average, with no bias) for one fused multiply-add less, and serves
-// only the terms of a sum of exponentials, whose log-sum-exp it moves by 1.5e-7 at most. The
-// cross-entropy forward is bound by its exponential sweep, so that one instruction in ten is worth
-// about 7% of it.
+// about 1 ulp in float and serves every value computed one by one (probabilities, gradients, BCE
+// terms); 5 gives 2.4 ulp at most (0.9 on average, with no bias) for one fused multiply-add less,
+// and serves only the terms of the cross-entropy forward's sum of exponentials: its error reaches
+// the loss, and the backward's p through the saved lse, as a log-sum-exp off by 1.5e-7 at most. The
+// forward is bound by its exponential sweep, so that one instruction in ten is worth about 7% of it.
 #if defined(CPU_CAPABILITY_AVX512)
 // t = n + f with n = floor(t) and f in [0, 1) by one vreduceps, a polynomial for 2^f (least-squares
 // fits of its relative error on [0, 1): 1.9e-9 before float rounding for degree 6, 8.2e-8 for
@@ -341,7 +341,9 @@ struct CeForward {
   // finish_row for the `lanes` consecutive rows from row0 of a block (or tile), row j's class c at
   // xb[c * stride + j]. Plain cross-entropy (no label smoothing, no focal term) takes a loop with
   // every invariant in a register and none of finish_row's option branches: at C = 19 the
-  // per-row epilogue had cost as much as the block's vector sweeps. Same formulas, in float64.
+  // per-row epilogue had cost as much as the block's vector sweeps. Same formulas, in float64; the
+  // block's sums are added to the partials at its end, so the rounding (not the determinism)
+  // differs from finish_row's row-by-row sums.
   template <typename in_t>
   void finish_block(int64_t row0, const in_t* xb, int64_t stride, int64_t lanes, const acc_t* mx,
                     const acc_t* log_s, const acc_t* sum_wd, CePartial& part) const {
@@ -349,6 +351,7 @@ struct CeForward {
       for (int64_t j = 0; j < lanes; ++j) finish_row(row0 + j, xb + j, stride, mx[j], log_s[j], sum_wd[j], part);
       return;
     }
+    static_assert(Vec::size() <= kTileLanes, "a block has at most kTileLanes lanes");
     int64_t tt[kTileLanes];
     if (a.in.target_int32) {
       const int32_t* tp = static_cast<const int32_t*>(a.in.target) + row0;
@@ -538,13 +541,14 @@ struct CeForward {
       const int64_t p0 = (chunk_index % l.chunks_per_n) * l.rows_per_chunk;
       const int64_t p1 = std::min(l.P, p0 + l.rows_per_chunk);
       const scalar_t* xn = x + n * l.C * l.P;
-      // A block of V pixels is copied, as acc_t, into a [C][V] block in consecutive lines (its C
+      // A block of V pixels is copied, as acc_t, into a [C][V] block in consecutive memory (its C
       // lines in memory lie a plane apart: with a power-of-two P they share an L1 and an L2 set,
       // and the second sweep and the target gather read them again from further out). The loop
       // is software-pipelined: the copy and maximum of block k + 1 come before the exponential
       // sweep of block k, which does not depend on them, so the max latency chain of one block
       // runs under the other's sweep; one block at a time, the sweep waited for it.
       const int64_t C = l.C;
+      // (A 64-byte aligned, uninitialised buffer measured 3% slower than this one.)
       std::vector<acc_t> blocks(static_cast<size_t>(2 * C * V));
       acc_t* cur = blocks.data();
       acc_t* next = cur + C * V;
@@ -739,8 +743,9 @@ struct CeBackward {
     alignas(64) at::vec::int_same_size_t<acc_t> tt[kTileLanes];
   };
 
-  // columns: V rows whose class c sits at base + c * stride + lane (see CeForward::block_max), with
-  // the coefficients of `L` from lane0 on (`planes`: base and out are K-dim class planes); writes the whole gradient of the `n` real lanes: the
+  // columns: V rows whose class c sits at base + c * stride + lane, read in place (a tile, or the
+  // class planes of a K-dim input, `planes`, which are then prefetched, input and gradient), with
+  // the coefficients of `L` from lane0 on; writes the whole gradient of the `n` real lanes: the
   // true class's -b folded in where the lane's class equals c, rows without gradient zeroed.
   template <typename io_t>
   void columns(const io_t* base, io_t* out, int64_t stride, int64_t n, const Lanes& L,
