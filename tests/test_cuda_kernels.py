@@ -19,6 +19,7 @@ scalar tails, and several blocks of partial sums.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import pytest
@@ -245,6 +246,24 @@ def test_nan_and_inf_logits_as_torch(dev, shape):
         ours = fused_wloss.cross_entropy(x.to(**on), t.to(**on), reduction="none")
     theirs = F.cross_entropy(x, t, reduction="none")
     torch.testing.assert_close(ours.cpu(), theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(4, 10), (4, 33), (3, 4100), (3, 6, 5)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_gradient_of_logits_beyond_1e15(dev, dtype, shape):
+    """Rows of logits 1e30 and 1e29 in every thread mapping: the gradient shares each row equally
+    among its 1e30 classes, as torch's; the saved max and log(sum) are kept apart (see the CPU
+    test of the same name in test_hostile.py)."""
+    x = torch.full(shape, 1e30, dtype=dtype)
+    x[:, 1::3] = 1e29
+    t = torch.arange(shape[0] * math.prod(shape[2:])).reshape(shape[:1] + shape[2:]) % shape[1]
+    on = {"device": dev.device}
+    xd = x.to(**on).requires_grad_()
+    with dev.calls():
+        (ours,) = torch.autograd.grad(fused_wloss.cross_entropy(xd, t.to(**on)), xd)
+    xr = x.clone().requires_grad_()
+    (theirs,) = torch.autograd.grad(F.cross_entropy(xr, t), xr)
+    torch.testing.assert_close(ours.cpu(), theirs)
 
 
 @pytest.mark.parametrize("ignore_index", [0, 3])

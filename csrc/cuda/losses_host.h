@@ -181,7 +181,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
   auto [class_w, sum_w] = ce_class_weights(t, weight, s.C, ignore_index, scheme, smoothing, beta,
                                            label_smoothing > 0.0, acc, stream);
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
-  at::Tensor lse = at::empty({rows}, x.options().dtype(at::kDouble));
+  at::Tensor lse = at::empty({2, rows}, x.options().dtype(acc));  // max, log(sum)
   at::Tensor loss_rows = reduction == kNone ? at::empty(s.loss_shape, x.options()) : at::Tensor();
   at::Tensor loss = reduction == kNone ? loss_rows : at::empty({}, x.options());
   at::Tensor norm = at::empty({}, x.options().dtype(acc));
@@ -208,7 +208,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_wloss_ce_forward", [&] {
     using acc_t = acc_t_of<scalar_t>;
     CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing, gamma);
-    a.lse = lse.data_ptr<double>();
+    a.lse = lse.data_ptr<acc_t>();
     a.loss_rows = ptr_or_null<scalar_t>(loss_rows);
     a.partials = reinterpret_cast<CePartialSums*>(partials.data_ptr());
     launch_ce_forward(l, a, stream);
@@ -234,7 +234,8 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
   const at::Tensor x = input.contiguous();
   const at::Tensor t = target.contiguous();
   const int64_t rows = s.N * s.P;
-  TORCH_CHECK(lse.numel() == rows, "fused_wloss: lse must have ", rows, " elements, got ", lse.numel());
+  TORCH_CHECK(lse.numel() == 2 * rows, "fused_wloss: lse must have 2 x ", rows,
+              " elements (the forward's row maxima and log-sums), got ", lse.numel());
   at::Tensor grad_input = at::empty(x.sizes(), x.options());
   if (rows == 0 || s.C == 0) return grad_input;
 
@@ -250,7 +251,7 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
     });
   }
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
-  const at::Tensor lse_d = lse.to(at::kDouble).contiguous();
+  const at::Tensor lse_acc = lse.to(acc).contiguous();
   at::Tensor g;
   if (reduction == kNone) {
     TORCH_CHECK(grad_loss.numel() == rows, "fused_wloss: grad_loss must have ", rows, " elements, got ",
@@ -266,7 +267,7 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_wloss_ce_backward", [&] {
     using acc_t = acc_t_of<scalar_t>;
     CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing, gamma);
-    a.lse = const_cast<double*>(lse_d.data_ptr<double>());
+    a.lse = const_cast<acc_t*>(lse_acc.data_ptr<acc_t>());
     a.grad_out = g.data_ptr<scalar_t>();
     a.norm = ptr_or_null<acc_t>(n);
     a.reduction = static_cast<int>(reduction);
