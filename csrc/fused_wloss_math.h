@@ -107,6 +107,22 @@ FWL_HD RowStats<acc_t> row_stats_combine(RowStats<acc_t> a, RowStats<acc_t> b) {
   return {m, a.sum + b.sum, a.wdiff + b.wdiff, a.wsum + b.wsum};
 }
 
+// A row's log-sum-exp lse = max + log_sum as the forward saves it for the backward: two acc_t
+// values with lse = hi + lo, hi the lse rounded to acc_t and lo the rest, formed in float64 as
+// (max - hi) + log_sum. lo is tiny for ordinary logits, so rounding it to acc_t costs nothing, and
+// where max is so large that max + log_sum rounds to max (|max| > ~1e15 in float64) hi is max and
+// lo is log_sum: the backward's p = exp(x - hi) exp(-lo) never loses log_sum.
+template <typename acc_t>
+struct LseParts {
+  acc_t hi, lo;
+};
+
+template <typename acc_t>
+FWL_HD LseParts<acc_t> split_lse(double max, double log_sum) {
+  const acc_t hi = static_cast<acc_t>(max + log_sum);
+  return {hi, static_cast<acc_t>((max - static_cast<double>(hi)) + log_sum)};
+}
+
 // Softmax cross-entropy of one element with index target t:
 //   (1 - eps) W_t (lse - x_t) + eps / C sum_c W_c (lse - x_c)
 // from `nll` = lse - x_t and `smooth` = sum_c W_c (lse - x_c), each formed by the caller from

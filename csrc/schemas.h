@@ -9,9 +9,9 @@
 //              alpha (negative: none)
 #pragma once
 
-// Returns the loss, the per-element log-sum-exp as its two terms, shape (2, elements), in the
-// accumulation dtype: the row maxima, then the logs of the sums of exp(x - max) (the backward forms
-// x - lse as (x - max) - log(sum), for logits of any size), the class weights applied (static x dynamic; empty when there are
+// Returns the loss, the per-element log-sum-exp as two parts in the accumulation dtype, shape
+// (2, elements), lse = hi + lo (split_lse in fused_wloss_math.h: exact for logits of any size),
+// the class weights applied (static x dynamic; empty when there are
 // none) and the normaliser of the reduction.
 #define FWL_SCHEMA_CE_FORWARD \
   "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, Tensor? sample_weight, " \

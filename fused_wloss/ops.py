@@ -111,7 +111,7 @@ def _ce_forward_fake(input, target, weight, sample_weight, ignore_index, label_s
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     acc = _acc_dtype(input.dtype)
     loss = input.new_empty(loss_shape if reduction == 0 else ())
-    lse = input.new_empty((2, math.prod(loss_shape)), dtype=acc)  # row maxima, log-sums
+    lse = input.new_empty((2, math.prod(loss_shape)), dtype=acc)  # hi and lo parts of the lse
     has_class_weight = weight is not None or scheme != 0
     class_weight = input.new_empty((num_classes,) if has_class_weight else (0,), dtype=acc)
     return loss, lse, class_weight, input.new_empty((), dtype=acc)

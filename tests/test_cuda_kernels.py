@@ -252,7 +252,7 @@ def test_nan_and_inf_logits_as_torch(dev, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_gradient_of_logits_beyond_1e15(dev, dtype, shape):
     """Rows of logits 1e30 and 1e29 in every thread mapping: the gradient shares each row equally
-    among its 1e30 classes, as torch's; the saved max and log(sum) are kept apart (see the CPU
+    among its 1e30 classes, as torch's; the saved lse keeps log(sum) in its low part (see the CPU
     test of the same name in test_hostile.py)."""
     x = torch.full(shape, 1e30, dtype=dtype)
     x[:, 1::3] = 1e29

@@ -673,9 +673,9 @@ def test_bce_hostile_input(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cross_entropy_gradient_of_logits_beyond_1e15(dtype, shape):
     """Rows of logits 1e30 and 1e29: the softmax shares the row equally among its 1e30 classes,
-    whatever their size. The forward saves each row's max and log(sum) apart, since max + log(sum)
-    rounds to max beyond about 1e15 in float64 (the backward used to give (0, 1) for two logits of
-    1e30, as if log(sum) were 0)."""
+    whatever their size. max + log(sum) rounds to max beyond about 1e15 in float64, so the forward
+    saves the lse as hi + lo (split_lse) with log(sum) in lo there (the backward used to give
+    (0, 1) for two logits of 1e30, as if log(sum) were 0)."""
     x = torch.full(shape, 1e30, dtype=dtype)
     x[:, 1::3] = 1e29
     x.requires_grad_()

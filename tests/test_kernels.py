@@ -281,6 +281,20 @@ def test_opcheck(kind, args):
     torch.library.opcheck(op, args)
 
 
+def test_backward_rejects_an_lse_of_the_wrong_shape():
+    """The forward's lse is (2, rows), its two parts in rows: a transposed (rows, 2) tensor has the
+    right number of elements but would be read in the wrong order, so the backward refuses it."""
+    ops = torch.ops.fused_wloss
+    x = torch.randn(6, 5)
+    t = torch.randint(0, 5, (6,))
+    loss, lse, class_weight, norm = ops.cross_entropy_forward(x, t, None, None, -100, 0.0, 2, 0, 1.0, 0.999)
+    assert lse.shape == (2, 6) and lse.dtype == torch.float32
+    grad = torch.ones_like(loss)
+    ops.cross_entropy_backward(grad, x, t, class_weight, None, lse, norm, -100, 0.0, 2)
+    with pytest.raises(RuntimeError, match=r"lse must have shape \(2, 6\).*got \[6, 2\]"):
+        ops.cross_entropy_backward(grad, x, t, class_weight, None, lse.t().contiguous(), norm, -100, 0.0, 2)
+
+
 @pytest.mark.parametrize("kind, args", list(_op_samples()), ids=lambda v: v if isinstance(v, str) else "")
 def test_opcheck_backward_ops(kind, args):
     """The backward operators on what their forward saved, with a non-trivial upstream gradient."""
@@ -571,7 +585,8 @@ def test_bce_label_sums_of_dynamic_weights(isa, dtype, shape):
                          ids=["rows", "rows-smooth", "tiled-smooth", "kdim-smooth"])
 def test_large_logits_keep_float32_accuracy(isa, offset, shape, smoothing):
     """Logits around 1e4..1e5: the kernels form every lse - x from differences to the row maximum
-    (and save lse in float64), so their error stays within 2x torch's own float32 error."""
+    (and save the lse as a rounded part and its remainder), so their error stays within 2x torch's
+    own float32 error."""
     gen = torch.Generator().manual_seed(2)
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) + offset).float()
     t = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=gen)

@@ -42,12 +42,10 @@ struct CeInputs {
 struct CeForwardArgs {
   CeInputs in;
   void* loss_out;            // scalar_t[N * P] for reduction "none", else nullptr
-  // The log-sum-exp of each row, lse = max + log(sum of exp(x - max)), kept as its two terms in
-  // acc_t (the forward's lse tensor, shape (2, N * P)): max is one of the row's logits, exact in
-  // acc_t, and the backward forms x - lse as (x - max) - log(sum), in float64 where it matters,
-  // so log(sum) is never lost to the size of max (max + log(sum) rounds to max beyond ~1e15).
-  void* row_max_out;         // acc_t[N * P]
-  void* log_sum_out;         // acc_t[N * P]
+  // The log-sum-exp of each row as two acc_t parts, lse = hi + lo (split_lse in
+  // fused_wloss_math.h): the forward's lse tensor, shape (2, N * P), row 0 hi and row 1 lo.
+  void* lse_hi_out;          // acc_t[N * P]
+  void* lse_lo_out;          // acc_t[N * P]
 };
 
 // What one chunk of the forward adds up; reduced over chunks in chunk order.
@@ -61,8 +59,8 @@ struct CePartial {
 
 struct CeBackwardArgs {
   CeInputs in;
-  const void* row_max;       // acc_t[N * P], from the forward (see CeForwardArgs)
-  const void* log_sum;       // acc_t[N * P]
+  const void* lse_hi;        // acc_t[N * P], from the forward (see CeForwardArgs)
+  const void* lse_lo;        // acc_t[N * P]
   const void* grad_rows;     // acc_t[N * P] upstream gradient per row ("none"), or nullptr
   double grad_scalar;        // upstream gradient / normaliser, when grad_rows is nullptr
   void* grad_input;          // scalar_t[N * C * P]

@@ -286,8 +286,8 @@ struct CeForward {
   const scalar_t* x;
   const acc_t* cw;
   const acc_t* sw;
-  acc_t* row_max_out;
-  acc_t* log_sum_out;
+  acc_t* lse_hi_out;
+  acc_t* lse_lo_out;
   scalar_t* loss_out;
   double eps, num_classes, sum_w;
   bool smooth;
@@ -297,8 +297,8 @@ struct CeForward {
         x(static_cast<const scalar_t*>(args.in.input)),
         cw(static_cast<const acc_t*>(args.in.class_w)),
         sw(static_cast<const acc_t*>(args.in.sample_w)),
-        row_max_out(static_cast<acc_t*>(args.row_max_out)),
-        log_sum_out(static_cast<acc_t*>(args.log_sum_out)),
+        lse_hi_out(static_cast<acc_t*>(args.lse_hi_out)),
+        lse_lo_out(static_cast<acc_t*>(args.lse_lo_out)),
         loss_out(static_cast<scalar_t*>(args.loss_out)),
         eps(args.in.label_smoothing),
         num_classes(static_cast<double>(args.in.layout.C)),
@@ -314,8 +314,9 @@ struct CeForward {
                   acc_t sum_wd, CePartial& part) const {
     const int64_t C = a.in.layout.C;
     const double md = static_cast<double>(m), ls = static_cast<double>(log_s);
-    row_max_out[row] = m;
-    log_sum_out[row] = log_s;
+    const LseParts<acc_t> lse = split_lse<acc_t>(md, ls);
+    lse_hi_out[row] = lse.hi;
+    lse_lo_out[row] = lse.lo;
     const int64_t t = load_target(a.in.target, a.in.target_int32, row);
     double loss = 0;
     if (t != a.in.ignore_index) {
@@ -366,15 +367,16 @@ struct CeForward {
     const int64_t C = a.in.layout.C, ignore = a.in.ignore_index;
     const acc_t* const w = cw;
     const acc_t* const s = sw ? sw + row0 : nullptr;
-    acc_t* const row_max = row_max_out + row0;
-    acc_t* const log_sum = log_sum_out + row0;
+    acc_t* const lse_hi = lse_hi_out + row0;
+    acc_t* const lse_lo = lse_lo_out + row0;
     scalar_t* const out = loss_out ? loss_out + row0 : nullptr;
     double loss_sum = 0, weight_sum = 0;
     int64_t valid = 0;
     for (int64_t j = 0; j < lanes; ++j) {
       const double md = static_cast<double>(mx[j]), ls = static_cast<double>(log_s[j]);
-      row_max[j] = mx[j];
-      log_sum[j] = log_s[j];
+      const LseParts<acc_t> lse = split_lse<acc_t>(md, ls);
+      lse_hi[j] = lse.hi;
+      lse_lo[j] = lse.lo;
       const int64_t t = tt[j];
       double loss = 0;
       if (t != ignore) {
@@ -622,8 +624,8 @@ struct CeBackward {
   const scalar_t* x;
   const acc_t* cw;
   const acc_t* sw;
-  const acc_t* row_max;
-  const acc_t* log_sum;
+  const acc_t* lse_hi;
+  const acc_t* lse_lo;
   const acc_t* grad_rows;
   scalar_t* gx;
   acc_t eps, num_classes, sum_w;
@@ -633,30 +635,26 @@ struct CeBackward {
         x(static_cast<const scalar_t*>(args.in.input)),
         cw(static_cast<const acc_t*>(args.in.class_w)),
         sw(static_cast<const acc_t*>(args.in.sample_w)),
-        row_max(static_cast<const acc_t*>(args.row_max)),
-        log_sum(static_cast<const acc_t*>(args.log_sum)),
+        lse_hi(static_cast<const acc_t*>(args.lse_hi)),
+        lse_lo(static_cast<const acc_t*>(args.lse_lo)),
         grad_rows(static_cast<const acc_t*>(args.grad_rows)),
         gx(static_cast<scalar_t*>(args.grad_input)),
         eps(static_cast<acc_t>(args.in.label_smoothing)),
         num_classes(static_cast<acc_t>(args.in.layout.C)),
         sum_w(static_cast<acc_t>(args.in.sum_w)) {}
 
-  // p_c = exp(x_c - lse), lse = max + log s: the vectors subtract `ref`, the lse rounded to acc_t
-  // (x - ref is exact for the x near it, the ones with weight), and the rest, exp(ref - lse) with
-  // ref - lse formed as (ref - max) - log s, goes into the coefficient of p as `factor`. Where max
-  // is so large that max + log s rounds to max (|max| > ~1e15 in float64), ref is max and the
-  // factor exp(-log s): log s is never lost.
+  // p_c = exp(x_c - lse), lse = hi + lo (split_lse): the vectors subtract `ref` = hi, the lse
+  // rounded to acc_t (x - ref is exact for the x near it, the ones with weight), and the rest,
+  // exp(-lo), goes into the coefficient of p as `factor`.
   struct Shift {
     acc_t ref, factor;
   };
   Shift shift_for(int64_t r) const {
-    const double m = static_cast<double>(row_max[r]), ls = static_cast<double>(log_sum[r]);
-    const acc_t ref = static_cast<acc_t>(m + ls);
-    const double d = (static_cast<double>(ref) - m) - ls;  // half an ulp of lse, unless max is huge
+    const double d = -static_cast<double>(lse_lo[r]);  // half an ulp of lse, unless max is huge
     // exp(d) by its Taylor series where d is small (always, unless |lse| > ~1e4): no libm call
     // per row
     const double f = std::fabs(d) < 1e-3 ? 1.0 + d * (1.0 + 0.5 * d) : std::exp(d);
-    return {ref, static_cast<acc_t>(f)};
+    return {lse_hi[r], static_cast<acc_t>(f)};
   }
 
   // p = exp(v - lse) from a Shift, in acc_t
@@ -676,8 +674,8 @@ struct CeBackward {
     acc_t scale = g * (sw ? sw[r] : acc_t(1));
     if (a.in.gamma != 0.0) {  // focal loss: d loss / d x_c = G (p_c - [c == t]) times the weights
       const CeLayout& l = a.in.layout;
-      const double nll = (static_cast<double>(row_max[r]) - static_cast<double>(x[ce_row_offset(r, l.C, l.P) + t * l.P])) +
-                         static_cast<double>(log_sum[r]);
+      const double x_t = static_cast<double>(x[ce_row_offset(r, l.C, l.P) + t * l.P]);
+      const double nll = (static_cast<double>(lse_hi[r]) - x_t) + static_cast<double>(lse_lo[r]);
       scale *= static_cast<acc_t>(focal_ce_grad_factor(nll, a.in.gamma));
     }
     *t_out = t;

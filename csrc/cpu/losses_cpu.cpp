@@ -271,15 +271,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   const at::Tensor class_w =
       ce_class_weights(t, weight, s.C, ignore_index, scheme, smoothing, beta, acc);
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
-  at::Tensor lse = at::empty({2, rows}, x.options().dtype(acc));  // max, log(sum)
+  at::Tensor lse = at::empty({2, rows}, x.options().dtype(acc));  // hi, lo (split_lse)
   at::Tensor loss_rows;
   if (reduction == kNone) loss_rows = at::empty(s.loss_shape, x.options());
 
   CeForwardArgs args{};
   args.in = ce_inputs(s, x, t, class_w, sw, ignore_index, label_smoothing, gamma);
   args.loss_out = loss_rows.defined() ? loss_rows.data_ptr() : nullptr;
-  args.row_max_out = lse.data_ptr();
-  args.log_sum_out = static_cast<char*>(lse.data_ptr()) + rows * lse.element_size();
+  args.lse_hi_out = lse.data_ptr();
+  args.lse_lo_out = static_cast<char*>(lse.data_ptr()) + rows * lse.element_size();
 
   std::vector<CePartial> partials(args.in.layout.num_chunks, CePartial{0, 0, 0, -1, 0});
   if (rows > 0 && s.C == 0) {
@@ -323,8 +323,8 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
                                       int64_t ignore_index, double label_smoothing,
                                       int64_t reduction, double gamma) {
   const auto [s, di, acc, x, t, rows] = ce_call(input, target, reduction);
-  TORCH_CHECK(lse.numel() == 2 * rows, "fused_wloss: lse must have 2 x ", rows,
-              " elements (the forward's row maxima and log-sums), got ", lse.numel());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == rows, "fused_wloss: lse must have shape (2, ",
+              rows, ") (the forward's log-sum-exp parts), got ", lse.sizes());
   const at::Tensor class_w =
       class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
@@ -333,8 +333,8 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
 
   CeBackwardArgs args{};
   args.in = ce_inputs(s, x, t, class_w, sw, ignore_index, label_smoothing, gamma);
-  args.row_max = lse_acc.data_ptr();
-  args.log_sum = static_cast<const char*>(lse_acc.data_ptr()) + rows * lse_acc.element_size();
+  args.lse_hi = lse_acc.data_ptr();
+  args.lse_lo = static_cast<const char*>(lse_acc.data_ptr()) + rows * lse_acc.element_size();
   at::Tensor grad_rows;
   if (reduction == kNone) {
     TORCH_CHECK(grad_loss.numel() == rows, "fused_wloss: grad_loss must have ", rows,

@@ -50,7 +50,7 @@ struct CeKernelArgs {
   double gamma;           // focal-loss focusing, 0 for plain cross-entropy
   int group;              // lanes per row (kBlockPerRow = false, P == 1)
   // forward
-  acc_t* lse;               // [2, rows]: each row's max, then its log(sum of exp(x - max))
+  acc_t* lse;               // [2, rows]: each row's lse as hi, then lo (split_lse)
   scalar_t* loss_rows;      // [rows] for reduction "none", else nullptr
   CePartialSums* partials;  // [gridDim.x]
   // backward
@@ -154,8 +154,9 @@ __device__ __forceinline__ CePartialSums ce_forward_row_epilogue(const CeKernelA
                                                                  const RowStats<acc_t_of<scalar_t>>& st) {
   const double md = static_cast<double>(st.max);
   const double ls = log(static_cast<double>(st.sum));
-  a.lse[row] = st.max;
-  a.lse[a.rows + row] = static_cast<acc_t_of<scalar_t>>(ls);
+  const LseParts<acc_t_of<scalar_t>> lse = split_lse<acc_t_of<scalar_t>>(md, ls);
+  a.lse[row] = lse.hi;
+  a.lse[a.rows + row] = lse.lo;
   CePartialSums out{0.0, 0.0, 0, 0};
   const int64_t t = load_target(a.target, a.target_int32, row);
   if (t != a.ignore_index) {
@@ -255,18 +256,16 @@ __global__ void ce_backward_kernel(CeKernelArgs<scalar_t> a) {
   acc_t scale = ignored ? acc_t(0) : ce_upstream_grad(a, row) * (a.sample_w ? a.sample_w[row] : acc_t(1));
   if (a.gamma != 0.0 && !ignored) {  // focal loss: d loss / d x_c = G (p_c - [c == t]) times the weights
     const double nll = (static_cast<double>(a.lse[row]) - static_cast<double>(to_acc(xr[t * a.P]))) +
-                       static_cast<double>(a.lse[a.rows + row]);
+                       static_cast<double>(a.lse[a.rows + row]);  // (hi - x_t) + lo
     scale *= static_cast<acc_t>(focal_ce_grad_factor(nll, a.gamma));
   }
   const acc_t sum_w = a.sum_w ? *a.sum_w : static_cast<acc_t>(a.C);
   const CeGradCoeffs<acc_t> k = ce_index_grad_coeffs<acc_t>(scale, w_t, sum_w, static_cast<acc_t>(a.eps),
                                                             static_cast<acc_t>(a.C));
-  // p_c = exp(x_c - lse), lse = max + log s in float64: subtract ref = lse rounded to acc_t (exact
-  // for the x near it) and fold the rest, exp(ref - lse) with ref - lse formed as (ref - max) -
-  // log s, into the coefficient of p; log s survives even where max + log s rounds to max.
-  const double row_max = static_cast<double>(a.lse[row]), log_sum = static_cast<double>(a.lse[a.rows + row]);
-  const acc_t ref = static_cast<acc_t>(row_max + log_sum);
-  const acc_t factor = static_cast<acc_t>(exp((static_cast<double>(ref) - row_max) - log_sum));
+  // p_c = exp(x_c - lse), lse = hi + lo (split_lse): subtract ref = hi, the lse rounded to acc_t
+  // (exact for the x near it), and fold the rest, exp(-lo), into the coefficient of p.
+  const acc_t ref = a.lse[row];
+  const acc_t factor = static_cast<acc_t>(exp(-static_cast<double>(a.lse[a.rows + row])));
   const acc_t ka = k.a * factor;
   const bool with_e = k.e != acc_t(0);
   auto grad_of = [&](acc_t v, int64_t c) -> acc_t {

@@ -181,7 +181,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
   auto [class_w, sum_w] = ce_class_weights(t, weight, s.C, ignore_index, scheme, smoothing, beta,
                                            label_smoothing > 0.0, acc, stream);
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
-  at::Tensor lse = at::empty({2, rows}, x.options().dtype(acc));  // max, log(sum)
+  at::Tensor lse = at::empty({2, rows}, x.options().dtype(acc));  // hi, lo (split_lse)
   at::Tensor loss_rows = reduction == kNone ? at::empty(s.loss_shape, x.options()) : at::Tensor();
   at::Tensor loss = reduction == kNone ? loss_rows : at::empty({}, x.options());
   at::Tensor norm = at::empty({}, x.options().dtype(acc));
@@ -234,8 +234,8 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
   const at::Tensor x = input.contiguous();
   const at::Tensor t = target.contiguous();
   const int64_t rows = s.N * s.P;
-  TORCH_CHECK(lse.numel() == 2 * rows, "fused_wloss: lse must have 2 x ", rows,
-              " elements (the forward's row maxima and log-sums), got ", lse.numel());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == rows, "fused_wloss: lse must have shape (2, ",
+              rows, ") (the forward's log-sum-exp parts), got ", lse.sizes());
   at::Tensor grad_input = at::empty(x.sizes(), x.options());
   if (rows == 0 || s.C == 0) return grad_input;
 
