@@ -34,6 +34,7 @@ def isa(request):
 CE_SHAPES = {
     "rows-tail": (6, 45),  # C not a multiple of any vector width
     "rows-chunks": (250, 300),  # 109 rows a chunk: three chunks
+    "rows-groups": (900, 40),  # 819 rows a chunk: epilogue groups of 16 rows, partial at both chunks' ends
     "tiled-partial": (37, 7),  # two full tiles and a partial one
     "tiled-chunks": (3500, 20),  # 1648 rows a chunk: three chunks
     "tiled-c1": (19, 1),
@@ -109,7 +110,7 @@ def test_cross_entropy_paths_match_reference(isa, shape, options, reduction):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", ["rows-tail", "rows-chunks", "tiled-partial", "kdim-tail", "kdim-chunks"])
+@pytest.mark.parametrize("shape", ["rows-tail", "rows-chunks", "rows-groups", "tiled-partial", "kdim-tail", "kdim-chunks"])
 @pytest.mark.parametrize("options", ["plain", "everything"])
 def test_cross_entropy_low_precision_error_within_twice_torch(isa, dtype, shape, options):
     """Our error against a float64 computation is at most 2x torch's own error at the same dtype."""

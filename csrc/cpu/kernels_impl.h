@@ -7,8 +7,9 @@
 // KernelTable; the per-element formulas come from fused_wloss_math.h.
 //
 // Cross-entropy, three layouts (see CeLayout):
-// - rows (P == 1, C >= 32): one row at a time, vectors along the classes; two sweeps over the row
-//   (max, then sum of exponentials), the second from cache, so memory sees one read.
+// - rows (P == 1, C >= 32): vectors along the classes; two sweeps over each row (max, then sum of
+//   exponentials), the second from cache, so memory sees one read. The forward finishes its rows
+//   16 at a time (one vector log, one epilogue loop); the backward goes row by row.
 // - tiled (P == 1, C < 32): a vector along C would be mostly empty, so 16 rows are packed into a
 //   [C][16] tile and processed as 16 lanes, one row per lane.
 // - columns (P > 1, K-dim inputs): classes are strided by P and pixels contiguous, so vectors run
@@ -223,6 +224,18 @@ inline V running_max(const V& acc, const V& v) {
   return at::vec::clamp_min(v, acc);
 }
 
+// The n < V elements from p on, as acc_t, with `fill` in the other lanes: one masked load for
+// float32 on AVX-512 (no fault past the end: masked lanes are not read).
+template <typename T, typename V>
+C10_ALWAYS_INLINE V load_partial(const T* p, int64_t n, const V& fill) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_mask_loadu_ps(fill, static_cast<__mmask16>((1u << n) - 1u), p);
+  }
+#endif
+  return V::set(fill, Io<T>::load(p, n), n);
+}
+
 // K-dim inputs are read as C streams, one per class plane, a plane apart: more streams than the
 // hardware prefetchers follow at segmentation shapes (C = 19 took the forward to half the speed
 // of the same logits in rows). Each access also requests the line kPlanePrefetchBytes further on
@@ -273,8 +286,11 @@ inline int64_t load_target(const void* target, bool is_int32, int64_t row) {
 // ---------------------------------------------------------------------------------------------
 // Cross-entropy forward
 
-// How far ahead of its exponential sweep the rows path of the forward prefetches the logits.
-constexpr int64_t kPrefetchBytes = 8192;
+// How far ahead of its exponential sweep the rows path of the forward prefetches the logits (into
+// L1, so that the max sweeps of the rows that follow do not wait on DRAM). At 8192 x 1000 float32
+// (AMD EPYC, AVX-512, 1 and 2 threads) 12 to 20 KB measured alike; 8 KB was 9% slower, 4 KB 35%
+// and 32 KB 2%. A fixed distance in bytes, not in rows: for long rows it stays inside L1's reach.
+constexpr int64_t kPrefetchBytes = 16384;
 
 template <typename scalar_t>
 struct CeForward {
@@ -342,17 +358,19 @@ struct CeForward {
     if (loss_out) loss_out[row] = static_cast<scalar_t>(loss);
   }
 
-  // finish_row for the `lanes` consecutive rows from row0 of a block (or tile), row j's class c at
-  // xb[c * stride + j]. Plain cross-entropy (no label smoothing, no focal term) takes a loop with
-  // every invariant in a register and none of finish_row's option branches: at C = 19 the
-  // per-row epilogue had cost as much as the block's vector sweeps. Same formulas, in float64; the
+  // finish_row for the `lanes` consecutive rows from row0 of a block, a tile or a group of rows,
+  // row j's class c at xb[j * lane_stride + c * stride]. Plain cross-entropy (no label smoothing,
+  // no focal term) takes a loop with every invariant in a register and none of finish_row's
+  // option branches: at C = 19 the per-row epilogue had cost as much as the block's vector sweeps. Same formulas, in float64; the
   // block's sums are added to the partials at its end, so the rounding (not the determinism)
   // differs from finish_row's row-by-row sums.
   template <typename in_t>
-  void finish_block(int64_t row0, const in_t* xb, int64_t stride, int64_t lanes, const acc_t* mx,
-                    const acc_t* log_s, const acc_t* sum_wd, CePartial& part) const {
+  void finish_block(int64_t row0, const in_t* xb, int64_t stride, int64_t lane_stride, int64_t lanes,
+                    const acc_t* mx, const acc_t* log_s, const acc_t* sum_wd, CePartial& part) const {
     if (smooth || a.in.gamma != 0.0) {
-      for (int64_t j = 0; j < lanes; ++j) finish_row(row0 + j, xb + j, stride, mx[j], log_s[j], sum_wd[j], part);
+      for (int64_t j = 0; j < lanes; ++j) {
+        finish_row(row0 + j, xb + j * lane_stride, stride, mx[j], log_s[j], sum_wd[j], part);
+      }
       return;
     }
     static_assert(Vec::size() <= kTileLanes, "a block has at most kTileLanes lanes");
@@ -388,7 +406,7 @@ struct CeForward {
         } else {
           const double w_t = w ? static_cast<double>(w[t]) : 1.0;
           const double s_j = s ? static_cast<double>(s[j]) : 1.0;
-          const double nll = (md - static_cast<double>(xb[t * stride + j])) + ls;
+          const double nll = (md - static_cast<double>(xb[j * lane_stride + t * stride])) + ls;
           loss = s_j * (w_t * nll);
           loss_sum += loss;
           weight_sum += s_j * w_t;
@@ -404,21 +422,47 @@ struct CeForward {
 
   // rows layout: vectors along one row of C contiguous classes; a max sweep, then a sweep of
   // exp(x - m) (and of W (x - m) for label smoothing) from cache. Four independent accumulators
-  // per sweep, so the max and add latency chains do not serialise the loop.
-  void row(int64_t r, CePartial& part) const {
+  // per sweep, so the max and add latency chains do not serialise the loop. The rows of a chunk go
+  // in groups of kTileLanes: the sweeps leave each row's max, sum of exponentials and sum_wd in
+  // arrays, and the group's logs (one vector log) and epilogue (finish_block) follow. Row by row,
+  // a libm logf, the epilogue's branches and the sweeps' setup had cost more than the sweeps
+  // themselves at C = 40, and a sixth of the forward at C = 1000.
+  void rows(int64_t r0, int64_t r1, CePartial& part) const {
     if (smooth) {
-      row_sweeps<true>(r, part);
+      rows_in_groups<true>(r0, r1, part);
     } else {
-      row_sweeps<false>(r, part);
+      rows_in_groups<false>(r0, r1, part);
     }
   }
 
-  // A row's last C % V classes are one partial vector (the lanes past the row masked), not scalar
-  // code: with C = 1000 and V = 16, scalar tails with a libm exp each cost a tenth of the forward.
   template <bool kSmooth>
-  void row_sweeps(int64_t r, CePartial& part) const {
+  void rows_in_groups(int64_t r0, int64_t r1, CePartial& part) const {
+    constexpr int64_t V = Vec::size();
     const int64_t C = a.in.layout.C;
-    const scalar_t* xr = x + r * C;
+    // The line kPrefetchBytes past each vector is requested during its exponential sweep (the rows
+    // are consecutive in memory); rows closer than that to the end of the input prefetch nothing.
+    const int64_t row_bytes = C * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t prefetch_limit = a.in.layout.N * row_bytes - kPrefetchBytes;
+    alignas(64) acc_t mx[kTileLanes], sums[kTileLanes], ls[kTileLanes], swd[kTileLanes];
+    std::fill(sums, sums + kTileLanes, acc_t(1));  // lanes past a short last group: log 1
+    for (int64_t r = r0; r < r1; r += kTileLanes) {
+      const int64_t lanes = std::min<int64_t>(kTileLanes, r1 - r);
+      for (int64_t j = 0; j < lanes; ++j) {
+        const scalar_t* xr = x + (r + j) * C;
+        row_sweeps<kSmooth>(xr, (r + j + 1) * row_bytes <= prefetch_limit, mx[j], sums[j], swd[j]);
+      }
+      for (int64_t j = 0; j < kTileLanes; j += V) Vec::loadu(sums + j).log().store(ls + j);
+      finish_block(r, x + r * C, 1, C, lanes, mx, ls, swd, part);
+    }
+  }
+
+  // One row's maximum m, sum of exp(x - m) and sum_c W_c (x_c - m) (label smoothing only). A row's
+  // last C % V classes are one partial vector (the lanes past the row masked), not scalar code:
+  // with C = 1000 and V = 16, scalar tails with a libm exp each cost a tenth of the forward.
+  template <bool kSmooth>
+  C10_ALWAYS_INLINE void row_sweeps(const scalar_t* xr, bool prefetch, acc_t& m_out, acc_t& sum_out,
+                                    acc_t& sum_wd_out) const {
+    const int64_t C = a.in.layout.C;
     constexpr int64_t V = Vec::size();
     const int64_t full = C - C % V, tail = C - full;
     const Vec neg_inf(-std::numeric_limits<acc_t>::infinity()), zero(acc_t(0));
@@ -431,20 +475,16 @@ struct CeForward {
       m3 = running_max(m3, IO::load(xr + c + 3 * V));
     }
     for (; c < full; c += V) m0 = running_max(m0, IO::load(xr + c));
-    if (tail > 0) m1 = running_max(m1, Vec::set(neg_inf, IO::load(xr + full, tail), tail));
+    // the tail with -inf in the lanes past the row: neutral for the max, and exp(-inf - m) = 0
+    // in the sweep below (a row whose max is -inf or +inf turns NaN in its own lanes anyway)
+    const Vec xt = tail > 0 ? load_partial(xr + full, tail, neg_inf) : neg_inf;
+    m1 = running_max(m1, xt);
     const acc_t m = reduce_max(running_max(running_max(m0, m1), running_max(m2, m3)));
 
     const Vec sh = shift_of(Vec(m));
     Vec s0 = zero, s1 = zero, s2 = zero, s3 = zero;
     Vec w0 = zero, w1 = zero;
-    // The lines of the row `ahead` rows on are requested while this row's exponentials are
-    // computed, so they have arrived by the time its max sweep reads them. One row ahead is too
-    // close for short rows: a 4 KB row's sweep takes about as long as DRAM takes to answer, and
-    // the max sweep of the next row stalled on the prefetches issued last (about 8% of the forward
-    // at C = 1000). About 8 KB ahead, and never less than a row.
-    const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (C * static_cast<int64_t>(sizeof(scalar_t))));
-    const char* next = reinterpret_cast<const char*>(xr + ahead * C);
-    const bool prefetch = r + ahead < a.in.layout.N;
+    const char* next = reinterpret_cast<const char*>(xr) + kPrefetchBytes;
     auto sweep = [&](int64_t at, Vec& s_acc, Vec& w_acc) {
       if (prefetch) _mm_prefetch(next + at * static_cast<int64_t>(sizeof(scalar_t)), _MM_HINT_T0);
       const Vec d = IO::load(xr + at) + sh;
@@ -459,13 +499,15 @@ struct CeForward {
     }
     for (; c < full; c += V) sweep(c, s0, w0);
     if (tail > 0) {
-      const Vec d = Vec::set(zero, IO::load(xr + full, tail) + sh, tail);
-      s1 = s1 + Vec::set(zero, exp_of_difference(d), tail);
-      if constexpr (kSmooth) w1 = w1 + (cw ? d * Vec::loadu(cw + full, tail) : d);
+      s1 = s1 + exp_of_difference(xt + sh);
+      if constexpr (kSmooth) {
+        const Vec d = Vec::set(zero, xt + sh, tail);
+        w1 = w1 + (cw ? d * Vec::loadu(cw + full, tail) : d);
+      }
     }
-    const acc_t s = reduce_sum((s0 + s1) + (s2 + s3));
-    const acc_t sum_wd = kSmooth ? reduce_sum(w0 + w1) : acc_t(0);
-    finish_row(r, xr, 1, m, std::log(s), sum_wd, part);
+    m_out = m;
+    sum_out = reduce_sum((s0 + s1) + (s2 + s3));
+    sum_wd_out = kSmooth ? reduce_sum(w0 + w1) : acc_t(0);
   }
 
   // Blocks: V rows (or pixels) one per lane, in an acc_t block whose class c is the vector at
@@ -565,7 +607,7 @@ struct CeForward {
         Vec next_max = vmax;
         if (p + V < p1) next_max = pack_columns(xn + p + V, l.P, std::min<int64_t>(V, p1 - p - V), next);
         block_sums(cur, V, vmax, mx, ls, swd);
-        finish_block(n * l.P + p, cur, V, lanes, mx, ls, swd, part);
+        finish_block(n * l.P + p, cur, V, 1, lanes, mx, ls, swd, part);
         std::swap(cur, next);
         vmax = next_max;
       }
@@ -575,7 +617,7 @@ struct CeForward {
     const int64_t r0 = chunk_index * l.rows_per_chunk;
     const int64_t r1 = std::min(l.N, r0 + l.rows_per_chunk);
     if (!l.tiled) {
-      for (int64_t r = r0; r < r1; ++r) row(r, part);
+      rows(r0, r1, part);
       *out = part;
       return;
     }
@@ -595,7 +637,7 @@ struct CeForward {
     for (int64_t j = 0; j < kTileLanes; j += V) {
       block_sums(tile + j, kTileLanes, block_max(tile + j, kTileLanes), mx + j, ls + j, swd + j);
     }
-    finish_block(r, tile, kTileLanes, rows, mx, ls, swd, part);
+    finish_block(r, tile, kTileLanes, 1, rows, mx, ls, swd, part);
   }
 
   static void pack_tile(const scalar_t* src, int64_t rows, int64_t C, acc_t* tile) {
@@ -649,7 +691,7 @@ struct CeBackward {
   struct Shift {
     acc_t ref, factor;
   };
-  Shift shift_for(int64_t r) const {
+  C10_ALWAYS_INLINE Shift shift_for(int64_t r) const {
     const double d = -static_cast<double>(lse_lo[r]);  // half an ulp of lse, unless max is huge
     // exp(d) by its Taylor series where d is small (always, unless |lse| > ~1e4): no libm call
     // per row
@@ -663,7 +705,7 @@ struct CeBackward {
   }
 
   // The coefficients of row r; `t` is set to -1 when the row has no gradient (ignored).
-  CeGradCoeffs<acc_t> coeffs(int64_t r, int64_t* t_out, acc_t* w_t_out) const {
+  C10_ALWAYS_INLINE CeGradCoeffs<acc_t> coeffs(int64_t r, int64_t* t_out, acc_t* w_t_out) const {
     const int64_t t = load_target(a.in.target, a.in.target_int32, r);
     if (t == a.in.ignore_index || t < 0 || t >= a.in.layout.C) {
       *t_out = -1;
