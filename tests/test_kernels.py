@@ -478,6 +478,26 @@ def test_streamed_gradient_matches_reference(isa, num_classes):
         torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_classes", [33, 40, 47, 48])
+def test_float32_flat_backward_of_32_to_47_classes(isa, num_classes):
+    """A float32 gradient under 16 MB with 32 <= C < 48 is written 16 rows at a time as flat vectors
+    (flat_tile), not row by row; C = 48 takes the rows path. Partial tiles at both chunks' ends,
+    targets at both ends of the row, ignored rows, and every weighting."""
+    gen = torch.Generator().manual_seed(21)
+    n = 1000  # 32768 // C rows a chunk: chunks end inside a tile
+    x = torch.randn(n, num_classes, generator=gen) * 3
+    t = torch.randint(0, num_classes, (n,), generator=gen)
+    t[0::5], t[1::5], t[7::11] = 0, num_classes - 1, -100
+    w = torch.rand(num_classes, generator=gen) + 0.5
+    s = torch.rand(n, generator=gen) + 0.1
+    for kwargs in ({}, {"weight": w, "label_smoothing": 0.1, "sample_weight": s}, {"class_weighting": "inverse"}):
+        got = _value_and_grad(fused_wloss.cross_entropy, x, t, reduction="none", **kwargs)
+        expected = _value_and_grad(reference.cross_entropy, x.double(), t, reduction="none",
+                                   **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        torch.testing.assert_close(got[0].double(), expected[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
+
+
 def test_inference_mode_with_grad_enabled_builds_no_graph(isa):
     """enable_grad inside inference_mode: no graph can be recorded there (its outputs are inference
     tensors), so the eager autograd.Function must stand aside and the call just compute the loss."""
