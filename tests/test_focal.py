@@ -150,14 +150,22 @@ def test_sigmoid_focal_with_every_weight_matches_reference(impl, scheme):
     torch.testing.assert_close(ours[1], ref[1], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(64, 33), (64, 7), (4, 7, 9)], ids=["flat-rows", "tiled", "kdim"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "reference"])
-def test_low_precision_focal_close_to_float64(impl, dtype):
-    x, t, kw = _ce_inputs((64, 33), {"weight": True, "ignore": True})
-    ours = _call(impl, "cross_entropy", x.to(dtype), t, gamma=2.0, weight=kw["weight"].to(dtype))
-    exact = reference.cross_entropy(x.to(dtype).double(), t, gamma=2.0, weight=kw["weight"].to(dtype).double())
+def test_low_precision_focal_close_to_float64(impl, dtype, shape):
+    """Value and gradient, through the paths that take 16 rows at a time in low precision (the
+    focal factor needs each row's p_t: those paths compute its coefficients row by row)."""
+    x, t, kw = _ce_inputs(shape, {"weight": True, "ignore": True})
+    xl = x.to(dtype).requires_grad_()
+    ours = _call(impl, "cross_entropy", xl, t, gamma=2.0, weight=kw["weight"].to(dtype))
+    (ours_grad,) = torch.autograd.grad(ours, xl)
+    x64 = x.to(dtype).double().requires_grad_()
+    exact = reference.cross_entropy(x64, t, gamma=2.0, weight=kw["weight"].to(dtype).double())
+    (exact_grad,) = torch.autograd.grad(exact, x64)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(ours.double(), exact, rtol=tol, atol=tol)
+    torch.testing.assert_close(ours_grad.double(), exact_grad, rtol=tol, atol=tol * exact_grad.abs().max().item())
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -372,9 +372,10 @@ def test_gradients_for_weights_go_to_the_reference():
 
 # ---- determinism and threads -------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", ["rows-chunks", "tiled-chunks", "kdim-chunks"])
-def test_bitwise_repeatable_across_runs_and_thread_counts(shape):
-    x, t, kwargs = _ce_inputs(CE_SHAPES[shape], CE_OPTIONS["everything"], dtype=torch.float32)
+@pytest.mark.parametrize("options", ["everything", "dynamic-sample"])  # per-row and block epilogues
+@pytest.mark.parametrize("shape", ["rows-chunks", "rows-groups", "tiled-chunks", "kdim-chunks"])
+def test_bitwise_repeatable_across_runs_and_thread_counts(shape, options):
+    x, t, kwargs = _ce_inputs(CE_SHAPES[shape], CE_OPTIONS[options], dtype=torch.float32)
     xb, tb, kwb = _bce_inputs(BCE_SHAPES["chunks"], BCE_OPTIONS["balanced-everything"], dtype=torch.float32)
     threads = torch.get_num_threads()
     results = []
@@ -478,11 +479,33 @@ def test_streamed_gradient_matches_reference(isa, num_classes):
         torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(16, 10), (16, 40), (16, 64), (1, 5, 16)], ids=["tiled", "flat-40", "rows", "kdim"])
+def test_backward_lse_factor_matches_float64_taylor(isa, shape):
+    """The backward scales each row by exp(-lo), lo the saved lse's low part: float(1 + d (1 + d/2))
+    with d = -lo, evaluated in float64 and rounded once (exp in float64 where |d| >= 1e-3), the same
+    in the vectorised coefficients of 16 rows (tiled, flat and K-dim paths) as in the row-by-row
+    ones (rows path). With zero logits, hi = 0 and reduction "sum", each non-target gradient element
+    is that factor itself; d = 2^-24 is a tie in float that a float evaluation rounds down."""
+    rows = shape[0] * (shape[2] if len(shape) == 3 else 1)
+    x = torch.zeros(shape)
+    t = torch.zeros((shape[0],) + shape[2:], dtype=torch.long)
+    lo = torch.tensor([-2.0**-24, 2.0**-24, -3 * 2.0**-25, 1e-4, -5e-4, 2e-3, -3e-3, 0.0] * 2)[:rows]
+    lse = torch.stack([torch.zeros(rows), lo])
+    ops = torch.ops.fused_wloss
+    grad = ops.cross_entropy_backward(torch.ones(()), x, t, torch.empty(0), None, lse, torch.ones(()), -100, 0.0, 1)
+    d = -lo.double()
+    factor = torch.where(d.abs() < 1e-3, 1 + d * (1 + 0.5 * d), d.exp()).float()
+    per_row = grad.movedim(1, -1).reshape(rows, shape[1])[:, 1:]
+    assert torch.equal(per_row, factor[:, None].expand_as(per_row)), (per_row[:, 0], factor)
+
+
 @pytest.mark.parametrize("num_classes", [33, 40, 47, 48])
 def test_float32_flat_backward_of_32_to_47_classes(isa, num_classes):
     """A float32 gradient under 16 MB with 32 <= C < 48 is written 16 rows at a time as flat vectors
-    (flat_tile), not row by row; C = 48 takes the rows path. Partial tiles at both chunks' ends,
-    targets at both ends of the row, ignored rows, and every weighting."""
+    (flat_tile), not row by row; C = 48 takes the rows path. A chunk holds 32768 // C rows, so tiles
+    are cut short at chunk ends (at C = 40 and 47 in both chunks, at C = 33 in the last); targets at
+    both ends of the row, ignored rows, every weighting, and an upstream gradient per element
+    ("none") as well as a scalar one ("mean")."""
     gen = torch.Generator().manual_seed(21)
     n = 1000  # 32768 // C rows a chunk: chunks end inside a tile
     x = torch.randn(n, num_classes, generator=gen) * 3
@@ -490,12 +513,13 @@ def test_float32_flat_backward_of_32_to_47_classes(isa, num_classes):
     t[0::5], t[1::5], t[7::11] = 0, num_classes - 1, -100
     w = torch.rand(num_classes, generator=gen) + 0.5
     s = torch.rand(n, generator=gen) + 0.1
-    for kwargs in ({}, {"weight": w, "label_smoothing": 0.1, "sample_weight": s}, {"class_weighting": "inverse"}):
-        got = _value_and_grad(fused_wloss.cross_entropy, x, t, reduction="none", **kwargs)
-        expected = _value_and_grad(reference.cross_entropy, x.double(), t, reduction="none",
-                                   **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
-        torch.testing.assert_close(got[0].double(), expected[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
+    for reduction in ("none", "mean"):
+        for kwargs in ({}, {"weight": w, "label_smoothing": 0.1, "sample_weight": s}, {"class_weighting": "inverse"}):
+            got = _value_and_grad(fused_wloss.cross_entropy, x, t, reduction=reduction, **kwargs)
+            expected = _value_and_grad(reference.cross_entropy, x.double(), t, reduction=reduction,
+                                       **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+            torch.testing.assert_close(got[0].double(), expected[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6 if reduction == "none" else 1e-9)
 
 
 def test_inference_mode_with_grad_enabled_builds_no_graph(isa):

@@ -224,6 +224,37 @@ inline V running_max(const V& acc, const V& v) {
   return at::vec::clamp_min(v, acc);
 }
 
+// float(1 + d (1 + d / 2)) for each lane, with the arithmetic in float64 and one rounding, as the
+// backward's scalar shift_for forms exp(d) for the small |d| < 1e-3 of the lse's low part (a
+// float evaluation rounds differently for about one row in forty).
+inline Vectorized<float> taylor_exp_f64(const Vectorized<float>& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512d one = _mm512_set1_pd(1.0), half = _mm512_set1_pd(0.5);
+  auto f = [&](__m256 x) {
+    const __m512d v = _mm512_cvtps_pd(x);
+    return _mm512_cvtpd_ps(_mm512_add_pd(one, _mm512_mul_pd(v, _mm512_add_pd(one, _mm512_mul_pd(half, v)))));
+  };
+  const __m512 v = d;
+  return _mm512_insertf32x8(_mm512_castps256_ps512(f(_mm512_castps512_ps256(v))), f(_mm512_extractf32x8_ps(v, 1)), 1);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256d one = _mm256_set1_pd(1.0), half = _mm256_set1_pd(0.5);
+  auto f = [&](__m128 x) {
+    const __m256d v = _mm256_cvtps_pd(x);
+    return _mm256_cvtpd_ps(_mm256_add_pd(one, _mm256_mul_pd(v, _mm256_add_pd(one, _mm256_mul_pd(half, v)))));
+  };
+  const __m256 v = d;
+  return _mm256_set_m128(f(_mm256_extractf128_ps(v, 1)), f(_mm256_castps256_ps128(v)));
+#else
+  alignas(64) float buf[Vectorized<float>::size()];
+  d.store(buf);
+  for (float& x : buf) {
+    const double v = x;
+    x = static_cast<float>(1.0 + v * (1.0 + 0.5 * v));
+  }
+  return Vectorized<float>::loadu(buf);
+#endif
+}
+
 // Whether any lane of a comparison's result (all bits set or clear) is set.
 template <typename V>
 inline bool any_lane(const V& mask) {
@@ -845,11 +876,11 @@ struct CeBackward {
     return lane_coeffs_rows(L, r0, lanes);
   }
 
-  // lane_coeffs' arithmetic in vectors: ce_index_grad_coeffs and shift_for with the same formulas,
-  // in acc_t (shift_for's Taylor factor too: |lo| < 1e-3 there, where 1 + d (1 + d / 2) rounds
-  // alike in float; lanes with a larger |lo|, from logits beyond ~1e4, take exp in float64). Only
-  // the target checks and the gather of W_t go lane by lane. Not for focal loss (gamma != 0),
-  // whose factor needs each row's p_t.
+  // lane_coeffs' arithmetic in vectors, with the results of coeffs() and shift_for() bit for bit:
+  // ce_index_grad_coeffs' formulas in acc_t, shift_for's Taylor factor in float64 rounded once
+  // (taylor_exp_f64), and lanes with |lo| >= 1e-3 (logits beyond ~1e4) through exp in float64.
+  // Only the target checks and the gather of W_t go lane by lane. Not for focal loss
+  // (gamma != 0), whose factor needs each row's p_t.
   bool lane_coeffs_vec(Lanes& L, int64_t r0, int64_t lanes) const {
     using I = at::vec::int_same_size_t<acc_t>;
     constexpr int64_t V = Vec::size();
@@ -861,7 +892,7 @@ struct CeBackward {
       L.tt[j] = ok ? static_cast<I>(t) : I(-1);
       w_t[j] = ok ? (cw ? cw[t] : acc_t(1)) : acc_t(0);
     }
-    const Vec zero(acc_t(0)), one(acc_t(1)), keep(acc_t(1) - eps), smooth(eps / num_classes);
+    const Vec zero(acc_t(0)), keep(acc_t(1) - eps), smooth(eps / num_classes);
     const Vec smooth_sum_w = smooth * Vec(sum_w);
     Vec any_e = zero;
     for (int64_t j = 0; j < kTileLanes; j += V) {
@@ -872,7 +903,7 @@ struct CeBackward {
       const Vec w = Vec::loadu(w_t + j);
       const Vec ka = scale * (keep * w + smooth_sum_w), kb = scale * keep * w, ke = scale * smooth;
       const Vec hi = Vec::loadu(lse_hi + r0 + j, n), d = zero - Vec::loadu(lse_lo + r0 + j, n);
-      Vec factor = one + d * (one + Vec(acc_t(0.5)) * d);
+      Vec factor = taylor_exp_f64(d);
       const Vec far = Vec::blendv(zero, d.abs() >= Vec(acc_t(1e-3)), valid);
       if (any_lane(far)) {
         alignas(64) acc_t dv[V], fv[V];
