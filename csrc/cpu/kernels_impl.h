@@ -458,6 +458,120 @@ struct CeForward {
     part.valid += valid;
   }
 
+#if defined(CPU_CAPABILITY_AVX512)
+  // finish_block's plain cross-entropy on AVX-512 for the acc_t float blocks and tiles
+  // (finish_acc_block), all 16 lanes in registers: the targets checked as vectors, x_t and W_t
+  // gathered, the float64 arithmetic (split_lse, the element losses, their sums) on two halves of
+  // 8 lanes. Lane by lane in float64 this epilogue had cost a third of the K-dim forward at
+  // C = 19; staging the lanes through memory for vector loads was slower than that, and so were
+  // masked loads and stores of whole vectors, which full blocks avoid. Same formulas as the scalar
+  // loop; the sums are added lane-wise, then across lanes in a fixed order. The caller checks that
+  // the gather indices fit in int32.
+  void finish_block_avx512(int64_t row0, const float* xb, int64_t stride, int64_t lanes, const float* mx,
+                           const float* log_s, CePartial& part) const {
+    const int64_t C = a.in.layout.C, ignore = a.in.ignore_index;
+    const bool full = lanes >= 16;
+    const __mmask16 live = static_cast<__mmask16>(full ? 0xFFFFu : (1u << lanes) - 1u);
+    // the targets as int32 lanes, and which are not ignored and which in [0, C) (checked in int64
+    // for int64 targets, before they are narrowed)
+    __mmask16 not_ignored, in_range;
+    __m512i t32;
+    if (a.in.target_int32) {
+      const int32_t* tp = static_cast<const int32_t*>(a.in.target) + row0;
+      t32 = full ? _mm512_loadu_si512(tp) : _mm512_maskz_loadu_epi32(live, tp);
+      const bool ignore_fits = ignore >= std::numeric_limits<int32_t>::min() &&
+                               ignore <= std::numeric_limits<int32_t>::max();
+      const __m512i ig = _mm512_set1_epi32(static_cast<int32_t>(ignore));
+      not_ignored = ignore_fits ? _mm512_mask_cmpneq_epi32_mask(live, t32, ig) : live;
+      in_range = _mm512_cmpge_epi32_mask(t32, _mm512_setzero_si512()) &
+                 _mm512_cmplt_epi32_mask(t32, _mm512_set1_epi32(static_cast<int32_t>(C)));
+    } else {
+      const int64_t* tp = static_cast<const int64_t*>(a.in.target) + row0;
+      const __mmask8 live_lo = static_cast<__mmask8>(live), live_hi = static_cast<__mmask8>(live >> 8);
+      const __m512i lo = full ? _mm512_loadu_si512(tp) : _mm512_maskz_loadu_epi64(live_lo, tp);
+      const __m512i hi = full ? _mm512_loadu_si512(tp + 8) : _mm512_maskz_loadu_epi64(live_hi, tp + 8);
+      const __m512i ig = _mm512_set1_epi64(ignore), zero = _mm512_setzero_si512(), c = _mm512_set1_epi64(C);
+      not_ignored = static_cast<__mmask16>(_mm512_mask_cmpneq_epi64_mask(live_lo, lo, ig) |
+                                           (_mm512_mask_cmpneq_epi64_mask(live_hi, hi, ig) << 8));
+      in_range = static_cast<__mmask16>(
+          (_mm512_cmpge_epi64_mask(lo, zero) & _mm512_cmplt_epi64_mask(lo, c)) |
+          ((_mm512_cmpge_epi64_mask(hi, zero) & _mm512_cmplt_epi64_mask(hi, c)) << 8));
+      t32 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+    }
+    const __mmask16 bad = static_cast<__mmask16>(not_ignored & ~in_range);
+    if (bad && part.bad_row < 0) {
+      const int j = __builtin_ctz(bad);
+      part.bad_row = row0 + j;
+      part.bad_value = load_target(a.in.target, a.in.target_int32, row0 + j);
+    }
+    const __mmask16 counted = static_cast<__mmask16>(not_ignored & in_range);
+    // lane j's true-class logit at xb[j + t * stride]
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i idx =
+        _mm512_add_epi32(lane, _mm512_mullo_epi32(t32, _mm512_set1_epi32(static_cast<int32_t>(stride))));
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    const __m512 vx = _mm512_mask_i32gather_ps(zero, counted, idx, xb, 4);
+    const __m512 vw = cw ? _mm512_mask_i32gather_ps(zero, counted, t32, cw, 4) : one;
+    const __m512 vs = !sw ? one : full ? _mm512_loadu_ps(sw + row0) : _mm512_maskz_loadu_ps(live, sw + row0);
+    const __m512 vm = _mm512_loadu_ps(mx), vl = _mm512_loadu_ps(log_s);
+    __m256 hi_f[2], lo_f[2], loss_f[2];
+    __m512d loss_sum = _mm512_setzero_pd(), weight_sum = _mm512_setzero_pd();
+    for (int h = 0; h < 2; ++h) {
+      auto half = [h](__m512 v) {
+        return _mm512_cvtps_pd(h == 0 ? _mm512_castps512_ps256(v) : _mm512_extractf32x8_ps(v, 1));
+      };
+      const __m512d m = half(vm), l = half(vl), x = half(vx), w = half(vw), sj = half(vs);
+      hi_f[h] = _mm512_cvtpd_ps(_mm512_add_pd(m, l));
+      lo_f[h] = _mm512_cvtpd_ps(_mm512_add_pd(_mm512_sub_pd(m, _mm512_cvtps_pd(hi_f[h])), l));
+      const __mmask8 ok = static_cast<__mmask8>(counted >> (8 * h));
+      const __m512d nll = _mm512_add_pd(_mm512_sub_pd(m, x), l);
+      const __m512d loss = _mm512_maskz_mul_pd(ok, sj, _mm512_mul_pd(w, nll));
+      loss_sum = _mm512_add_pd(loss_sum, loss);
+      weight_sum = _mm512_add_pd(weight_sum, _mm512_maskz_mul_pd(ok, sj, w));
+      loss_f[h] = _mm512_cvtpd_ps(loss);
+    }
+    auto join = [](__m256 lo, __m256 hi) { return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1); };
+    auto store = [&](float* p, __m512 v) {
+      if (full) {
+        _mm512_storeu_ps(p, v);
+      } else {
+        _mm512_mask_storeu_ps(p, live, v);
+      }
+    };
+    store(lse_hi_out + row0, join(hi_f[0], hi_f[1]));
+    store(lse_lo_out + row0, join(lo_f[0], lo_f[1]));
+    if (loss_out) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        store(loss_out + row0, join(loss_f[0], loss_f[1]));
+      } else {
+        alignas(64) float buf[kTileLanes];
+        _mm512_store_ps(buf, join(loss_f[0], loss_f[1]));
+        for (int64_t j = 0; j < lanes; ++j) loss_out[row0 + j] = static_cast<scalar_t>(buf[j]);
+      }
+    }
+    part.loss_sum += _mm512_reduce_add_pd(loss_sum);
+    part.weight_sum += _mm512_reduce_add_pd(weight_sum);
+    part.valid += __builtin_popcount(counted);
+  }
+#endif
+
+  // finish_block for V lanes of a K-dim block or a tile (acc_t, lane stride 1), through the
+  // AVX-512 epilogue where it applies (plain cross-entropy, int32 gather indices). The rows path
+  // keeps finish_block: its statistics are stored lane by lane, and vector loads of them stalled.
+  void finish_acc_block(int64_t row0, const acc_t* xb, int64_t stride, int64_t lanes, const acc_t* mx,
+                        const acc_t* log_s, const acc_t* sum_wd, CePartial& part) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (!smooth && a.in.gamma == 0.0 &&
+          kTileLanes * (a.in.layout.C + 1) * stride < std::numeric_limits<int32_t>::max()) {
+        finish_block_avx512(row0, xb, stride, lanes, mx, log_s, part);
+        return;
+      }
+    }
+#endif
+    finish_block(row0, xb, stride, 1, lanes, mx, log_s, sum_wd, part);
+  }
+
   // rows layout: vectors along one row of C contiguous classes; a max sweep, then a sweep of
   // exp(x - m) (and of W (x - m) for label smoothing) from cache. Four independent accumulators
   // per sweep, so the max and add latency chains do not serialise the loop. The rows of a chunk go
@@ -645,7 +759,7 @@ struct CeForward {
         Vec next_max = vmax;
         if (p + V < p1) next_max = pack_columns(xn + p + V, l.P, std::min<int64_t>(V, p1 - p - V), next);
         block_sums(cur, V, vmax, mx, ls, swd);
-        finish_block(n * l.P + p, cur, V, 1, lanes, mx, ls, swd, part);
+        finish_acc_block(n * l.P + p, cur, V, lanes, mx, ls, swd, part);
         std::swap(cur, next);
         vmax = next_max;
       }
@@ -675,7 +789,7 @@ struct CeForward {
     for (int64_t j = 0; j < kTileLanes; j += V) {
       block_sums(tile + j, kTileLanes, block_max(tile + j, kTileLanes), mx + j, ls + j, swd + j);
     }
-    finish_block(r, tile, kTileLanes, 1, rows, mx, ls, swd, part);
+    finish_acc_block(r, tile, kTileLanes, rows, mx, ls, swd, part);
   }
 
   static void pack_tile(const scalar_t* src, int64_t rows, int64_t C, acc_t* tile) {
