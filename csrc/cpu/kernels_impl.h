@@ -325,9 +325,9 @@ inline int64_t load_target(const void* target, bool is_int32, int64_t row) {
 
 // How far ahead of its exponential sweep the rows path of the forward (and of the backward)
 // prefetches the logits (into L1, so that the max sweeps of the rows that follow do not wait on
-// DRAM). At 8192 x 1000 float32
-// (AMD EPYC, AVX-512, 1 and 2 threads) 12 to 20 KB measured alike; 8 KB was 9% slower, 4 KB 35%
-// and 32 KB 2%. A fixed distance in bytes, not in rows: for long rows it stays inside L1's reach.
+// DRAM). At 8192 x 1000 float32 (AMD EPYC, AVX-512, 1 and 2 threads) 12 to 20 KB measured alike;
+// 8 KB was 9% slower, 4 KB 35% and 32 KB 2%. A fixed distance in bytes, not in rows: for long
+// rows it stays inside L1's reach.
 constexpr int64_t kPrefetchBytes = 16384;
 
 template <typename scalar_t>
@@ -399,9 +399,9 @@ struct CeForward {
   // finish_row for the `lanes` consecutive rows from row0 of a block, a tile or a group of rows,
   // row j's class c at xb[j * lane_stride + c * stride]. Plain cross-entropy (no label smoothing,
   // no focal term) takes a loop with every invariant in a register and none of finish_row's
-  // option branches: at C = 19 the per-row epilogue had cost as much as the block's vector sweeps. Same formulas, in float64; the
-  // block's sums are added to the partials at its end, so the rounding (not the determinism)
-  // differs from finish_row's row-by-row sums.
+  // option branches: at C = 19 the per-row epilogue had cost as much as the block's vector
+  // sweeps. Same formulas, in float64; the block's sums are added to the partials at its end, so
+  // the rounding (not the determinism) differs from finish_row's row-by-row sums.
   template <typename in_t>
   void finish_block(int64_t row0, const in_t* xb, int64_t stride, int64_t lane_stride, int64_t lanes,
                     const acc_t* mx, const acc_t* log_s, const acc_t* sum_wd, CePartial& part) const {
