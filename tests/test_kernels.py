@@ -473,8 +473,7 @@ def test_streamed_gradient_matches_reference(isa, num_classes):
     w = torch.rand(num_classes, generator=gen) + 0.5
     for kwargs in ({}, {"weight": w, "label_smoothing": 0.1}):
         got = _value_and_grad(fused_wloss.cross_entropy, x, t, reduction="none", **kwargs)
-        expected = _value_and_grad(reference.cross_entropy, x.double(), t, reduction="none",
-                                   **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        expected = _ref_in_float64(reference.cross_entropy, x, t, reduction="none", **kwargs)
         torch.testing.assert_close(got[0].double(), expected[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
 
@@ -516,8 +515,7 @@ def test_float32_flat_backward_of_32_to_47_classes(isa, num_classes):
     for reduction in ("none", "mean"):
         for kwargs in ({}, {"weight": w, "label_smoothing": 0.1, "sample_weight": s}, {"class_weighting": "inverse"}):
             got = _value_and_grad(fused_wloss.cross_entropy, x, t, reduction=reduction, **kwargs)
-            expected = _value_and_grad(reference.cross_entropy, x.double(), t, reduction=reduction,
-                                       **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+            expected = _ref_in_float64(reference.cross_entropy, x, t, reduction=reduction, **kwargs)
             torch.testing.assert_close(got[0].double(), expected[0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6 if reduction == "none" else 1e-9)
 
@@ -574,9 +572,8 @@ def test_block_epilogue_targets_and_options(isa, shape, target_dtype, ignore_ind
     for kwargs in ({}, {"weight": w}, {"weight": w, "sample_weight": s}, {"class_weighting": "inverse"}):
         for reduction in ("none", "sum", "mean"):
             got = _value_and_grad(fused_wloss.cross_entropy, x, t, ignore_index=ignore_index, reduction=reduction, **kwargs)
-            expected = _value_and_grad(reference.cross_entropy, x.double(), t.long(), ignore_index=ignore_index,
-                                       reduction=reduction,
-                                       **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+            expected = _ref_in_float64(reference.cross_entropy, x, t.long(), ignore_index=ignore_index,
+                                       reduction=reduction, **kwargs)
             torch.testing.assert_close(got[0].double(), expected[0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
 
@@ -638,8 +635,7 @@ def test_bce_streamed_gradient_matches_reference(isa, num_labels):
     w = torch.rand(num_labels, generator=gen) + 0.5
     for kwargs in ({}, {"weight": w, "pos_weight": w.flip(0)}, {"class_weighting": "inverse"}):
         got = _value_and_grad(fused_wloss.binary_cross_entropy_with_logits, x, t, reduction="sum", **kwargs)
-        expected = _value_and_grad(reference.binary_cross_entropy_with_logits, x.double(), t.double(), reduction="sum",
-                                   **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        expected = _ref_in_float64(reference.binary_cross_entropy_with_logits, x, t.double(), reduction="sum", **kwargs)
         torch.testing.assert_close(got[0].double(), expected[0], rtol=1e-5, atol=0)
         torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
 
