@@ -1,0 +1,261 @@
+// Binary cross-entropy: forward, backward and the label sums of the dynamic weights.
+#pragma once
+
+#include <vector>
+
+#include "vec_math.h"
+
+namespace fused_wloss {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+// Binary cross-entropy, flat over the rows of a chunk:
+//   loss = w * (neg (1 - t) x + (neg (1 - t) + pos t) softplus(-x))
+//   grad = g * w * (neg (1 - t) sigmoid(x) - pos t sigmoid(-x))
+
+template <typename scalar_t>
+struct Bce {
+  using acc_t = acc_type_t<scalar_t>;
+  using IO = Io<scalar_t>;
+  using Vec = typename IO::Vec;
+  static constexpr int64_t V = Vec::size();
+
+  const BceArgs& a;
+  const scalar_t* x;
+  const scalar_t* t;
+  const acc_t* neg_w;
+  const acc_t* pos_w;
+  const acc_t* elem_w;
+  const acc_t* elem_pos_w;
+  const acc_t* sw;
+
+  explicit Bce(const BceArgs& args)
+      : a(args),
+        x(static_cast<const scalar_t*>(args.input)),
+        t(static_cast<const scalar_t*>(args.target)),
+        neg_w(static_cast<const acc_t*>(args.neg_label_w)),
+        pos_w(static_cast<const acc_t*>(args.pos_label_w)),
+        elem_w(static_cast<const acc_t*>(args.elem_w)),
+        elem_pos_w(static_cast<const acc_t*>(args.elem_pos_w)),
+        sw(static_cast<const acc_t*>(args.sample_w)) {}
+
+  static Vec load_acc(const acc_t* p, int64_t n) {
+    return n == V ? Vec::loadu(p) : Vec::loadu(p, n);
+  }
+
+  // The weights of `n` elements starting at flat index i (chunk-relative offset j).
+  void weights(int64_t i, int64_t j, int64_t n, int64_t r0, Vec* neg, Vec* pos, Vec* w) const {
+    *neg = neg_w ? load_acc(neg_w + j, n) : Vec(acc_t(1));
+    *pos = pos_w ? load_acc(pos_w + j, n) : Vec(acc_t(1));
+    if (elem_pos_w) *pos = *pos * load_acc(elem_pos_w + i, n);
+    *w = elem_w ? load_acc(elem_w + i, n) : Vec(acc_t(1));
+    if (sw) {
+      alignas(64) acc_t buf[V];
+      for (int64_t k = 0; k < n; ++k) buf[k] = sw[(i + k) / a.L];
+      for (int64_t k = n; k < V; ++k) buf[k] = acc_t(0);
+      *w = *w * Vec::loadu(buf);
+    }
+    (void)r0;
+  }
+
+  // softplus(-x) = max(-x, 0) + log1p(exp(-|x|)). In float, log1p(e) for e = exp(-|x|) in (0, 1]
+  // is 2 atanh(s) = 2 s + 2 s z Q(z) with s = e / (2 + e) <= 1/3 and z = s^2 <= 1/9: Q a cubic
+  // fit of (atanh(s) / s - 1) / z (relative error 4e-9), no log call and no cancellation as e -> 0;
+  // 2 ulp at worst. float64 keeps log(u) * e / (u - 1), u = 1 + e (exact where u rounds to 1).
+  static Vec softplus_neg(const Vec& v) {
+    const Vec zero(acc_t(0)), one(acc_t(1));
+    const Vec e = exp_shifted(zero - v.abs(), zero);
+    Vec log1p_e;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const Vec s = e / (Vec(2.0f) + e);
+      const Vec z = s * s;
+      Vec q(1.408916712e-01f);
+      q = at::vec::fmadd(q, z, Vec(1.398030072e-01f));
+      q = at::vec::fmadd(q, z, Vec(2.001245469e-01f));
+      q = at::vec::fmadd(q, z, Vec(3.333315849e-01f));
+      const Vec s2 = s + s;
+      log1p_e = at::vec::fmadd(s2 * z, q, s2);
+    } else {
+      const Vec u = one + e;
+      const Vec d = u - one;
+      log1p_e = Vec::blendv(u.log() * (e / d), e, d == zero);
+    }
+    return at::vec::maximum(zero - v, zero) + log1p_e;
+  }
+
+  // The sigmoid focal loss (gamma != 0 or alpha >= 0) runs element by element through the shared
+  // bce_focal_loss / bce_focal_grad: correct first; the plain loss keeps the vector path.
+  bool focal() const { return a.gamma != 0.0 || a.alpha >= 0.0; }
+
+  void scalar_weights(int64_t i, int64_t j, acc_t* neg, acc_t* pos, acc_t* w) const {
+    *neg = neg_w ? neg_w[j] : acc_t(1);
+    *pos = pos_w ? pos_w[j] : acc_t(1);
+    if (elem_pos_w) *pos *= elem_pos_w[i];
+    *w = elem_w ? elem_w[i] : acc_t(1);
+    if (sw) *w *= sw[i / a.L];
+  }
+
+  double focal_forward_chunk(int64_t begin, int64_t count) const {
+    scalar_t* out = static_cast<scalar_t*>(a.loss_out);
+    const acc_t gamma = static_cast<acc_t>(a.gamma), alpha = static_cast<acc_t>(a.alpha);
+    double total = 0;
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t i = begin + j;
+      acc_t neg, pos, w;
+      scalar_weights(i, j, &neg, &pos, &w);
+      const acc_t loss = w * bce_focal_loss(static_cast<acc_t>(x[i]), static_cast<acc_t>(t[i]), neg, pos, gamma, alpha);
+      if (out) out[i] = static_cast<scalar_t>(loss);
+      total += static_cast<double>(loss);
+    }
+    return total;
+  }
+
+  void focal_backward_chunk(int64_t begin, int64_t count) const {
+    const acc_t* ge = static_cast<const acc_t*>(a.grad_elems);
+    scalar_t* gx = static_cast<scalar_t*>(a.grad_input);
+    const acc_t gamma = static_cast<acc_t>(a.gamma), alpha = static_cast<acc_t>(a.alpha);
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t i = begin + j;
+      acc_t neg, pos, w;
+      scalar_weights(i, j, &neg, &pos, &w);
+      const acc_t g = ge ? ge[i] : static_cast<acc_t>(a.grad_scalar);
+      gx[i] = static_cast<scalar_t>(
+          g * w * bce_focal_grad(static_cast<acc_t>(x[i]), static_cast<acc_t>(t[i]), neg, pos, gamma, alpha));
+    }
+  }
+
+  double forward_chunk(int64_t chunk) const {
+    const int64_t r0 = chunk * a.rows_per_chunk;
+    const int64_t r1 = std::min(a.rows, r0 + a.rows_per_chunk);
+    const int64_t begin = r0 * a.L, count = (r1 - r0) * a.L;
+    if (focal()) return focal_forward_chunk(begin, count);
+    scalar_t* out = static_cast<scalar_t*>(a.loss_out);
+    const Vec one(acc_t(1)), zero(acc_t(0));
+    double total = 0;
+    Vec block(acc_t(0));
+    int64_t in_block = 0;
+    for (int64_t j = 0; j < count; j += V) {
+      const int64_t n = std::min<int64_t>(V, count - j);
+      const int64_t i = begin + j;
+      const Vec vx = n == V ? IO::load(x + i) : IO::load(x + i, n);
+      const Vec vt = n == V ? IO::load(t + i) : IO::load(t + i, n);
+      Vec neg, pos, w;
+      weights(i, j, n, r0, &neg, &pos, &w);
+      const Vec nt = neg * (one - vt);
+      Vec loss = w * (nt * vx + (nt + pos * vt) * softplus_neg(vx));
+      if (n < V) loss = Vec::set(zero, loss, n);
+      if (out) IO::store(out + i, loss, n);
+      block = block + loss;
+      // fold into the double total every 64 vectors, so float lanes never sum long runs
+      if (++in_block == 64) {
+        total += static_cast<double>(reduce_sum(block));
+        block = zero;
+        in_block = 0;
+      }
+    }
+    return total + static_cast<double>(reduce_sum(block));
+  }
+
+  void backward_chunk(int64_t chunk) const {
+    const int64_t r0 = chunk * a.rows_per_chunk;
+    const int64_t r1 = std::min(a.rows, r0 + a.rows_per_chunk);
+    const int64_t begin = r0 * a.L, count = (r1 - r0) * a.L;
+    if (focal()) return focal_backward_chunk(begin, count);
+    const acc_t* ge = static_cast<const acc_t*>(a.grad_elems);
+    scalar_t* gx = static_cast<scalar_t*>(a.grad_input);
+    const Vec one(acc_t(1)), zero(acc_t(0)), gs(static_cast<acc_t>(a.grad_scalar));
+    bool stream = false;
+    int64_t head = 0;  // elements before the first vector-aligned gradient address
+    if constexpr (kStreamable<scalar_t>) {
+      stream = a.streaming_stores;
+      if (stream) head = vector_split(reinterpret_cast<uintptr_t>(gx + begin), count, sizeof(float), V * sizeof(float)).head;
+    }
+    for (int64_t j = 0, n = 0; j < count; j += n) {
+      n = j == 0 && head > 0 ? head : std::min<int64_t>(V, count - j);
+      const int64_t i = begin + j;
+      const Vec vx = n == V ? IO::load(x + i) : IO::load(x + i, n);
+      const Vec vt = n == V ? IO::load(t + i) : IO::load(t + i, n);
+      Vec neg, pos, w;
+      weights(i, j, n, r0, &neg, &pos, &w);
+      // sigmoid(x) and sigmoid(-x) from one exp(-|x|), exact in both tails
+      const Vec e = exp_shifted(zero - vx.abs(), zero);
+      const Vec inv = one / (one + e);
+      const Vec nonneg = vx >= zero;  // all-ones lanes where x >= 0
+      const Vec sig = Vec::blendv(e * inv, inv, nonneg);
+      const Vec sig_neg = Vec::blendv(inv, e * inv, nonneg);
+      const Vec g = ge ? load_acc(ge + i, n) : gs;
+      const Vec grad = g * w * (neg * (one - vt) * sig - pos * vt * sig_neg);
+      if constexpr (kStreamable<scalar_t>) {
+        if (stream && n == V) {
+          stream_store(reinterpret_cast<float*>(gx + i), grad);
+          continue;
+        }
+      }
+      IO::store(gx + i, grad, n);
+    }
+    if (stream) stream_fence();
+  }
+};
+
+template <typename scalar_t>
+double bce_forward_chunk(const BceArgs& args, int64_t chunk) {
+  return Bce<scalar_t>(args).forward_chunk(chunk);
+}
+
+template <typename scalar_t>
+void bce_backward_chunk(const BceArgs& args, int64_t chunk) {
+  Bce<scalar_t>(args).backward_chunk(chunk);
+}
+
+// The label sums of the dynamic BCE weights: each vector lane adds up 64 targets in acc_t (exact
+// for 0/1 targets), then goes into the float64 sums; a fixed order, so the same doubles for any
+// thread count.
+template <typename scalar_t>
+void bce_label_sums(const void* target, int64_t L, int64_t r0, int64_t r1, double* acc) {
+  using acc_t = acc_type_t<scalar_t>;
+  using IO = Io<scalar_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t kBlockRows = 64;
+  const scalar_t* t = static_cast<const scalar_t*>(target);
+  if (L < 2 * V) {
+    // few labels: V rows at a time are L flat vectors, lane i of vector k holding label
+    // (k V + i) % L; blocks of up to 64 V rows so, the last rows (fewer than V) element by element
+    Vec sums[2 * V];
+    alignas(64) acc_t lanes[V];
+    int16_t label_of[2 * V * V];
+    for (int64_t f = 0; f < L * V; ++f) label_of[f] = static_cast<int16_t>(f % L);
+    int64_t r = r0;
+    for (int64_t rows; (rows = std::min(kBlockRows * V, (r1 - r) / V * V)) > 0; r += rows) {
+      for (int64_t k = 0; k < L; ++k) sums[k] = Vec(acc_t(0));
+      for (int64_t p = r; p < r + rows; p += V) {
+        const scalar_t* tp = t + p * L;
+        for (int64_t k = 0; k < L; ++k) sums[k] = sums[k] + IO::load(tp + k * V);
+      }
+      for (int64_t k = 0; k < L; ++k) {
+        sums[k].store(lanes);
+        for (int64_t i = 0; i < V; ++i) acc[label_of[k * V + i]] += static_cast<double>(lanes[i]);
+      }
+    }
+    for (; r < r1; ++r)
+      for (int64_t l = 0; l < L; ++l) acc[l] += static_cast<double>(t[r * L + l]);
+    return;
+  }
+  const int64_t full = L - L % V;
+  std::vector<acc_t> block(static_cast<size_t>(L));
+  for (int64_t rb = r0; rb < r1; rb += kBlockRows) {
+    const int64_t re = std::min(r1, rb + kBlockRows);
+    std::fill(block.begin(), block.end(), acc_t(0));
+    for (int64_t r = rb; r < re; ++r) {  // row by row: the targets stream in order
+      const scalar_t* tr = t + r * L;
+      int64_t l = 0;
+      for (; l < full; l += V) (Vec::loadu(block.data() + l) + IO::load(tr + l)).store(block.data() + l);
+      for (; l < L; ++l) block[l] += static_cast<acc_t>(tr[l]);
+    }
+    for (int64_t l = 0; l < L; ++l) acc[l] += static_cast<double>(block[l]);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fused_wloss
