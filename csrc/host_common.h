@@ -19,6 +19,15 @@ inline void check_kernel_dtype(at::ScalarType s) {
               "fused_wloss: input must be float32, float64, float16 or bfloat16, got ", s);
 }
 
+// The dtype of a forward operator's loss (schemas.h, loss_dtype): the input's, or its accumulation
+// dtype, in which the kernels then write the loss directly.
+inline at::ScalarType loss_dtype_of(const c10::optional<at::ScalarType>& loss_dtype, at::ScalarType input) {
+  if (!loss_dtype.has_value()) return input;
+  TORCH_CHECK(*loss_dtype == input || *loss_dtype == acc_dtype(input), "fused_wloss: loss_dtype must be the "
+              "input's dtype (", input, ") or its accumulation dtype (", acc_dtype(input), "), got ", *loss_dtype);
+  return *loss_dtype;
+}
+
 // An optional float tensor as a contiguous acc_t array of `numel` elements.
 inline at::Tensor as_acc(const c10::optional<at::Tensor>& t, at::ScalarType acc, const char* name,
                   int64_t numel) {

@@ -7,6 +7,10 @@
 //   scheme:    0 no dynamic weights, 1 inverse, 2 inverse_sqrt, 3 effective_number
 //   gamma:     focal-loss focusing (0: plain cross-entropy); alpha: torchvision's sigmoid focal
 //              alpha (negative: none)
+//   loss_dtype: the dtype of the returned loss: None for the input's, or the accumulation dtype
+//              (float32 for float16/bfloat16 inputs), which the Python layer asks for under
+//              torch.autocast, as torch's own losses return float32 there. The loss is then
+//              written from the float32 accumulators, never rounded through the input's dtype.
 #pragma once
 
 // Returns the loss, the per-element log-sum-exp as two parts in the accumulation dtype, shape
@@ -16,7 +20,7 @@
 #define FWL_SCHEMA_CE_FORWARD \
   "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, Tensor? sample_weight, " \
   "int ignore_index, float label_smoothing, int reduction, int scheme, float smoothing, " \
-  "float beta, float gamma=0.) -> (Tensor loss, Tensor lse, Tensor class_weight, Tensor norm)"
+  "float beta, float gamma=0., ScalarType? loss_dtype=None) -> (Tensor loss, Tensor lse, Tensor class_weight, Tensor norm)"
 #define FWL_SCHEMA_CE_BACKWARD \
   "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor class_weight, " \
   "Tensor? sample_weight, Tensor lse, Tensor norm, int ignore_index, float label_smoothing, " \
@@ -26,7 +30,7 @@
 #define FWL_SCHEMA_BCE_FORWARD \
   "bce_forward(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, " \
   "Tensor? sample_weight, int reduction, int scheme, float smoothing, float beta, " \
-  "bool balanced, float gamma=0., float alpha=-1.) -> (Tensor loss, Tensor neg_label_weight, " \
+  "bool balanced, float gamma=0., float alpha=-1., ScalarType? loss_dtype=None) -> (Tensor loss, Tensor neg_label_weight, " \
   "Tensor pos_label_weight)"
 #define FWL_SCHEMA_BCE_BACKWARD \
   "bce_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, " \

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, distributed, reference
+from . import _autocast, _checks, distributed, reference
 from ._backend import use_extension
 from ._weighting import BatchWeighting, BCEStats, CrossEntropyStats
 
@@ -129,7 +129,7 @@ def _cross_entropy_route(input, target, weight, ignore_index, reduction, label_s
         if ops.ce_supported(input, target, weight, sample_weight, prob_target):
             return ops.cross_entropy(
                 input, target, weight, ignore_index, reduction, label_smoothing,
-                sample_weight, weighting, gamma,
+                sample_weight, weighting, gamma, _autocast.loss_dtype(input),
             )
     if not prob_target:
         _checks.check_target_range(target, input.shape[0 if input.dim() == 1 else 1], ignore_index)
@@ -217,6 +217,7 @@ def _cross_entropy_with_stats(input, target, weight, ignore_index, label_smoothi
             loss, _lse, class_weight, norm = ops._ops.cross_entropy_forward(
                 input, target, weight, sample_weight, ignore_index, label_smoothing,
                 ops.REDUCTION_CODES[args.reduction], *_scheme_args(weighting), gamma,
+                _autocast.loss_dtype(input),
             )
             if weight is None and weighting is None:  # the operator returns an empty tensor
                 class_weight = torch.ones(num_classes, dtype=acc, device=input.device)
@@ -329,6 +330,7 @@ def _bce_route(input, target, weight, reduction, pos_weight, sample_weight, weig
         if ops.bce_supported(input, target, weight, pos_weight, sample_weight):
             return ops.binary_cross_entropy_with_logits(
                 input, target, weight, reduction, pos_weight, sample_weight, weighting, *focal,
+                _autocast.loss_dtype(input),
             )
     return reference.bce_checked(input, target, weight, reduction, pos_weight, sample_weight, weighting, *focal)
 
@@ -378,7 +380,7 @@ def _bce_with_stats(input, target, weight, pos_weight, sample_weight, args, foca
             loss, neg_w, pos_w = ops._ops.bce_forward(
                 input, target, weight, pos_weight, sample_weight, ops.REDUCTION_CODES[args.reduction],
                 *_scheme_args(args.weighting)[:3], args.weighting is not None and args.weighting.balanced,
-                focal[0], -1.0 if focal[1] is None else focal[1],
+                focal[0], -1.0 if focal[1] is None else focal[1], _autocast.loss_dtype(input),
             )
             if args.weighting is not None:  # without weighting the operator returns empty tensors
                 stats = stats._replace(neg_weight=neg_w, pos_weight=pos_w)

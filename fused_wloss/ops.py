@@ -46,6 +46,18 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _loss_dtype_of(loss_dtype: Optional[torch.dtype], input_dtype: torch.dtype) -> torch.dtype:
+    """The forward operators' loss dtype (schemas.h): the input's, or its accumulation dtype."""
+    if loss_dtype is None:
+        return input_dtype
+    torch._check(
+        loss_dtype in (input_dtype, _acc_dtype(input_dtype)),
+        lambda: f"fused_wloss: loss_dtype must be the input's dtype ({input_dtype}) or its accumulation "
+        f"dtype ({_acc_dtype(input_dtype)}), got {loss_dtype}",
+    )
+    return loss_dtype
+
+
 def _wants_grad(t: Optional[torch.Tensor]) -> bool:
     return t is not None and t.requires_grad
 
@@ -104,13 +116,13 @@ def _eager_backward_call(op, *args):
 
 
 def _ce_forward_fake(input, target, weight, sample_weight, ignore_index, label_smoothing, reduction, scheme, smoothing, beta,
-                     gamma=0.0):
+                     gamma=0.0, loss_dtype=None):
     torch._check(input.dim() >= 1, lambda: "cross_entropy_forward: input must have at least 1 dimension")
     torch._check(target.dtype in (torch.int64, torch.int32), lambda: "cross_entropy_forward: target must be int64 or int32")
     loss_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     acc = _acc_dtype(input.dtype)
-    loss = input.new_empty(loss_shape if reduction == 0 else ())
+    loss = input.new_empty(loss_shape if reduction == 0 else (), dtype=_loss_dtype_of(loss_dtype, input.dtype))
     lse = input.new_empty((2, math.prod(loss_shape)), dtype=acc)  # hi and lo parts of the lse
     has_class_weight = weight is not None or scheme != 0
     class_weight = input.new_empty((num_classes,) if has_class_weight else (0,), dtype=acc)
@@ -160,10 +172,11 @@ def ce_supported(input, target, weight, sample_weight, prob_target: bool) -> boo
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_weight,
-                  weighting: Optional[BatchWeighting], gamma: float = 0.0):
+                  weighting: Optional[BatchWeighting], gamma: float = 0.0,
+                  loss_dtype: Optional[torch.dtype] = None):
     """The kernel path of the public function, for calls ``ce_supported`` accepts."""
     scheme, smoothing, beta, _ = _scheme_args(weighting)
-    options = (ignore_index, label_smoothing, REDUCTION_CODES[reduction], scheme, smoothing, beta, gamma)
+    options = (ignore_index, label_smoothing, REDUCTION_CODES[reduction], scheme, smoothing, beta, gamma, loss_dtype)
     if _eager_autograd(input):
         return _EagerCrossEntropy.apply(input, target, weight, sample_weight, options, _ops)
     if _eager_no_graph(input):
@@ -201,12 +214,12 @@ class _EagerCrossEntropy(torch.autograd.Function):
 # ---- binary cross-entropy -------------------------------------------------------------------------
 
 def _bce_forward_fake(input, target, weight, pos_weight, sample_weight, reduction, scheme, smoothing, beta, balanced,
-                      gamma=0.0, alpha=-1.0):
+                      gamma=0.0, alpha=-1.0, loss_dtype=None):
     torch._check(target.shape == input.shape, lambda: "bce_forward: target must have the input's shape")
     acc = _acc_dtype(input.dtype)
     num_labels = input.shape[-1] if input.dim() >= 2 else 1
     label_shape = (num_labels,) if scheme != 0 else (0,)
-    loss = input.new_empty(input.shape if reduction == 0 else ())
+    loss = input.new_empty(input.shape if reduction == 0 else (), dtype=_loss_dtype_of(loss_dtype, input.dtype))
     return loss, input.new_empty(label_shape, dtype=acc), input.new_empty(label_shape, dtype=acc)
 
 
@@ -252,10 +265,11 @@ def bce_supported(input, target, weight, pos_weight, sample_weight) -> bool:
 
 def binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight, sample_weight,
                                      weighting: Optional[BatchWeighting], gamma: float = 0.0,
-                                     alpha: Optional[float] = None):
+                                     alpha: Optional[float] = None, loss_dtype: Optional[torch.dtype] = None):
     """The kernel path of the public function, for calls ``bce_supported`` accepts."""
     scheme, smoothing, beta, balanced = _scheme_args(weighting)
-    options = (REDUCTION_CODES[reduction], scheme, smoothing, beta, balanced, gamma, -1.0 if alpha is None else alpha)
+    options = (REDUCTION_CODES[reduction], scheme, smoothing, beta, balanced, gamma, -1.0 if alpha is None else alpha,
+               loss_dtype)
     if _eager_autograd(input):
         return _EagerBce.apply(input, target, weight, pos_weight, sample_weight, options, _ops)
     if _eager_no_graph(input):

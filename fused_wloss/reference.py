@@ -5,7 +5,9 @@ kernel serves a call. It has the same signatures as the public functions, is vec
 loop over samples or classes), and does no host synchronisation: counts go into a fixed-size vector
 with ``scatter_add_``, never through ``torch.bincount`` or boolean-mask indexing.
 
-Half-precision inputs are computed in float32 and the result cast back, as the kernels do.
+Half-precision inputs are computed in float32 and the result cast back, as the kernels do; under
+``torch.autocast`` (for the input's device type) the result stays float32, as torch's own losses
+return it there.
 
 Cross-entropy, index targets (``t_i`` the class of element ``i``, ``W_c`` the class weight, the
 product of the static ``weight[c]`` and the dynamic weight of class ``c``, ``s_i`` the sample weight,
@@ -41,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks
+from . import _autocast, _checks
 from ._weighting import BatchWeighting
 
 __all__ = ["cross_entropy", "binary_cross_entropy_with_logits"]
@@ -191,7 +193,7 @@ def cross_entropy_checked(
     if unbatched:
         loss = loss.squeeze(0)
     out = _reduce(loss, reduction, mean_denominator, sample_mean_denominator)
-    return out.to(input.dtype)
+    return out.to(_autocast.result_dtype(input))
 
 
 def binary_cross_entropy_with_logits(
@@ -271,4 +273,4 @@ def bce_checked(
         sw = sample_weight.to(dtype)
         loss = loss * (sw.unsqueeze(-1) if x.dim() >= 2 else sw)
     count = loss.numel()
-    return _reduce(loss, reduction, count, count).to(input.dtype)
+    return _reduce(loss, reduction, count, count).to(_autocast.result_dtype(input))

@@ -95,8 +95,22 @@ struct Bce {
     if (sw) *w *= sw[i / a.L];
   }
 
+  // n losses from flat index i into the "none" output: the input's dtype, or acc_t under autocast
+  // (loss_out_acc)
+  void put_losses(int64_t i, const Vec& loss, int64_t n) const {
+    if (a.loss_out_acc) {
+      acc_t* out = static_cast<acc_t*>(a.loss_out) + i;
+      if (n == V) {
+        loss.store(out);
+      } else {
+        loss.store(out, n);
+      }
+    } else {
+      IO::store(static_cast<scalar_t*>(a.loss_out) + i, loss, n);
+    }
+  }
+
   double focal_forward_chunk(int64_t begin, int64_t count) const {
-    scalar_t* out = static_cast<scalar_t*>(a.loss_out);
     const acc_t gamma = static_cast<acc_t>(a.gamma), alpha = static_cast<acc_t>(a.alpha);
     double total = 0;
     for (int64_t j = 0; j < count; ++j) {
@@ -104,7 +118,11 @@ struct Bce {
       acc_t neg, pos, w;
       scalar_weights(i, j, &neg, &pos, &w);
       const acc_t loss = w * bce_focal_loss(static_cast<acc_t>(x[i]), static_cast<acc_t>(t[i]), neg, pos, gamma, alpha);
-      if (out) out[i] = static_cast<scalar_t>(loss);
+      if (a.loss_out_acc) {
+        static_cast<acc_t*>(a.loss_out)[i] = loss;
+      } else if (a.loss_out) {
+        static_cast<scalar_t*>(a.loss_out)[i] = static_cast<scalar_t>(loss);
+      }
       total += static_cast<double>(loss);
     }
     return total;
@@ -129,7 +147,7 @@ struct Bce {
     const int64_t r1 = std::min(a.rows, r0 + a.rows_per_chunk);
     const int64_t begin = r0 * a.L, count = (r1 - r0) * a.L;
     if (focal()) return focal_forward_chunk(begin, count);
-    scalar_t* out = static_cast<scalar_t*>(a.loss_out);
+    const bool out = a.loss_out != nullptr;
     const Vec one(acc_t(1)), zero(acc_t(0));
     double total = 0;
     Vec block(acc_t(0));
@@ -144,7 +162,7 @@ struct Bce {
       const Vec nt = neg * (one - vt);
       Vec loss = w * (nt * vx + (nt + pos * vt) * softplus_neg(vx));
       if (n < V) loss = Vec::set(zero, loss, n);
-      if (out) IO::store(out + i, loss, n);
+      if (out) put_losses(i, loss, n);
       block = block + loss;
       // fold into the double total every 64 vectors, so float lanes never sum long runs
       if (++in_block == 64) {

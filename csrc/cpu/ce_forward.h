@@ -20,7 +20,8 @@ struct CeForward {
   const acc_t* sw;
   acc_t* lse_hi_out;
   acc_t* lse_lo_out;
-  scalar_t* loss_out;
+  void* loss_out;     // scalar_t, or acc_t when loss_acc: see put_loss
+  bool loss_acc;
   double eps, num_classes, sum_w;
   bool smooth;
 
@@ -31,7 +32,8 @@ struct CeForward {
         sw(static_cast<const acc_t*>(args.in.sample_w)),
         lse_hi_out(static_cast<acc_t*>(args.lse_hi_out)),
         lse_lo_out(static_cast<acc_t*>(args.lse_lo_out)),
-        loss_out(static_cast<scalar_t*>(args.loss_out)),
+        loss_out(args.loss_out),
+        loss_acc(args.loss_out_acc),
         eps(args.in.label_smoothing),
         num_classes(static_cast<double>(args.in.layout.C)),
         sum_w(args.in.sum_w),
@@ -71,7 +73,17 @@ struct CeForward {
         part.valid += 1;
       }
     }
-    if (loss_out) loss_out[row] = static_cast<scalar_t>(loss);
+    if (loss_out) put_loss(row, loss);
+  }
+
+  // One element of the "none" output: in the input's dtype, or (loss_acc, under autocast) in
+  // acc_t, rounded once from the float64 loss.
+  C10_ALWAYS_INLINE void put_loss(int64_t row, double loss) const {
+    if (loss_acc) {
+      static_cast<acc_t*>(loss_out)[row] = static_cast<acc_t>(loss);
+    } else {
+      static_cast<scalar_t*>(loss_out)[row] = static_cast<scalar_t>(loss);
+    }
   }
 
   // finish_row for the `lanes` consecutive rows from row0 of a block, a tile or a group of rows,
@@ -103,7 +115,6 @@ struct CeForward {
     const acc_t* const s = sw ? sw + row0 : nullptr;
     acc_t* const lse_hi = lse_hi_out + row0;
     acc_t* const lse_lo = lse_lo_out + row0;
-    scalar_t* const out = loss_out ? loss_out + row0 : nullptr;
     double loss_sum = 0, weight_sum = 0;
     int64_t valid = 0;
     for (int64_t j = 0; j < lanes; ++j) {
@@ -129,7 +140,7 @@ struct CeForward {
           valid += 1;
         }
       }
-      if (out) out[j] = static_cast<scalar_t>(loss);
+      if (loss_out) put_loss(row0 + j, loss);
     }
     part.loss_sum += loss_sum;
     part.weight_sum += weight_sum;
@@ -219,12 +230,13 @@ struct CeForward {
     store(lse_hi_out + row0, join(hi_f[0], hi_f[1]));
     store(lse_lo_out + row0, join(lo_f[0], lo_f[1]));
     if (loss_out) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        store(loss_out + row0, join(loss_f[0], loss_f[1]));
+      if (std::is_same_v<scalar_t, float> || loss_acc) {  // acc_t is float here
+        store(static_cast<float*>(loss_out) + row0, join(loss_f[0], loss_f[1]));
       } else {
         alignas(64) float buf[kTileLanes];
         _mm512_store_ps(buf, join(loss_f[0], loss_f[1]));
-        for (int64_t j = 0; j < lanes; ++j) loss_out[row0 + j] = static_cast<scalar_t>(buf[j]);
+        scalar_t* const out = static_cast<scalar_t*>(loss_out) + row0;
+        for (int64_t j = 0; j < lanes; ++j) out[j] = static_cast<scalar_t>(buf[j]);
       }
     }
     part.loss_sum += _mm512_reduce_add_pd(loss_sum);

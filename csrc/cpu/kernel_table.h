@@ -42,6 +42,7 @@ struct CeInputs {
 struct CeForwardArgs {
   CeInputs in;
   void* loss_out;            // scalar_t[N * P] for reduction "none", else nullptr
+  bool loss_out_acc;         // loss_out is acc_t[N * P] instead (loss_dtype, under autocast)
   // The log-sum-exp of each row as two acc_t parts, lse = hi + lo (split_lse in
   // fused_wloss_math.h): the forward's lse tensor, shape (2, N * P), row 0 hi and row 1 lo.
   void* lse_hi_out;          // acc_t[N * P]
@@ -83,6 +84,7 @@ struct BceArgs {
   const void* sample_w;       // acc_t[rows], or nullptr
   // forward
   void* loss_out;             // scalar_t[rows * L] for "none", else nullptr
+  bool loss_out_acc;          // loss_out is acc_t[rows * L] instead (loss_dtype, under autocast)
   // backward
   const void* grad_elems;     // acc_t[rows * L] upstream gradient ("none"), or nullptr
   double grad_scalar;

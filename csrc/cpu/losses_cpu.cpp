@@ -265,19 +265,22 @@ CeInputs ce_inputs(const CeShape& s, const at::Tensor& x, const at::Tensor& t,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& sample_weight, int64_t ignore_index, double label_smoothing,
-    int64_t reduction, int64_t scheme, double smoothing, double beta, double gamma) {
+    int64_t reduction, int64_t scheme, double smoothing, double beta, double gamma,
+    c10::optional<at::ScalarType> loss_dtype) {
   const auto [s, di, acc, x, t, rows] = ce_call(input, target, reduction);
+  const at::ScalarType out_dtype = loss_dtype_of(loss_dtype, input.scalar_type());
 
   const at::Tensor class_w =
       ce_class_weights(t, weight, s.C, ignore_index, scheme, smoothing, beta, acc);
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
   at::Tensor lse = at::empty({2, rows}, x.options().dtype(acc));  // hi, lo (split_lse)
   at::Tensor loss_rows;
-  if (reduction == kNone) loss_rows = at::empty(s.loss_shape, x.options());
+  if (reduction == kNone) loss_rows = at::empty(s.loss_shape, x.options().dtype(out_dtype));
 
   CeForwardArgs args{};
   args.in = ce_inputs(s, x, t, class_w, sw, ignore_index, label_smoothing, gamma);
   args.loss_out = loss_rows.defined() ? loss_rows.data_ptr() : nullptr;
+  args.loss_out_acc = out_dtype != x.scalar_type();
   args.lse_hi_out = lse.data_ptr();
   args.lse_lo_out = static_cast<char*>(lse.data_ptr()) + rows * lse.element_size();
 
@@ -311,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   if (reduction == kSampleMean) norm = static_cast<double>(valid);
   // a zero normaliser gives NaN, as torch (not +inf when label smoothing makes loss_sum > 0)
   const double value = norm == 0.0 ? std::numeric_limits<double>::quiet_NaN() : loss_sum / norm;
-  at::Tensor loss = reduction == kNone ? loss_rows : at::scalar_tensor(value, x.options());
+  at::Tensor loss = reduction == kNone ? loss_rows : at::scalar_tensor(value, x.options().dtype(out_dtype));
   return {loss, lse, class_w.defined() ? class_w : at::empty({0}, x.options().dtype(acc)),
           at::scalar_tensor(norm, x.options().dtype(acc))};
 }
@@ -437,8 +440,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward_cpu(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& pos_weight, const c10::optional<at::Tensor>& sample_weight,
     int64_t reduction, int64_t scheme, double smoothing, double beta, bool balanced, double gamma,
-    double alpha) {
+    double alpha, c10::optional<at::ScalarType> loss_dtype) {
   const int di = dtype_index(input.scalar_type());
+  const at::ScalarType out_dtype = loss_dtype_of(loss_dtype, input.scalar_type());
   const at::ScalarType acc = acc_dtype(input.scalar_type());
   const BceShape s = bce_shape(input, target);
   at::Tensor neg_dyn = at::empty({0}, input.options().dtype(acc));
@@ -466,8 +470,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward_cpu(
   p.args.alpha = alpha;
   at::Tensor loss_elems;
   if (reduction == kNone) {
-    loss_elems = at::empty(input.sizes(), input.options());
+    loss_elems = at::empty(input.sizes(), input.options().dtype(out_dtype));
     p.args.loss_out = loss_elems.data_ptr();
+    p.args.loss_out_acc = out_dtype != input.scalar_type();
   }
   std::vector<double> partial(p.args.num_chunks, 0.0);
   if (p.args.num_chunks > 0) {
@@ -483,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward_cpu(
     loss = loss_elems;
   } else {
     const double norm = reduction == kSum ? 1.0 : static_cast<double>(input.numel());
-    loss = at::scalar_tensor(total / norm, input.options());
+    loss = at::scalar_tensor(total / norm, input.options().dtype(out_dtype));
   }
   return {loss, neg_dyn, pos_dyn};
 }

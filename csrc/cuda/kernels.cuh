@@ -52,9 +52,10 @@ struct CeKernelArgs {
   // forward
   acc_t* lse;               // [2, rows]: each row's lse as hi, then lo (split_lse)
   scalar_t* loss_rows;      // [rows] for reduction "none", else nullptr
+  acc_t* loss_rows_acc;     // instead of loss_rows when the loss is asked for in acc_t (autocast)
   CePartialSums* partials;  // [gridDim.x]
   // backward
-  const scalar_t* grad_out;  // [rows] for "none", else [1]
+  const acc_t* grad_out;     // [rows] for "none", else [1]
   const acc_t* norm;         // device normaliser of "mean"/"sample_mean", else nullptr
   int reduction;
   scalar_t* grad_x;
@@ -173,7 +174,11 @@ __device__ __forceinline__ CePartialSums ce_forward_row_epilogue(const CeKernelA
     out.weight_sum = s * w_t;
     out.valid = 1;
   }
-  if (a.loss_rows) a.loss_rows[row] = static_cast<scalar_t>(out.loss_sum);
+  if (a.loss_rows_acc) {
+    a.loss_rows_acc[row] = static_cast<acc_t_of<scalar_t>>(out.loss_sum);
+  } else if (a.loss_rows) {
+    a.loss_rows[row] = static_cast<scalar_t>(out.loss_sum);
+  }
   return out;
 }
 
@@ -348,10 +353,11 @@ __global__ void class_weight_kernel(const unsigned long long* counts, int64_t C,
   if (threadIdx.x == 0) *sum_w = total;
 }
 
-// One block: the reduced loss from the partials of the forward blocks, and its normaliser.
-template <typename scalar_t>
+// One block: the reduced loss from the partials of the forward blocks, and its normaliser. The
+// loss is out_t: the input's dtype, or acc_t when the call asked for that (autocast).
+template <typename out_t, typename acc_t>
 __global__ void ce_finalize_kernel(const CePartialSums* partials, int64_t count, int reduction,
-                                   scalar_t* loss, acc_t_of<scalar_t>* norm_out) {
+                                   out_t* loss, acc_t* norm_out) {
   __shared__ double dscratch[kWarpSize];
   __shared__ long long iscratch[kWarpSize];
   double ls = 0, ws = 0;
@@ -369,9 +375,9 @@ __global__ void ce_finalize_kernel(const CePartialSums* partials, int64_t count,
     if (reduction == kMean) norm = ws;
     if (reduction == kSampleMean) norm = static_cast<double>(valid);
     if (loss != nullptr) {
-      *loss = static_cast<scalar_t>(norm == 0.0 ? std::numeric_limits<double>::quiet_NaN() : ls / norm);
+      *loss = static_cast<out_t>(norm == 0.0 ? std::numeric_limits<double>::quiet_NaN() : ls / norm);
     }
-    *norm_out = static_cast<acc_t_of<scalar_t>>(norm);
+    *norm_out = static_cast<acc_t>(norm);
   }
 }
 
@@ -392,9 +398,10 @@ struct BceKernelArgs {
   acc_t gamma, alpha;       // sigmoid focal loss; gamma 0 and alpha < 0 for plain BCE
   // forward
   scalar_t* loss_elems;     // [numel] for "none", else nullptr
+  acc_t* loss_elems_acc;    // instead of loss_elems when the loss is asked for in acc_t (autocast)
   double* partials;         // [gridDim.x]
   // backward
-  const scalar_t* grad_out; // [numel] for "none", else [1]
+  const acc_t* grad_out;    // [numel] for "none", else [1]
   int reduction;
   scalar_t* grad_x;
 };
@@ -430,20 +437,24 @@ __global__ void bce_forward_kernel(BceKernelArgs<scalar_t> a) {
     const acc_t xi = to_acc(a.x[i]), ti = to_acc(a.t[i]);
     const acc_t loss = w * (a.gamma != acc_t(0) || a.alpha >= acc_t(0) ? bce_focal_loss(xi, ti, neg, pos, a.gamma, a.alpha)
                                                                        : bce_loss(xi, ti, neg, pos));
-    if (a.loss_elems) a.loss_elems[i] = static_cast<scalar_t>(loss);
+    if (a.loss_elems_acc) {
+      a.loss_elems_acc[i] = loss;
+    } else if (a.loss_elems) {
+      a.loss_elems[i] = static_cast<scalar_t>(loss);
+    }
     sum += loss;
   }
   const double total = block_allreduce_sum(static_cast<double>(sum), scratch);
   if (threadIdx.x == 0) a.partials[blockIdx.x] = total;
 }
 
-template <typename scalar_t>
-__global__ void bce_finalize_kernel(const double* partials, int64_t count, double divisor, scalar_t* loss) {
+template <typename out_t>
+__global__ void bce_finalize_kernel(const double* partials, int64_t count, double divisor, out_t* loss) {
   __shared__ double scratch[kWarpSize];
   double s = 0;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) s += partials[i];
   s = block_allreduce_sum(s, scratch);
-  if (threadIdx.x == 0) *loss = static_cast<scalar_t>(s / divisor);
+  if (threadIdx.x == 0) *loss = static_cast<out_t>(s / divisor);
 }
 
 template <typename scalar_t>

@@ -163,8 +163,11 @@ inline std::pair<at::Tensor, at::Tensor> ce_class_weights(const at::Tensor& targ
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& sample_weight, int64_t ignore_index, double label_smoothing,
-    int64_t reduction, int64_t scheme, double smoothing, double beta, double gamma) {
+    int64_t reduction, int64_t scheme, double smoothing, double beta, double gamma,
+    c10::optional<at::ScalarType> loss_dtype) {
   check_kernel_dtype(input.scalar_type());
+  const at::ScalarType out_dtype = loss_dtype_of(loss_dtype, input.scalar_type());
+  const bool loss_acc = out_dtype != input.scalar_type();
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
   TORCH_CHECK(target.device() == input.device(), "fused_wloss: target must be on the input's device ",
               input.device(), ", got ", target.device());
@@ -182,8 +185,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
                                            label_smoothing > 0.0, acc, stream);
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
   at::Tensor lse = at::empty({2, rows}, x.options().dtype(acc));  // hi, lo (split_lse)
-  at::Tensor loss_rows = reduction == kNone ? at::empty(s.loss_shape, x.options()) : at::Tensor();
-  at::Tensor loss = reduction == kNone ? loss_rows : at::empty({}, x.options());
+  at::Tensor loss_rows = reduction == kNone ? at::empty(s.loss_shape, x.options().dtype(out_dtype)) : at::Tensor();
+  at::Tensor loss = reduction == kNone ? loss_rows : at::empty({}, x.options().dtype(out_dtype));
   at::Tensor norm = at::empty({}, x.options().dtype(acc));
   const at::Tensor class_weight_out = class_w.defined() ? class_w : at::empty({0}, x.options().dtype(acc));
 
@@ -209,13 +212,24 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
     using acc_t = acc_t_of<scalar_t>;
     CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing, gamma);
     a.lse = lse.data_ptr<acc_t>();
-    a.loss_rows = ptr_or_null<scalar_t>(loss_rows);
+    if (loss_acc) {
+      a.loss_rows_acc = ptr_or_null<acc_t>(loss_rows);
+    } else {
+      a.loss_rows = ptr_or_null<scalar_t>(loss_rows);
+    }
     a.partials = reinterpret_cast<CePartialSums*>(partials.data_ptr());
     launch_ce_forward(l, a, stream);
-    launch_kernel(ce_finalize_kernel<scalar_t>, dim3(1), dim3(256), 0, stream,
-                  static_cast<const CePartialSums*>(a.partials), l.blocks, static_cast<int>(reduction),
-                  reduction == kNone ? static_cast<scalar_t*>(nullptr) : loss.data_ptr<scalar_t>(),
-                  norm.data_ptr<acc_t>());
+    const auto* sums = static_cast<const CePartialSums*>(a.partials);
+    if (loss_acc) {
+      launch_kernel(ce_finalize_kernel<acc_t, acc_t>, dim3(1), dim3(256), 0, stream, sums, l.blocks,
+                    static_cast<int>(reduction), reduction == kNone ? static_cast<acc_t*>(nullptr) : loss.data_ptr<acc_t>(),
+                    norm.data_ptr<acc_t>());
+    } else {
+      launch_kernel(ce_finalize_kernel<scalar_t, acc_t>, dim3(1), dim3(256), 0, stream, sums, l.blocks,
+                    static_cast<int>(reduction),
+                    reduction == kNone ? static_cast<scalar_t*>(nullptr) : loss.data_ptr<scalar_t>(),
+                    norm.data_ptr<acc_t>());
+    }
   });
   return {loss, lse, class_weight_out, norm};
 }
@@ -260,7 +274,7 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
     TORCH_CHECK(grad_loss.numel() == 1, "fused_wloss: grad_loss of a reduced loss must have one element, got ",
                 grad_loss.sizes());
   }
-  g = grad_loss.to(x.scalar_type()).contiguous();
+  g = grad_loss.to(acc).contiguous();  // a float32 upstream gradient (autocast) is not rounded
   const at::Tensor n = (reduction == kMean || reduction == kSampleMean) ? norm.to(acc).contiguous() : at::Tensor();
 
   const CeLaunch l = ce_launch(rows, s.C, s.P, x.element_size());
@@ -268,7 +282,7 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
     using acc_t = acc_t_of<scalar_t>;
     CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing, gamma);
     a.lse = const_cast<acc_t*>(lse_acc.data_ptr<acc_t>());
-    a.grad_out = g.data_ptr<scalar_t>();
+    a.grad_out = g.data_ptr<acc_t>();
     a.norm = ptr_or_null<acc_t>(n);
     a.reduction = static_cast<int>(reduction);
     a.grad_x = grad_input.data_ptr<scalar_t>();
@@ -305,8 +319,11 @@ BceKernelArgs<scalar_t> bce_args(const BceInputs& b, double gamma, double alpha)
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& pos_weight, const c10::optional<at::Tensor>& sample_weight, int64_t reduction,
-    int64_t scheme, double smoothing, double beta, bool balanced, double gamma, double alpha) {
+    int64_t scheme, double smoothing, double beta, bool balanced, double gamma, double alpha,
+    c10::optional<at::ScalarType> loss_dtype) {
   check_kernel_dtype(input.scalar_type());
+  const at::ScalarType out_dtype = loss_dtype_of(loss_dtype, input.scalar_type());
+  const bool loss_acc = out_dtype != input.scalar_type();
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
   TORCH_CHECK(target.device() == input.device(), "fused_wloss: target must be on the input's device ",
               input.device(), ", got ", target.device());
@@ -343,8 +360,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
   }
   const BceInputs b = bce_inputs(input, target, weight, pos_weight, sample_weight, neg_dyn, pos_dyn);
   const int64_t numel = b.x.numel();
-  at::Tensor loss_elems = reduction == kNone ? at::empty(input.sizes(), input.options()) : at::Tensor();
-  at::Tensor loss = reduction == kNone ? loss_elems : at::empty({}, input.options());
+  at::Tensor loss_elems = reduction == kNone ? at::empty(input.sizes(), input.options().dtype(out_dtype)) : at::Tensor();
+  at::Tensor loss = reduction == kNone ? loss_elems : at::empty({}, input.options().dtype(out_dtype));
   if (numel == 0) {
     if (reduction != kNone) loss.fill_(reduction == kSum ? 0.0 : std::numeric_limits<double>::quiet_NaN());
     return {loss, neg_dyn, pos_dyn};
@@ -352,14 +369,25 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
   const int64_t blocks = ceil_div(numel, kBceElemsPerBlock);
   at::Tensor partials = at::empty({blocks}, input.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_wloss_bce_forward", [&] {
+    using acc_t = acc_t_of<scalar_t>;
     BceKernelArgs<scalar_t> a = bce_args<scalar_t>(b, gamma, alpha);
-    a.loss_elems = ptr_or_null<scalar_t>(loss_elems);
+    if (loss_acc) {
+      a.loss_elems_acc = ptr_or_null<acc_t>(loss_elems);
+    } else {
+      a.loss_elems = ptr_or_null<scalar_t>(loss_elems);
+    }
     a.partials = partials.data_ptr<double>();
     launch_kernel(bce_forward_kernel<scalar_t>, dim3(blocks), dim3(kBceThreads), 0, stream, a);
     if (reduction != kNone) {
       const double divisor = reduction == kSum ? 1.0 : static_cast<double>(numel);
-      launch_kernel(bce_finalize_kernel<scalar_t>, dim3(1), dim3(256), 0, stream,
-                    static_cast<const double*>(a.partials), blocks, divisor, loss.data_ptr<scalar_t>());
+      const auto* sums = static_cast<const double*>(a.partials);
+      if (loss_acc) {
+        launch_kernel(bce_finalize_kernel<acc_t>, dim3(1), dim3(256), 0, stream, sums, blocks, divisor,
+                      loss.data_ptr<acc_t>());
+      } else {
+        launch_kernel(bce_finalize_kernel<scalar_t>, dim3(1), dim3(256), 0, stream, sums, blocks, divisor,
+                      loss.data_ptr<scalar_t>());
+      }
     }
   });
   return {loss, neg_dyn, pos_dyn};
@@ -386,12 +414,12 @@ inline at::Tensor bce_backward(const at::Tensor& grad_loss, const at::Tensor& in
                 grad_loss.sizes());
   }
   if (numel == 0) return grad_input;
-  const at::Tensor g = grad_loss.to(input.scalar_type()).contiguous();
+  const at::Tensor g = grad_loss.to(acc_dtype(input.scalar_type())).contiguous();  // as cross_entropy_backward
   const double divisor = reduction == kSum || reduction == kNone ? 1.0 : static_cast<double>(numel);
   const int64_t blocks = std::min<int64_t>(ceil_div(numel, kBceThreads), int64_t(1) << 20);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_wloss_bce_backward", [&] {
     BceKernelArgs<scalar_t> a = bce_args<scalar_t>(b, gamma, alpha);
-    a.grad_out = g.data_ptr<scalar_t>();
+    a.grad_out = g.data_ptr<acc_t_of<scalar_t>>();
     a.reduction = static_cast<int>(reduction);
     a.grad_x = grad_input.data_ptr<scalar_t>();
     launch_kernel(bce_backward_kernel<scalar_t>, dim3(blocks), dim3(kBceThreads), 0, stream, a, divisor);
