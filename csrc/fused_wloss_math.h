@@ -30,6 +30,9 @@ enum WeightScheme : int64_t { kNoScheme = 0, kInverse = 1, kInverseSqrt = 2, kEf
 // effective_number: (1 - beta) / (1 - beta^max(n, 1)), with 1 - beta^n = -expm1(n log beta).
 template <typename acc_t>
 FWL_HD acc_t scheme_weight(int64_t scheme, acc_t count, acc_t smoothing, acc_t beta) {
+  // A count below 0 (BCE or probability targets outside [0, 1] can sum to one) counts as 0, so
+  // that 1 / (count + smoothing) stays finite; a NaN count stays NaN.
+  if (count < acc_t(0)) count = acc_t(0);
   switch (scheme) {
     case kInverse:
       return acc_t(1) / (count + smoothing);
@@ -182,20 +185,21 @@ FWL_HD acc_t focal_ce_grad_factor(acc_t nll, acc_t gamma) {
   return std::pow(u, gamma) + gamma * p_t * std::pow(u, gamma - acc_t(1)) * nll;
 }
 
-// log(1 + exp(-|x|)) + max(-x, 0) = softplus(-x) = -log(sigmoid(x)), stable for every x.
-template <typename acc_t>
-FWL_HD acc_t softplus_neg(acc_t x) {
-  const acc_t m = x < acc_t(0) ? -x : acc_t(0);
-  return m + std::log1p(std::exp(-std::fabs(x)));
-}
-
 // Sigmoid binary cross-entropy of one element:
-//   neg (1 - t) softplus(x) + pos t softplus(-x) = neg (1 - t) x + (neg (1 - t) + pos t) softplus(-x)
+//   neg (1 - t) softplus(x) + pos t softplus(-x),
+// softplus(x) = max(x, 0) + l and softplus(-x) = max(-x, 0) + l from one l = log1p(exp(-|x|)).
+// Each part is formed on its own: the shorter n x + (n + pos t) softplus(-x) cancels two products
+// of size n |x| for a negative x, and under a large weight n the rounding of one of them is the
+// whole result (logit -1e5, target 0, weight 1000 gave 1.9 for a loss of 0).
 // `neg` and `pos` are the weights of the negative and positive part (pos includes pos_weight).
+// max(x, 0) is formed as x - min(x, 0): the same for every finite x, and NaN for x = -inf, where
+// torch's loss is NaN too (its (1 - t) x + softplus(-x) is -inf + inf there).
 template <typename acc_t>
 FWL_HD acc_t bce_loss(acc_t x, acc_t t, acc_t neg, acc_t pos) {
-  const acc_t n = neg * (acc_t(1) - t);
-  return n * x + (n + pos * t) * softplus_neg(x);
+  const acc_t l = std::log1p(std::exp(-std::fabs(x)));
+  const acc_t sp_pos = (x - (x < acc_t(0) ? x : acc_t(0))) + l;  // softplus(x)
+  const acc_t sp_neg = (x < acc_t(0) ? -x : acc_t(0)) + l;        // softplus(-x)
+  return neg * (acc_t(1) - t) * sp_pos + pos * t * sp_neg;
 }
 
 // d/dx of bce_loss: neg (1 - t) sigmoid(x) - pos t (1 - sigmoid(x)), computed from one exp.

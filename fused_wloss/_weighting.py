@@ -96,7 +96,11 @@ class BatchWeighting:
         return SCHEME_CODES[self.scheme]
 
     def weights(self, counts: torch.Tensor) -> torch.Tensor:
-        """The weight of every class from a tensor of (float) class counts; same shape."""
+        """The weight of every class from a tensor of (float) class counts; same shape.
+
+        A count below 0 (targets outside [0, 1] can sum to one) counts as 0, so that
+        ``1 / (count + smoothing)`` stays finite; a NaN count gives a NaN weight."""
+        counts = torch.clamp(counts, min=0.0)
         if self.scheme == "inverse":
             return torch.reciprocal(counts + self.smoothing)
         if self.scheme == "inverse_sqrt":

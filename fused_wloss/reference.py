@@ -39,6 +39,7 @@ without ``alpha``): the element loss above, before ``weight`` and ``s_row``, tim
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -252,19 +253,23 @@ def bce_checked(
         pw = pos_weight.to(dtype)
         pos_w = pw if pos_w is None else pos_w * pw
 
-    softplus_neg = -torch.nn.functional.logsigmoid(x)  # softplus(-x) = -log(sigmoid(x))
-    if neg_w is None and pos_w is None:
-        # torch's own form: (1 - t) * x + softplus(-x) = (1 - t) softplus(x) + t softplus(-x)
-        loss = (1.0 - t) * x + softplus_neg
-    elif neg_w is None:
-        loss = (1.0 - t) * x + ((1.0 - t) + pos_w * t) * softplus_neg
-    else:
-        # a (1 - t) softplus(x) + b t softplus(-x), with softplus(x) = x + softplus(-x)
-        neg = neg_w * (1.0 - t)
-        loss = neg * x + (neg + pos_w * t) * softplus_neg
+    # a (1 - t) softplus(x) + b t softplus(-x), each part formed on its own: the shorter
+    # (1 - t) x + (...) softplus(-x) cancels two products of size a |x| for a negative x, which a
+    # large weight a turns into a large error (csrc/fused_wloss_math.h, bce_loss)
+    softplus_pos = -torch.nn.functional.logsigmoid(-x)  # softplus(x) = -log(1 - sigmoid(x)), stable
+    softplus_neg = -torch.nn.functional.logsigmoid(x)
+    # NaN at x = -inf, as torch's loss (its (1 - t) x + softplus(-x) is -inf + inf there)
+    softplus_pos = torch.where(x == -math.inf, math.nan, softplus_pos)
+    neg_part = (1.0 - t) * softplus_pos
+    pos_part = t * softplus_neg
+    if neg_w is not None:
+        neg_part = neg_w * neg_part
+    if pos_w is not None:
+        pos_part = pos_w * pos_part
+    loss = neg_part + pos_part
     if gamma > 0.0:  # sigmoid focal: (1 - p_t)^gamma, 1 - p_t = p (1 - t) + (1 - p) t
-        p = torch.sigmoid(x)
-        loss = loss * _focal_factor(p * (1.0 - t) + (1.0 - p) * t, gamma)
+        # 1 - p as sigmoid(-x): exact where p rounds to 1 (x > 17 in float32)
+        loss = loss * _focal_factor(torch.sigmoid(x) * (1.0 - t) + torch.sigmoid(-x) * t, gamma)
     if alpha is not None:
         loss = loss * (alpha * t + (1.0 - alpha) * (1.0 - t))
     if weight is not None:

@@ -665,6 +665,12 @@ def bce_cases(draw):
 @example(case=BceCase((4, 5), target_kind="nan", class_weighting="balanced", pos_weight="label"))
 @example(case=BceCase((2, 65537), weight="label", weight_sign="mixed", reduction="sum"))
 @example(case=BceCase((30000, 3), layout="overlapping", weight="row", dtype="bfloat16"))
+# found with fresh seeds (issue 16): a far-negative logit under a dynamic weight of 1000 (the
+# element formula cancelled two products of size 1e8), and -inf with a soft target (NaN in torch)
+@example(case=BceCase((1, 1), dtype="float32", logit_specials=((0, "-huge"),), target_kind="hard",
+                      class_weighting=BatchWeighting("inverse", smoothing=0.001), reduction="none", seed=1))
+@example(case=BceCase((1, 1), logit_specials=((0, "-inf"),), target_kind="soft", scale=0.1, reduction="none"))
+@example(case=BceCase((1, 1023), dtype="float16", target_kind="outside", class_weighting="inverse", reduction="none"))
 def test_bce_hostile_input(case):
     check_bce(case)
 

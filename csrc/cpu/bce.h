@@ -10,7 +10,7 @@ namespace cpu {
 inline namespace CPU_CAPABILITY {
 
 // Binary cross-entropy, flat over the rows of a chunk:
-//   loss = w * (neg (1 - t) x + (neg (1 - t) + pos t) softplus(-x))
+//   loss = w * (neg (1 - t) softplus(x) + pos t softplus(-x))
 //   grad = g * w * (neg (1 - t) sigmoid(x) - pos t sigmoid(-x))
 
 template <typename scalar_t>
@@ -58,11 +58,12 @@ struct Bce {
     (void)r0;
   }
 
-  // softplus(-x) = max(-x, 0) + log1p(exp(-|x|)). In float, log1p(e) for e = exp(-|x|) in (0, 1]
+  // log1p(exp(-|x|)), the part softplus(x) and softplus(-x) share (softplus(+-x) = max(+-x, 0) +
+  // it). In float, log1p(e) for e = exp(-|x|) in (0, 1]
   // is 2 atanh(s) = 2 s + 2 s z Q(z) with s = e / (2 + e) <= 1/3 and z = s^2 <= 1/9: Q a cubic
   // fit of (atanh(s) / s - 1) / z (relative error 4e-9), no log call and no cancellation as e -> 0;
   // 2 ulp at worst. float64 keeps log(u) * e / (u - 1), u = 1 + e (exact where u rounds to 1).
-  static Vec softplus_neg(const Vec& v) {
+  static Vec log1p_exp_neg_abs(const Vec& v) {
     const Vec zero(acc_t(0)), one(acc_t(1));
     const Vec e = exp_shifted(zero - v.abs(), zero);
     Vec log1p_e;
@@ -80,7 +81,7 @@ struct Bce {
       const Vec d = u - one;
       log1p_e = Vec::blendv(u.log() * (e / d), e, d == zero);
     }
-    return at::vec::maximum(zero - v, zero) + log1p_e;
+    return log1p_e;
   }
 
   // The sigmoid focal loss (gamma != 0 or alpha >= 0) runs element by element through the shared
@@ -159,8 +160,12 @@ struct Bce {
       const Vec vt = n == V ? IO::load(t + i) : IO::load(t + i, n);
       Vec neg, pos, w;
       weights(i, j, n, r0, &neg, &pos, &w);
-      const Vec nt = neg * (one - vt);
-      Vec loss = w * (nt * vx + (nt + pos * vt) * softplus_neg(vx));
+      // neg (1 - t) softplus(x) + pos t softplus(-x), each part without cancellation, max(x, 0)
+      // as x - min(x, 0) for torch's NaN at x = -inf (bce_loss)
+      const Vec l = log1p_exp_neg_abs(vx);
+      const Vec sp_pos = (vx - at::vec::minimum(vx, zero)) + l;
+      const Vec sp_neg = at::vec::maximum(zero - vx, zero) + l;
+      Vec loss = w * (neg * (one - vt) * sp_pos + pos * vt * sp_neg);
       if (n < V) loss = Vec::set(zero, loss, n);
       if (out) put_losses(i, loss, n);
       block = block + loss;

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import subprocess
 import sys
@@ -101,6 +102,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--build-dir", default=os.path.join(ROOT, "build", "sanitizers"))
     parser.add_argument("--examples", type=int, default=40, help="hypothesis examples per property")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="hypothesis seed of the fresh examples (default: a new one each run, printed)")
     parser.add_argument("pytest_args", nargs=argparse.REMAINDER,
                         help="passed to pytest instead of the default test files")
     args = parser.parse_args(argv)
@@ -118,6 +121,8 @@ def main(argv=None) -> int:
         "FUSED_WLOSS_SKIP_BIG": "1",
         "FUSED_WLOSS_REQUIRE_EMU": "1",  # as make test: the emulated CUDA kernels must be there
         "FUSED_WLOSS_HYPOTHESIS_EXAMPLES": str(args.examples),
+        # fresh examples every run (tests/fuzzing.py), from the seed printed below
+        "FUSED_WLOSS_HYPOTHESIS_FRESH": "1",
         # released gradient blocks go back to malloc at once, so that ASan sees a use after release
         "FUSED_WLOSS_CPU_CACHE_MB": "0",
         "LD_PRELOAD": preload(env.get("CXX", "c++")),
@@ -125,9 +130,13 @@ def main(argv=None) -> int:
         "UBSAN_OPTIONS": _options(UBSAN_OPTIONS),
         "PYTHONFAULTHANDLER": "1",
     })
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     tests = args.pytest_args or ["-q", "-p", "no:cacheprovider", *TEST_FILES]
-    command = [sys.executable, os.path.join(HERE, "bootstrap.py"), *tests]
+    command = [sys.executable, os.path.join(HERE, "bootstrap.py"), f"--hypothesis-seed={seed}", *tests]
     print(f"sanitizers: build dir {args.build_dir}; ASAN_OPTIONS={env['ASAN_OPTIONS']}", flush=True)
+    print(f"sanitizers: hypothesis draws fresh examples from seed {seed}; replay a failure with "
+          f"`python tests/sanitizers/run.py --seed {seed}` (or FUSED_WLOSS_HYPOTHESIS_FRESH=1 pytest "
+          f"--hypothesis-seed={seed} ...)", flush=True)
     start = time.monotonic()
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace")
