@@ -81,9 +81,12 @@ struct BceShape {
 inline BceShape bce_shape(const at::Tensor& input, const at::Tensor& target) {
   TORCH_CHECK(target.sizes() == input.sizes(), "fused_wloss.binary_cross_entropy_with_logits: "
               "target must have the input's shape ", input.sizes(), ", got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == input.scalar_type(),
+  // float32 targets with float16/bfloat16 logits (the usual mixed-precision call: logits from an
+  // autocast model, targets from the data loader) are read as they are
+  TORCH_CHECK(target.scalar_type() == input.scalar_type() ||
+                  (target.scalar_type() == at::kFloat && acc_dtype(input.scalar_type()) == at::kFloat),
               "fused_wloss.binary_cross_entropy_with_logits: target must have the input's dtype ",
-              input.scalar_type(), ", got ", target.scalar_type());
+              input.scalar_type(), " (or float32 with float16/bfloat16 input), got ", target.scalar_type());
   if (input.dim() < 2) return {input.numel(), 1};
   return {c10::multiply_integers(input.sizes().slice(0, input.dim() - 1)), input.size(-1)};
 }

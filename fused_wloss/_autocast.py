@@ -1,4 +1,4 @@
-"""The loss dtype under ``torch.autocast``.
+"""The loss dtype under ``torch.autocast``, and of BCE with targets of another dtype.
 
 torch runs ``cross_entropy`` and ``binary_cross_entropy_with_logits`` under autocast's float32
 policy: float16 and bfloat16 arguments are cast to float32 and the loss comes back in float32, so
@@ -36,3 +36,21 @@ def result_dtype(input: torch.Tensor) -> torch.dtype:
     """The dtype of the loss of a call on ``input``: float32 under autocast (see loss_dtype), else
     the input's."""
     return loss_dtype(input) or input.dtype
+
+
+def bce_result_dtype(input: torch.Tensor, target: torch.Tensor) -> torch.dtype:
+    """The dtype of a BCE loss, as torch's function gives it: the target's dtype (float32 targets
+    with bfloat16 logits give a float32 loss, float64 logits with float32 targets a float32 one);
+    under autocast a float16/bfloat16 target counts as float32, as autocast casts it."""
+    dtype = target.dtype
+    if dtype in _HALF and torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(
+            input.device.type):
+        return torch.float32
+    return dtype
+
+
+def bce_loss_dtype(input: torch.Tensor, target: torch.Tensor) -> Optional[torch.dtype]:
+    """The BCE operators' ``loss_dtype`` for a call the kernels serve (targets of the input's
+    dtype, or float32 with half-precision logits)."""
+    dtype = bce_result_dtype(input, target)
+    return None if dtype == input.dtype else dtype

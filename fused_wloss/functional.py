@@ -330,7 +330,7 @@ def _bce_route(input, target, weight, reduction, pos_weight, sample_weight, weig
         if ops.bce_supported(input, target, weight, pos_weight, sample_weight):
             return ops.binary_cross_entropy_with_logits(
                 input, target, weight, reduction, pos_weight, sample_weight, weighting, *focal,
-                _autocast.loss_dtype(input),
+                _autocast.bce_loss_dtype(input, target),
             )
     return reference.bce_checked(input, target, weight, reduction, pos_weight, sample_weight, weighting, *focal)
 
@@ -380,7 +380,7 @@ def _bce_with_stats(input, target, weight, pos_weight, sample_weight, args, foca
             loss, neg_w, pos_w = ops._ops.bce_forward(
                 input, target, weight, pos_weight, sample_weight, ops.REDUCTION_CODES[args.reduction],
                 *_scheme_args(args.weighting)[:3], args.weighting is not None and args.weighting.balanced,
-                focal[0], -1.0 if focal[1] is None else focal[1], _autocast.loss_dtype(input),
+                focal[0], -1.0 if focal[1] is None else focal[1], _autocast.bce_loss_dtype(input, target),
             )
             if args.weighting is not None:  # without weighting the operator returns empty tensors
                 stats = stats._replace(neg_weight=neg_w, pos_weight=pos_w)

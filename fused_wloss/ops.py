@@ -216,6 +216,8 @@ class _EagerCrossEntropy(torch.autograd.Function):
 def _bce_forward_fake(input, target, weight, pos_weight, sample_weight, reduction, scheme, smoothing, beta, balanced,
                       gamma=0.0, alpha=-1.0, loss_dtype=None):
     torch._check(target.shape == input.shape, lambda: "bce_forward: target must have the input's shape")
+    torch._check(bce_target_supported(input, target),
+                 lambda: "bce_forward: target must have the input's dtype (or float32 with float16/bfloat16 input)")
     acc = _acc_dtype(input.dtype)
     num_labels = input.shape[-1] if input.dim() >= 2 else 1
     label_shape = (num_labels,) if scheme != 0 else (0,)
@@ -252,10 +254,18 @@ def _bce_backward(ctx, grad_loss, *_unused):
     return (grad_input,) + (None,) * (ctx.num_inputs - 1)
 
 
+def bce_target_supported(input, target) -> bool:
+    """Targets of the input's dtype, or float32 targets with float16/bfloat16 logits (the usual
+    mixed-precision call), which the kernels read as they are."""
+    return target.dtype == input.dtype or (
+        target.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16)
+    )
+
+
 def bce_supported(input, target, weight, pos_weight, sample_weight) -> bool:
     return not (
         input.dtype not in KERNEL_DTYPES
-        or target.dtype != input.dtype
+        or not bce_target_supported(input, target)
         or target.requires_grad
         or _wants_grad(weight)
         or _wants_grad(pos_weight)

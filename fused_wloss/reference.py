@@ -278,4 +278,4 @@ def bce_checked(
         sw = sample_weight.to(dtype)
         loss = loss * (sw.unsqueeze(-1) if x.dim() >= 2 else sw)
     count = loss.numel()
-    return _reduce(loss, reduction, count, count).to(_autocast.result_dtype(input))
+    return _reduce(loss, reduction, count, count).to(_autocast.bce_result_dtype(input, target))

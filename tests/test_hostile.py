@@ -153,16 +153,20 @@ def _finite_max(t: torch.Tensor) -> float:
     return finite.abs().max().item() if finite.numel() else 0.0
 
 
-def assert_agree(got, exact, at_dtype, magnitude, dtype, what):
+def assert_agree(got, exact, at_dtype, magnitude, dtype, what, value_dtype=None):
     """``got`` (value, gradient) against ``exact`` (the reference in float64): where exact is
     finite, |got - exact| <= rtol |exact| + atol * scale, plus twice the reference's own error at
     ``dtype`` (``at_dtype``); scale is the largest finite magnitude of exact and of ``magnitude``
     (the reference with every weight made positive). Where exact is NaN or infinite, got must be
-    the same; and where the reference at ``dtype`` overflows, got must match it."""
-    rtol, atol = TOLERANCES[dtype]
+    the same; and where the reference at ``dtype`` overflows, got must match it. ``value_dtype``:
+    the value's dtype where it is not the input's (BCE: the target's, as torch)."""
+    # a value rounded to a lower precision than the input's has that precision's tolerance, and so
+    # has the gradient (its upstream gradient has the value's dtype)
+    rtol, atol = max(TOLERANCES[dtype], TOLERANCES[value_dtype or dtype])
     for i, name in enumerate(("value", "input gradient")):
+        want_dtype = value_dtype if i == 0 and value_dtype is not None else dtype
         g, e = got[i], exact[i].double()
-        assert g.dtype == dtype and g.shape == e.shape, (what, name, g.dtype, g.shape, e.shape)
+        assert g.dtype == want_dtype and g.shape == e.shape, (what, name, g.dtype, g.shape, e.shape)
         g = g.double()
         scale = max(1.0, _finite_max(e), _finite_max(magnitude[i]))
         bound = atol * scale + rtol * e.abs()
@@ -606,7 +610,10 @@ def check_bce(case: BceCase) -> None:
         at_dtype = _run(reference.binary_cross_entropy_with_logits, base, make_input, (target,), kwargs)
     magnitude = _run(reference.binary_cross_entropy_with_logits, base.double(), make_input, (target.double(),),
                      {k: _positive(_double(v)) for k, v in kwargs.items()})
-    assert_agree(got, expected, at_dtype, magnitude, dtype, what)
+    assert_agree(got, expected, at_dtype, magnitude, dtype, what, value_dtype=target.dtype)
+    if case.target_dtype is not None:  # the value's dtype is the target's, as torch's
+        theirs = _run(F.binary_cross_entropy_with_logits, base, make_input, (target,), {"reduction": case.reduction})
+        assert isinstance(theirs, Exception) or theirs[0].dtype == got[0].dtype, (what, theirs[0].dtype, got[0].dtype)
     if (case.sample_weight is False and case.class_weighting is None and case.reduction != "sample_mean"
             and case.target_dtype is None and dtype in (torch.float32, torch.float64)):
         torch_kwargs = {k: kwargs[k] for k in ("weight", "pos_weight", "reduction") if k in kwargs}

@@ -13,16 +13,19 @@ inline namespace CPU_CAPABILITY {
 //   loss = w * (neg (1 - t) softplus(x) + pos t softplus(-x))
 //   grad = g * w * (neg (1 - t) sigmoid(x) - pos t sigmoid(-x))
 
-template <typename scalar_t>
+// target_t: scalar_t, or float for float32 targets with float16/bfloat16 logits (BceArgs::target_float).
+template <typename scalar_t, typename target_t = scalar_t>
 struct Bce {
   using acc_t = acc_type_t<scalar_t>;
   using IO = Io<scalar_t>;
+  using TIO = Io<target_t>;
   using Vec = typename IO::Vec;
+  static_assert(std::is_same_v<Vec, typename TIO::Vec>, "targets load as the logits' acc_t vectors");
   static constexpr int64_t V = Vec::size();
 
   const BceArgs& a;
   const scalar_t* x;
-  const scalar_t* t;
+  const target_t* t;
   const acc_t* neg_w;
   const acc_t* pos_w;
   const acc_t* elem_w;
@@ -32,7 +35,7 @@ struct Bce {
   explicit Bce(const BceArgs& args)
       : a(args),
         x(static_cast<const scalar_t*>(args.input)),
-        t(static_cast<const scalar_t*>(args.target)),
+        t(static_cast<const target_t*>(args.target)),
         neg_w(static_cast<const acc_t*>(args.neg_label_w)),
         pos_w(static_cast<const acc_t*>(args.pos_label_w)),
         elem_w(static_cast<const acc_t*>(args.elem_w)),
@@ -157,7 +160,7 @@ struct Bce {
       const int64_t n = std::min<int64_t>(V, count - j);
       const int64_t i = begin + j;
       const Vec vx = n == V ? IO::load(x + i) : IO::load(x + i, n);
-      const Vec vt = n == V ? IO::load(t + i) : IO::load(t + i, n);
+      const Vec vt = n == V ? TIO::load(t + i) : TIO::load(t + i, n);
       Vec neg, pos, w;
       weights(i, j, n, r0, &neg, &pos, &w);
       // neg (1 - t) softplus(x) + pos t softplus(-x), each part without cancellation, max(x, 0)
@@ -197,7 +200,7 @@ struct Bce {
       n = j == 0 && head > 0 ? head : std::min<int64_t>(V, count - j);
       const int64_t i = begin + j;
       const Vec vx = n == V ? IO::load(x + i) : IO::load(x + i, n);
-      const Vec vt = n == V ? IO::load(t + i) : IO::load(t + i, n);
+      const Vec vt = n == V ? TIO::load(t + i) : TIO::load(t + i, n);
       Vec neg, pos, w;
       weights(i, j, n, r0, &neg, &pos, &w);
       // sigmoid(x) and sigmoid(-x) from one exp(-|x|), exact in both tails
@@ -222,11 +225,17 @@ struct Bce {
 
 template <typename scalar_t>
 double bce_forward_chunk(const BceArgs& args, int64_t chunk) {
+  if constexpr (std::is_same_v<acc_type_t<scalar_t>, float> && !std::is_same_v<scalar_t, float>) {
+    if (args.target_float) return Bce<scalar_t, float>(args).forward_chunk(chunk);
+  }
   return Bce<scalar_t>(args).forward_chunk(chunk);
 }
 
 template <typename scalar_t>
 void bce_backward_chunk(const BceArgs& args, int64_t chunk) {
+  if constexpr (std::is_same_v<acc_type_t<scalar_t>, float> && !std::is_same_v<scalar_t, float>) {
+    if (args.target_float) return Bce<scalar_t, float>(args).backward_chunk(chunk);
+  }
   Bce<scalar_t>(args).backward_chunk(chunk);
 }
 

@@ -73,7 +73,8 @@ struct BceArgs {
   int64_t rows, L;
   int64_t rows_per_chunk, num_chunks;
   const void* input;          // scalar_t[rows * L]
-  const void* target;         // scalar_t[rows * L]
+  const void* target;         // scalar_t[rows * L], or float[rows * L] when target_float
+  bool target_float;          // float32 targets with float16/bfloat16 input
   // Per-label weights of the negative and positive part (static per-label weight, pos_weight and
   // dynamic weights folded in), repeated for every row of a chunk: acc_t[rows_per_chunk * L], so
   // that a chunk reads them at the same flat offsets as its logits. nullptr means 1.

@@ -426,6 +426,7 @@ BcePlan make_bce_plan(const at::Tensor& input, const at::Tensor& target,
   p.pos_period = period(p.in.pos_label);
   p.args.input = p.in.x.data_ptr();
   p.args.target = p.in.t.data_ptr();
+  p.args.target_float = p.in.t.scalar_type() != p.in.x.scalar_type();  // float32 targets, half input
   p.args.neg_label_w = p.neg_period.defined() ? p.neg_period.data_ptr() : nullptr;
   p.args.pos_label_w = p.pos_period.defined() ? p.pos_period.data_ptr() : nullptr;
   p.args.elem_w = p.in.elem_w.defined() ? p.in.elem_w.data_ptr() : nullptr;

@@ -387,7 +387,8 @@ template <typename scalar_t>
 struct BceKernelArgs {
   using acc_t = acc_t_of<scalar_t>;
   const scalar_t* x;
-  const scalar_t* t;
+  const void* t;            // scalar_t, or float when t_float
+  bool t_float;             // float32 targets with float16/bfloat16 logits
   int64_t numel, L;
   int64_t elems_per_block;
   const acc_t* neg_label;   // [L] or nullptr (1)
@@ -405,6 +406,14 @@ struct BceKernelArgs {
   int reduction;
   scalar_t* grad_x;
 };
+
+// Target i in acc_t, from the logits' dtype or from float32 (a uniform branch: one call's targets
+// have one dtype).
+template <typename scalar_t>
+__device__ __forceinline__ acc_t_of<scalar_t> bce_target(const BceKernelArgs<scalar_t>& a, int64_t i) {
+  return a.t_float ? static_cast<acc_t_of<scalar_t>>(static_cast<const float*>(a.t)[i])
+                   : to_acc(static_cast<const scalar_t*>(a.t)[i]);
+}
 
 // The weights of element i: w (static x sample weight), neg and pos (label and pos weights).
 // The row and label of element i are divided out only when a weight needs them (a 64-bit
@@ -434,7 +443,7 @@ __global__ void bce_forward_kernel(BceKernelArgs<scalar_t> a) {
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     acc_t w, neg, pos;
     bce_weights(a, i, &w, &neg, &pos);
-    const acc_t xi = to_acc(a.x[i]), ti = to_acc(a.t[i]);
+    const acc_t xi = to_acc(a.x[i]), ti = bce_target(a, i);
     const acc_t loss = w * (a.gamma != acc_t(0) || a.alpha >= acc_t(0) ? bce_focal_loss(xi, ti, neg, pos, a.gamma, a.alpha)
                                                                        : bce_loss(xi, ti, neg, pos));
     if (a.loss_elems_acc) {
@@ -466,7 +475,7 @@ __global__ void bce_backward_kernel(BceKernelArgs<scalar_t> a, double divisor) {
     acc_t w, neg, pos;
     bce_weights(a, i, &w, &neg, &pos);
     const acc_t g = a.reduction == kNone ? to_acc(a.grad_out[i]) : g_all;
-    const acc_t xi = to_acc(a.x[i]), ti = to_acc(a.t[i]);
+    const acc_t xi = to_acc(a.x[i]), ti = bce_target(a, i);
     const acc_t d = a.gamma != acc_t(0) || a.alpha >= acc_t(0) ? bce_focal_grad(xi, ti, neg, pos, a.gamma, a.alpha)
                                                                 : bce_grad(xi, ti, neg, pos);
     a.grad_x[i] = static_cast<scalar_t>(g * w * d);

@@ -302,7 +302,8 @@ BceKernelArgs<scalar_t> bce_args(const BceInputs& b, double gamma, double alpha)
   using acc_t = acc_t_of<scalar_t>;
   BceKernelArgs<scalar_t> a{};
   a.x = b.x.data_ptr<scalar_t>();
-  a.t = b.t.data_ptr<scalar_t>();
+  a.t = b.t.data_ptr();
+  a.t_float = b.t.scalar_type() != b.x.scalar_type();  // float32 targets with half logits
   a.numel = b.x.numel();
   a.L = b.shape.L;
   a.elems_per_block = kBceElemsPerBlock;
