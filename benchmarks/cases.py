@@ -7,6 +7,11 @@ A case is a loss ("ce" or "bce"), a logits shape, a weighting and a dtype:
   (the seed recipe; for BCE, per-label counts over the batch);
 - ``sample``: one weight per sample (per element of the unreduced loss), then the sample mean.
 
+A ``-amp`` case (float16/bfloat16 only) runs every implementation under ``torch.autocast``, as a
+mixed-precision training step does: torch then computes its losses from a float32 copy of the
+logits, fused_wloss from the half-precision logits themselves; both return a float32 loss. BCE's
+targets are float32 there, as a data loader gives them.
+
 Every implementation of a case computes the same number from the same inputs; the driver checks
 that before timing anything.
 """
@@ -34,6 +39,7 @@ class Case:
     shape: Tuple[int, ...]
     weighting: str  # one of WEIGHTINGS
     dtype: str = "float32"
+    amp: bool = False  # every implementation under torch.autocast (half-precision dtypes only)
 
     def __post_init__(self):
         if self.loss not in ("ce", "bce"):
@@ -42,11 +48,17 @@ class Case:
             raise ValueError(f"Case.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.dtype not in DTYPE_TAGS:
             raise ValueError(f"Case.dtype must be one of {tuple(DTYPE_TAGS)}, got {self.dtype!r}")
+        if self.amp and self.dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"Case.amp needs a float16 or bfloat16 dtype, got {self.dtype!r}")
 
     @classmethod
     def parse(cls, name: str) -> "Case":
-        """The inverse of ``name``: ``ce-8192x1000-dynamic-f32`` (the dtype tag may be left out)."""
+        """The inverse of ``name``: ``ce-8192x1000-dynamic-f32`` (the dtype tag may be left out),
+        ``ce-8192x1000-static-bf16-amp`` under autocast."""
         parts = name.split("-")
+        amp = len(parts) == 5 and parts[-1] == "amp"
+        if amp:
+            parts = parts[:-1]
         if len(parts) == 3:
             parts.append("f32")
         tags = {v: k for k, v in DTYPE_TAGS.items()}
@@ -54,17 +66,18 @@ class Case:
             loss, shape, weighting, tag = parts
             dims = tuple(int(d) for d in shape.split("x"))
         except ValueError:
-            raise ValueError(f"a case is named loss-shape-weighting[-dtype], e.g. ce-8192x1000-dynamic-f32; "
+            raise ValueError(f"a case is named loss-shape-weighting[-dtype][-amp], e.g. ce-8192x1000-dynamic-f32; "
                              f"got {name!r}") from None
         if tag not in tags:
             raise ValueError(f"the dtype of case {name!r} must be one of {sorted(tags)}, got {tag!r}")
         if len(dims) < (2 if loss == "ce" else 1) or min(dims) < 1:
             raise ValueError(f"case {name!r}: shape {shape!r} needs positive sizes, (N, C, ...) for ce")
-        return cls(loss, dims, weighting, tags[tag])
+        return cls(loss, dims, weighting, tags[tag], amp)
 
     @property
     def name(self) -> str:
-        return f"{self.loss}-{'x'.join(map(str, self.shape))}-{self.weighting}-{DTYPE_TAGS[self.dtype]}"
+        amp = "-amp" if self.amp else ""
+        return f"{self.loss}-{'x'.join(map(str, self.shape))}-{self.weighting}-{DTYPE_TAGS[self.dtype]}{amp}"
 
     @property
     def num_classes(self) -> int:
@@ -97,7 +110,8 @@ class Case:
             sshape = tshape
         else:
             rate = torch.linspace(0.02, 0.5, c)
-            y = (torch.rand(self.shape, generator=gen) < rate).to(device=device, dtype=dtype)
+            ydtype = torch.float32 if self.amp else dtype  # a data loader's targets, under autocast
+            y = (torch.rand(self.shape, generator=gen) < rate).to(device=device, dtype=ydtype)
             sshape = self.shape[:-1]
         w = (torch.rand(c, generator=gen) + 0.5).to(device=device, dtype=dtype)
         s = (torch.rand(sshape, generator=gen) + 0.5).to(device=device, dtype=dtype)
@@ -247,6 +261,15 @@ def _compile(fn):
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
+def _under_autocast(fn, device, dtype):
+    """``fn`` run inside ``torch.autocast`` (a compiled ``fn`` gets it inside the compiled region)."""
+    def amp(x, y, w, s):
+        with torch.autocast(device.type, dtype=dtype):
+            return fn(x, y, w, s)
+    amp.__name__ = f"amp_{getattr(fn, '__name__', 'fn')}"
+    return amp
+
+
 def implementations(case: Case, device: torch.device, compile_mode: str = "all",
                     liger: Optional[Callable] = None) -> Dict[str, Impl]:
     """Every implementation of ``case``, fused_wloss first.
@@ -277,8 +300,15 @@ def implementations(case: Case, device: torch.device, compile_mode: str = "all",
     elif compile_mode == "one":
         compiled = ["torch" if case.weighting == "static" and traceable["torch"] is not None else "recipe"]
     for name in compiled:
-        impls[f"compile({name})"] = Impl(f"compile({name})", _compile(traceable[name]))
-    if liger is not None and device.type == "cuda" and case.loss == "ce" and len(case.shape) == 2:
+        fn = traceable[name]
+        if case.amp:
+            fn = _under_autocast(fn, device, case.torch_dtype)
+        impls[f"compile({name})"] = Impl(f"compile({name})", _compile(fn))
+    if case.amp:
+        for name, impl in impls.items():
+            if not name.startswith("compile("):
+                impl.fn = _under_autocast(impl.fn, device, case.torch_dtype)
+    if liger is not None and device.type == "cuda" and case.loss == "ce" and len(case.shape) == 2 and not case.amp:
         # Liger writes the gradient into the logits during the forward: it gets a fresh copy per call
         impls["liger"] = Impl("liger", _liger(liger, case.weighting, _counts_traceable), destructive=True)
     return impls
@@ -299,7 +329,8 @@ CPU_QUICK = (
     _cases([("ce", (65536, 10)), ("ce", (8192, 1000)), ("ce", (1024, 32000))], ["static", "dynamic"], ["float32"])
     + [Case("ce", (8192, 1000), "sample"), Case("ce", (4, 19, 256, 256), "dynamic"),
        Case("bce", (65536, 10), "static"), Case("bce", (8192, 1000), "dynamic"),
-       Case("ce", (8192, 1000), "static", "bfloat16"), Case("ce", (1024, 32000), "dynamic", "bfloat16")]
+       Case("ce", (8192, 1000), "static", "bfloat16"), Case("ce", (1024, 32000), "dynamic", "bfloat16"),
+       Case("ce", (8192, 1000), "static", "bfloat16", amp=True), Case("bce", (8192, 1000), "dynamic", "bfloat16", amp=True)]
 )
 
 # CPU, --full: the shapes of the CPU-kernel issue, every weighting, float32 and bfloat16.
@@ -318,7 +349,8 @@ CUDA_QUICK = (
     _cases([("ce", (65536, 10)), ("ce", (16384, 1000)), ("ce", (8192, 32000)), ("ce", (2048, 256000))],
            ["static", "dynamic"], ["bfloat16", "float32"])
     + [Case("ce", (16384, 1000), "sample", "bfloat16"), Case("ce", (32, 19, 512, 512), "dynamic", "bfloat16"),
-       Case("bce", (16384, 1000), "dynamic", "bfloat16")]
+       Case("bce", (16384, 1000), "dynamic", "bfloat16"),
+       Case("ce", (8192, 32000), "static", "bfloat16", amp=True), Case("bce", (16384, 1000), "dynamic", "bfloat16", amp=True)]
 )
 
 

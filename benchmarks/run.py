@@ -152,7 +152,7 @@ def run_case(case: Case, device, compile_mode: str, liger, timer: Timer, with_me
         torch._dynamo.reset()  # each case compiles afresh: no recompile limit across shapes
     inputs = case.make_inputs(device)
     row = {"case": case.name, "loss": case.loss, "shape": list(case.shape), "weighting": case.weighting,
-           "dtype": case.dtype, "num_classes": case.num_classes, "logits_mb": case.logits_bytes / 2**20,
+           "dtype": case.dtype, "amp": case.amp, "num_classes": case.num_classes, "logits_mb": case.logits_bytes / 2**20,
            "backend": fused_wloss.backend(device)}
     impls = implementations(case, device, compile_mode, liger)
 
@@ -340,10 +340,11 @@ def select_cases(args):
         seen, picked = set(), []
         for dt in args.dtype.split(","):
             for c in cases:
-                key = (c.loss, c.shape, c.weighting, dt)
+                amp = c.amp and dt in ("float16", "bfloat16")  # autocast cases keep their half dtype
+                key = (c.loss, c.shape, c.weighting, dt, amp)
                 if key not in seen:
                     seen.add(key)
-                    picked.append(Case(c.loss, c.shape, c.weighting, dt))
+                    picked.append(Case(c.loss, c.shape, c.weighting, dt, amp))
         cases = picked
     return [c for c in cases if re.search(args.filter, c.name)]
 
