@@ -6,9 +6,13 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <limits>
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#include "fused_wloss_math.h"
 
 namespace fused_wloss {
 
@@ -67,6 +71,59 @@ inline CeShape ce_shape(const at::Tensor& input, const at::Tensor& target) {
               "fused_wloss.cross_entropy: target must have shape ", at::IntArrayRef(s.loss_shape),
               " for input of shape ", input.sizes(), ", got ", target.sizes());
   return s;
+}
+
+// Cross-entropy with probability targets: the input viewed as (N, C, P) (an unbatched (C,) input
+// is N = P = 1), the target of the same shape, the shape of the unreduced loss.
+inline CeShape ce_prob_shape(const at::Tensor& input, const at::Tensor& target) {
+  TORCH_CHECK(input.dim() >= 1, "fused_wloss.cross_entropy: input must have at least 1 dimension, got ",
+              input.dim());
+  TORCH_CHECK(target.sizes() == input.sizes(), "fused_wloss.cross_entropy: probability targets must have "
+              "the input's shape ", input.sizes(), ", got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == input.scalar_type() ||
+                  (target.scalar_type() == at::kFloat && acc_dtype(input.scalar_type()) == at::kFloat),
+              "fused_wloss.cross_entropy: probability targets must have the input's dtype ", input.scalar_type(),
+              " (or float32 with float16/bfloat16 input), got ", target.scalar_type());
+  if (input.dim() == 1) return {1, input.size(0), 1, {}};
+  std::vector<int64_t> loss_shape{input.size(0)};
+  int64_t P = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) {
+    loss_shape.push_back(input.size(d));
+    P *= input.size(d);
+  }
+  return {input.size(0), input.size(1), P, std::move(loss_shape)};
+}
+
+// The class weights of a cross-entropy call with probability targets, acc_t[C] (undefined without
+// any): the static weight times the dynamic weight of each class's soft count sum_i q[i, c] (over
+// samples and positions), the schemes of scheme_weight (a count below 0 counts as 0). ATen
+// operations on the target's device: no host synchronisation.
+inline at::Tensor ce_prob_class_weights(const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                                        int64_t C, int64_t scheme, double smoothing, double beta,
+                                        at::ScalarType acc) {
+  const bool has_weight = weight.has_value() && weight->defined();
+  if (!has_weight && scheme == kNoScheme) return at::Tensor();
+  at::Tensor class_w = has_weight ? as_acc(weight, acc, "weight", C).clone() : at::Tensor();
+  if (scheme == kNoScheme) return class_w;
+  std::vector<int64_t> dims;
+  if (target.dim() > 1) {
+    dims.push_back(0);
+    for (int64_t d = 2; d < target.dim(); ++d) dims.push_back(d);
+  }
+  const at::Tensor counts =
+      (dims.empty() ? target.to(at::kDouble) : target.sum(dims, false, at::kDouble)).clamp_min(0.0);
+  at::Tensor dyn;
+  if (scheme == kInverse) {
+    dyn = (counts + smoothing).reciprocal();
+  } else if (scheme == kInverseSqrt) {
+    dyn = (counts + smoothing).rsqrt();
+  } else {
+    TORCH_CHECK(scheme == kEffectiveNumber, "fused_wloss: bad weighting scheme code ", scheme);
+    const double log_beta = beta > 0.0 ? std::log(beta) : -std::numeric_limits<double>::infinity();
+    dyn = (1.0 - beta) / (counts.clamp_min(1.0) * log_beta).expm1().neg();
+  }
+  dyn = dyn.to(acc);
+  return class_w.defined() ? class_w.mul_(dyn) : dyn.contiguous();
 }
 
 [[noreturn]] inline void throw_bad_target(int64_t row, int64_t value, int64_t C, int64_t ignore_index) {

@@ -25,6 +25,17 @@
   "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor class_weight, " \
   "Tensor? sample_weight, Tensor lse, Tensor norm, int ignore_index, float label_smoothing, " \
   "int reduction, float gamma=0.) -> Tensor"
+// Cross-entropy with probability (soft) targets of the input's shape. Returns the loss, the
+// per-element statistics the backward reads, shape (3, elements) in the accumulation dtype: the lse
+// as hi and lo (split_lse) and B = sum_c W_c q'_c, the weight of the element's probabilities, the
+// class weights applied (empty when there are none) and the normaliser.
+#define FWL_SCHEMA_CE_PROB_FORWARD \
+  "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, Tensor? sample_weight, " \
+  "float label_smoothing, int reduction, int scheme, float smoothing, float beta, " \
+  "ScalarType? loss_dtype=None) -> (Tensor loss, Tensor stats, Tensor class_weight, Tensor norm)"
+#define FWL_SCHEMA_CE_PROB_BACKWARD \
+  "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor class_weight, " \
+  "Tensor? sample_weight, Tensor stats, Tensor norm, float label_smoothing, int reduction) -> Tensor"
 // Returns the loss and the dynamic per-label weights of the negative and the positive part
 // (empty without dynamic weighting).
 #define FWL_SCHEMA_BCE_FORWARD \

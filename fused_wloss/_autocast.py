@@ -54,3 +54,16 @@ def bce_loss_dtype(input: torch.Tensor, target: torch.Tensor) -> Optional[torch.
     dtype, or float32 with half-precision logits)."""
     dtype = bce_result_dtype(input, target)
     return None if dtype == input.dtype else dtype
+
+
+def ce_prob_result_dtype(input: torch.Tensor, target: torch.Tensor) -> torch.dtype:
+    """The dtype of a cross-entropy loss with probability targets, as torch's: the logits' dtype
+    (float32 under autocast, see result_dtype) promoted with the targets' (bfloat16 logits with
+    float32 targets give a float32 loss)."""
+    return torch.promote_types(result_dtype(input), target.dtype)
+
+
+def ce_prob_loss_dtype(input: torch.Tensor, target: torch.Tensor) -> Optional[torch.dtype]:
+    """The probability-target operators' ``loss_dtype`` for a call the kernels serve."""
+    dtype = ce_prob_result_dtype(input, target)
+    return None if dtype == input.dtype else dtype

@@ -127,6 +127,11 @@ def _cross_entropy_route(input, target, weight, ignore_index, reduction, label_s
         from . import ops
 
         if ops.ce_supported(input, target, weight, sample_weight, prob_target):
+            if prob_target:
+                return ops.cross_entropy_prob(
+                    input, target, weight, reduction, label_smoothing, sample_weight, weighting,
+                    _autocast.ce_prob_loss_dtype(input, target),
+                )
             return ops.cross_entropy(
                 input, target, weight, ignore_index, reduction, label_smoothing,
                 sample_weight, weighting, gamma, _autocast.loss_dtype(input),
@@ -214,11 +219,18 @@ def _cross_entropy_with_stats(input, target, weight, ignore_index, label_smoothi
         if ops.ce_supported(input, target, weight, sample_weight, args.prob_target):
             # The operator returns the class weights it applied and its normaliser: log those.
             # (ops._ops: the namespace the wrappers use, which the tests may point elsewhere.)
-            loss, _lse, class_weight, norm = ops._ops.cross_entropy_forward(
-                input, target, weight, sample_weight, ignore_index, label_smoothing,
-                ops.REDUCTION_CODES[args.reduction], *_scheme_args(weighting), gamma,
-                _autocast.loss_dtype(input),
-            )
+            if args.prob_target:
+                loss, _stats, class_weight, norm = ops._ops.cross_entropy_prob_forward(
+                    input, target, weight, sample_weight, label_smoothing,
+                    ops.REDUCTION_CODES[args.reduction], *_scheme_args(weighting),
+                    _autocast.ce_prob_loss_dtype(input, target),
+                )
+            else:
+                loss, _lse, class_weight, norm = ops._ops.cross_entropy_forward(
+                    input, target, weight, sample_weight, ignore_index, label_smoothing,
+                    ops.REDUCTION_CODES[args.reduction], *_scheme_args(weighting), gamma,
+                    _autocast.loss_dtype(input),
+                )
             if weight is None and weighting is None:  # the operator returns an empty tensor
                 class_weight = torch.ones(num_classes, dtype=acc, device=input.device)
             return loss, CrossEntropyStats(sums[:num_classes].to(acc), class_weight.detach(), norm.detach())

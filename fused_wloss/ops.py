@@ -163,7 +163,7 @@ def _ce_backward(ctx, grad_loss, *_unused):
 def ce_supported(input, target, weight, sample_weight, prob_target: bool) -> bool:
     """Whether the kernels serve this call; the others go to the reference."""
     return not (
-        prob_target
+        (prob_target and not prob_target_supported(input, target))
         or input.dtype not in KERNEL_DTYPES
         or _wants_grad(weight)
         or _wants_grad(sample_weight)
@@ -207,6 +207,98 @@ class _EagerCrossEntropy(torch.autograd.Function):
         grad_input = _eager_backward_call(
             ctx.ops.cross_entropy_backward,
             grad_loss, input, target, class_weight, sample_weight, lse, norm, *ctx.options,
+        )
+        return grad_input, None, None, None, None, None
+
+
+# ---- cross-entropy with probability targets -------------------------------------------------------
+
+def _ce_prob_forward_fake(input, target, weight, sample_weight, label_smoothing, reduction, scheme, smoothing, beta,
+                          loss_dtype=None):
+    torch._check(input.dim() >= 1, lambda: "cross_entropy_prob_forward: input must have at least 1 dimension")
+    torch._check(target.shape == input.shape,
+                 lambda: "cross_entropy_prob_forward: probability targets must have the input's shape")
+    torch._check(prob_target_supported(input, target),
+                 lambda: "cross_entropy_prob_forward: target must have the input's dtype (or float32 with half input)")
+    loss_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    acc = _acc_dtype(input.dtype)
+    loss = input.new_empty(loss_shape if reduction == 0 else (), dtype=_loss_dtype_of(loss_dtype, input.dtype))
+    stats = input.new_empty((3, math.prod(loss_shape)), dtype=acc)  # lse hi, lse lo, B
+    has_class_weight = weight is not None or scheme != 0
+    class_weight = input.new_empty((num_classes,) if has_class_weight else (0,), dtype=acc)
+    return loss, stats, class_weight, input.new_empty((), dtype=acc)
+
+
+def _ce_prob_backward_fake(grad_loss, input, target, class_weight, sample_weight, stats, norm, label_smoothing,
+                           reduction):
+    return input.new_empty(input.shape)
+
+
+def _ce_prob_setup_context(ctx, inputs, output):
+    input, target, _weight, sample_weight, label_smoothing, reduction = inputs[:6]
+    _loss, stats, class_weight, norm = output
+    ctx.mark_non_differentiable(stats, class_weight, norm)
+    ctx.options = (label_smoothing, reduction)
+    ctx.num_inputs = len(inputs)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(input, target, sample_weight, stats, class_weight, norm)
+
+
+def _ce_prob_backward(ctx, grad_loss, *_unused):
+    if any(ctx.needs_input_grad[1:4]):
+        raise RuntimeError(
+            "fused_wloss.cross_entropy_prob_forward: gradients with respect to target, weight or sample_weight "
+            "are not computed by the kernels; fused_wloss.cross_entropy sends such calls to the reference"
+        )
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        input, target, sample_weight, stats, class_weight, norm = ctx.saved_tensors
+        grad_input = _ops.cross_entropy_prob_backward(
+            grad_loss, input, target, class_weight, sample_weight, stats, norm, *ctx.options
+        )
+    return (grad_input,) + (None,) * (ctx.num_inputs - 1)
+
+
+def prob_target_supported(input, target) -> bool:
+    """Probability targets of the input's dtype, or float32 with float16/bfloat16 logits."""
+    return target.dtype == input.dtype or (
+        target.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16)
+    )
+
+
+def cross_entropy_prob(input, target, weight, reduction, label_smoothing, sample_weight,
+                       weighting: Optional[BatchWeighting], loss_dtype: Optional[torch.dtype] = None):
+    """The kernel path of the public function for probability targets (``ce_supported`` calls)."""
+    scheme, smoothing, beta, _ = _scheme_args(weighting)
+    options = (label_smoothing, REDUCTION_CODES[reduction], scheme, smoothing, beta, loss_dtype)
+    if _eager_autograd(input):
+        return _EagerCrossEntropyProb.apply(input, target, weight, sample_weight, options, _ops)
+    if _eager_no_graph(input):
+        with _below_autograd():
+            return _ops.cross_entropy_prob_forward(input, target, weight, sample_weight, *options)[0]
+    return _ops.cross_entropy_prob_forward(input, target, weight, sample_weight, *options)[0]
+
+
+class _EagerCrossEntropyProb(torch.autograd.Function):
+    """The eager-mode twin of the formula registered on ``cross_entropy_prob_forward``."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, sample_weight, options, ops):
+        with _below_autograd():
+            loss, stats, class_weight, norm = ops.cross_entropy_prob_forward(
+                input, target, weight, sample_weight, *options)
+        ctx.save_for_backward(input, target, sample_weight, stats, class_weight, norm)
+        ctx.options = (options[0], options[1])
+        ctx.ops = ops
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        input, target, sample_weight, stats, class_weight, norm = ctx.saved_tensors
+        grad_input = _eager_backward_call(
+            ctx.ops.cross_entropy_prob_backward,
+            grad_loss, input, target, class_weight, sample_weight, stats, norm, *ctx.options,
         )
         return grad_input, None, None, None, None, None
 
@@ -320,14 +412,18 @@ def _refuse_double_backward(ctx, *grads):
 
 
 def register(ns: str) -> None:
-    """Fake kernels and autograd formulas for the four operators of ``torch.ops.<ns>``."""
+    """Fake kernels and autograd formulas for the six operators of ``torch.ops.<ns>``."""
     torch.library.register_fake(f"{ns}::cross_entropy_forward", _ce_forward_fake)
     torch.library.register_fake(f"{ns}::cross_entropy_backward", _ce_backward_fake)
+    torch.library.register_fake(f"{ns}::cross_entropy_prob_forward", _ce_prob_forward_fake)
+    torch.library.register_fake(f"{ns}::cross_entropy_prob_backward", _ce_prob_backward_fake)
     torch.library.register_fake(f"{ns}::bce_forward", _bce_forward_fake)
     torch.library.register_fake(f"{ns}::bce_backward", _bce_backward_fake)
     torch.library.register_autograd(f"{ns}::cross_entropy_forward", _ce_backward, setup_context=_ce_setup_context)
+    torch.library.register_autograd(f"{ns}::cross_entropy_prob_forward", _ce_prob_backward,
+                                    setup_context=_ce_prob_setup_context)
     torch.library.register_autograd(f"{ns}::bce_forward", _bce_backward, setup_context=_bce_setup_context)
-    for name in ("cross_entropy_backward", "bce_backward"):
+    for name in ("cross_entropy_backward", "cross_entropy_prob_backward", "bce_backward"):
         torch.library.register_autograd(f"{ns}::{name}", _refuse_double_backward,
                                         setup_context=lambda ctx, inputs, output: None)
 

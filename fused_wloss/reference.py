@@ -145,7 +145,7 @@ def cross_entropy_checked(
             dynamic = weighting.weights(counts)
             class_w = dynamic if class_w is None else class_w * dynamic
         if eps > 0.0:
-            q = q * (1.0 - eps) + eps / num_classes
+            q = q * (1.0 - eps) + (eps / num_classes if num_classes > 0 else 0.0)  # no class: an empty sum
         weighted_logp = logp if class_w is None else logp * class_w.view(per_class)
         loss = -(weighted_logp * q).sum(dim=1)
         count = loss.numel()
@@ -194,6 +194,8 @@ def cross_entropy_checked(
     if unbatched:
         loss = loss.squeeze(0)
     out = _reduce(loss, reduction, mean_denominator, sample_mean_denominator)
+    if prob_target:  # as torch: the logits' dtype promoted with the probabilities'
+        return out.to(_autocast.ce_prob_result_dtype(input, target))
     return out.to(_autocast.result_dtype(input))
 
 

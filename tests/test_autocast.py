@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import fused_wloss
 from fused_wloss import BatchWeighting, ops, reference
 
-from helpers import value_and_grad
+from helpers import emulation_namespace, value_and_grad
 from samples import Sample
 
 REQUIRE_EMU = os.environ.get("FUSED_WLOSS_REQUIRE_EMU") == "1"
@@ -30,14 +30,7 @@ REQUIRE_CUDA = os.environ.get("FUSED_WLOSS_REQUIRE_CUDA") == "1"
 HALF = [torch.bfloat16, torch.float16]
 
 
-def _emulation_namespace():
-    try:
-        return ops.load_emulation() if fused_wloss.backend("cpu") == "extension" else None
-    except ImportError:
-        return None
-
-
-EMU_NS = _emulation_namespace()
+EMU_NS = emulation_namespace()
 HAS_GPU = torch.cuda.is_available() and fused_wloss.backend("cuda") == "extension"
 
 

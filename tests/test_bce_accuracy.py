@@ -17,38 +17,24 @@ import pytest
 import torch
 
 import fused_wloss
-from fused_wloss import BatchWeighting, _extension, ops, reference
+from fused_wloss import BatchWeighting, reference
+
+from helpers import kernel_paths, serve
 
 LOGITS = [-1e5, -1e4, -30.0, -1.5, 0.0, 2.0, 30.0, 1e4, 1e5]
 WEIGHTS = [1.0, 1e3, 1e4]
 
 
-def _emulation_namespace():
-    try:
-        return ops.load_emulation() if fused_wloss.backend("cpu") == "extension" else None
-    except ImportError:
-        return None
-
-
-EMU_NS = _emulation_namespace()
-_ISAS = _extension.available_cpu_isas() if fused_wloss.backend("cpu") == "extension" else []
-PATHS = ["reference"] + [f"cpu-{isa}" for isa in _ISAS] + (["emu"] if EMU_NS else [])
+PATHS = ["reference"] + kernel_paths()
 
 
 @contextlib.contextmanager
 def _serve(path):
     if path == "reference":
         yield reference.binary_cross_entropy_with_logits
-    elif path == "emu":
-        with ops.use_namespace(EMU_NS):
-            yield fused_wloss.binary_cross_entropy_with_logits
-    else:
-        before = _extension.cpu_isa()
-        _extension.use_cpu_isa(path[len("cpu-"):])
-        try:
-            yield fused_wloss.binary_cross_entropy_with_logits
-        finally:
-            _extension.use_cpu_isa(before.lower())
+        return
+    with serve(path):
+        yield fused_wloss.binary_cross_entropy_with_logits
 
 
 def _softplus(v: float) -> float:

@@ -68,6 +68,29 @@ struct CeBackwardArgs {
   bool streaming_stores;     // write the rows layout's gradient with non-temporal stores
 };
 
+// Cross-entropy with probability targets q of the input's layout (N, C, P):
+//   loss = s (B log_s - D), B = sum_c W_c q'_c, D = sum_c W_c q'_c (x_c - m), q' = (1 - eps) q + eps / C
+// (m the row maximum, log_s the log of sum_c exp(x_c - m)); the backward's gradient is
+//   g s (B p_c - W_c q'_c).
+struct CeProbArgs {
+  CeLayout layout;           // P == 1: row by row (the tiled flag is not used); P > 1: pixel vectors
+  const void* input;         // scalar_t[N * C * P]
+  const void* target;        // scalar_t[N * C * P], or float when target_float
+  bool target_float;         // float32 targets with float16/bfloat16 input
+  const void* class_w;       // acc_t[C] (static x dynamic), or nullptr
+  const void* sample_w;      // acc_t[N * P], or nullptr
+  double label_smoothing;
+  // forward
+  void* loss_out;            // scalar_t[N * P] ("none"), acc_t when loss_out_acc, else nullptr
+  bool loss_out_acc;
+  void* stats_out;           // acc_t[3, N * P]: lse hi, lse lo, B
+  // backward
+  const void* stats;         // acc_t[3, N * P], from the forward
+  const void* grad_rows;     // acc_t[N * P] ("none"), or nullptr
+  double grad_scalar;        // upstream gradient / normaliser, when grad_rows is nullptr
+  void* grad_input;          // scalar_t[N * C * P]
+};
+
 // Binary cross-entropy: input viewed as (rows, L) contiguous, chunks of whole rows.
 struct BceArgs {
   int64_t rows, L;
@@ -97,6 +120,8 @@ struct BceArgs {
 
 using CeForwardFn = void (*)(const CeForwardArgs&, int64_t chunk, CePartial* out);
 using CeBackwardFn = void (*)(const CeBackwardArgs&, int64_t chunk);
+using CeProbForwardFn = void (*)(const CeProbArgs&, int64_t chunk, CePartial* out);
+using CeProbBackwardFn = void (*)(const CeProbArgs&, int64_t chunk);
 using BceForwardFn = double (*)(const BceArgs&, int64_t chunk);  // returns the chunk's loss sum
 using BceBackwardFn = void (*)(const BceArgs&, int64_t chunk);
 // Adds rows [r0, r1) of (rows, L) contiguous targets into acc[L] (float64), per label.
@@ -110,6 +135,8 @@ struct KernelTable {
   BceForwardFn bce_forward[kNumDtypes];
   BceBackwardFn bce_backward[kNumDtypes];
   BceLabelSumsFn bce_label_sums[kNumDtypes];
+  CeProbForwardFn ce_prob_forward[kNumDtypes];
+  CeProbBackwardFn ce_prob_backward[kNumDtypes];
 };
 
 // Rows of one tile of the tiled (small C) and the K-dim paths: a multiple of every vector width.

@@ -19,8 +19,8 @@
 // The per-row epilogue (target gather, weights, loss) is scalar, in float64; the true-class
 // gradient is in acc_t (float32 for reduced precision inputs).
 //
-// The kernels themselves are in vec_math.h (shared vector helpers), ce_forward.h, ce_backward.h
-// and bce.h; this file assembles them into the module's KernelTable.
+// The kernels themselves are in vec_math.h (shared vector helpers), ce_forward.h, ce_backward.h,
+// ce_prob.h (probability targets) and bce.h; this file assembles them into the module's KernelTable.
 #pragma once
 
 #include <Python.h>
@@ -28,6 +28,7 @@
 #include "bce.h"
 #include "ce_backward.h"
 #include "ce_forward.h"
+#include "ce_prob.h"
 #include "kernel_table.h"
 
 namespace fused_wloss {
@@ -51,6 +52,10 @@ inline const KernelTable* kernel_table() {
        &bce_backward_chunk<c10::BFloat16>},
       {&bce_label_sums<float>, &bce_label_sums<double>, &bce_label_sums<c10::Half>,
        &bce_label_sums<c10::BFloat16>},
+      {&ce_prob_forward_chunk<float>, &ce_prob_forward_chunk<double>, &ce_prob_forward_chunk<c10::Half>,
+       &ce_prob_forward_chunk<c10::BFloat16>},
+      {&ce_prob_backward_chunk<float>, &ce_prob_backward_chunk<double>, &ce_prob_backward_chunk<c10::Half>,
+       &ce_prob_backward_chunk<c10::BFloat16>},
   };
   return &table;
 }

@@ -243,6 +243,19 @@ CeCall ce_call(const at::Tensor& input, const at::Tensor& target, int64_t reduct
           input.contiguous(), target.contiguous(), rows};
 }
 
+// The upstream gradient of a reduced cross-entropy loss, divided by the normaliser of a "mean"; a
+// zero normaliser gives NaN for every element that takes part, as torch (ignored elements keep 0).
+double reduced_upstream(const at::Tensor& grad_loss, const at::Tensor& norm, int64_t reduction) {
+  TORCH_CHECK(grad_loss.numel() == 1, "fused_wloss: grad_loss of a reduced loss must have one element, got ",
+              grad_loss.sizes());
+  double g = grad_loss.to(at::kDouble).item<double>();  // host memory: no device sync
+  if (reduction == kMean || reduction == kSampleMean) {
+    const double n = norm.to(at::kDouble).item<double>();
+    g = n == 0.0 ? std::numeric_limits<double>::quiet_NaN() : g / n;
+  }
+  return g;
+}
+
 CeInputs ce_inputs(const CeShape& s, const at::Tensor& x, const at::Tensor& t,
                    const at::Tensor& class_w, const at::Tensor& sw, int64_t ignore_index,
                    double label_smoothing, double gamma) {
@@ -345,15 +358,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
     grad_rows = grad_loss.to(acc).contiguous();
     args.grad_rows = grad_rows.data_ptr();
   } else {
-    TORCH_CHECK(grad_loss.numel() == 1, "fused_wloss: grad_loss of a reduced loss must have one "
-                "element, got ", grad_loss.sizes());
-    double g = grad_loss.to(at::kDouble).item<double>();  // host memory: no device sync
-    if (reduction == kMean || reduction == kSampleMean) {
-      // zero normaliser: NaN for every element that takes part, as torch; ignored elements keep 0
-      const double n = norm.to(at::kDouble).item<double>();
-      g = n == 0.0 ? std::numeric_limits<double>::quiet_NaN() : g / n;
-    }
-    args.grad_scalar = g;
+    args.grad_scalar = reduced_upstream(grad_loss, norm, reduction);
   }
   args.grad_input = grad_input.data_ptr();
   // stream a gradient too large to stay in cache (a few times the last-level cache of one core)
@@ -361,6 +366,110 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   if (rows > 0 && s.C > 0) {
     const CeBackwardFn fn = kernels().ce_backward[di];
     at::parallel_for(0, args.in.layout.num_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) fn(args, c);
+    });
+  }
+  return grad_input;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy with probability targets
+
+namespace {
+
+CeProbArgs ce_prob_args(const CeShape& s, const at::Tensor& x, const at::Tensor& t, const at::Tensor& class_w,
+                        const at::Tensor& sw, double label_smoothing) {
+  CeProbArgs a{};
+  a.layout = make_ce_layout(s.N, s.C, s.P);
+  a.input = x.data_ptr();
+  a.target = t.data_ptr();
+  a.target_float = t.scalar_type() != x.scalar_type();
+  a.class_w = class_w.defined() ? class_w.data_ptr() : nullptr;
+  a.sample_w = sw.defined() ? sw.data_ptr() : nullptr;
+  a.label_smoothing = label_smoothing;
+  return a;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& sample_weight, double label_smoothing, int64_t reduction, int64_t scheme,
+    double smoothing, double beta, c10::optional<at::ScalarType> loss_dtype) {
+  const int di = dtype_index(input.scalar_type());
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const CeShape s = ce_prob_shape(input, target);
+  TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
+  const at::ScalarType out_dtype = loss_dtype_of(loss_dtype, input.scalar_type());
+  const int64_t rows = s.N * s.P;
+  const at::Tensor x = input.contiguous(), t = target.contiguous();
+  const at::Tensor class_w = ce_prob_class_weights(t, weight, s.C, scheme, smoothing, beta, acc);
+  const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
+  at::Tensor stats = at::empty({3, rows}, x.options().dtype(acc));  // lse hi, lse lo, B
+  at::Tensor loss_rows;
+  if (reduction == kNone) loss_rows = at::empty(s.loss_shape, x.options().dtype(out_dtype));
+
+  CeProbArgs args = ce_prob_args(s, x, t, class_w, sw, label_smoothing);
+  args.loss_out = loss_rows.defined() ? loss_rows.data_ptr() : nullptr;
+  args.loss_out_acc = out_dtype != x.scalar_type();
+  args.stats_out = stats.data_ptr();
+  std::vector<CePartial> partials(args.layout.num_chunks, CePartial{0, 0, 0, -1, 0});
+  if (rows > 0 && s.C == 0) {  // no class: every element's loss is an empty sum
+    if (loss_rows.defined()) loss_rows.zero_();
+    stats[0].fill_(-std::numeric_limits<double>::infinity());
+    stats[1].zero_();
+    stats[2].zero_();
+  }
+  if (rows > 0 && s.C > 0) {
+    const CeProbForwardFn fn = kernels().ce_prob_forward[di];
+    at::parallel_for(0, args.layout.num_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) fn(args, c, &partials[c]);
+    });
+  }
+  double loss_sum = 0;
+  for (const CePartial& p : partials) loss_sum += p.loss_sum;  // chunk order: any thread count
+  double norm = 1.0;
+  if (reduction == kMean) norm = sw.defined() ? sum_in_order(sw, 0) : static_cast<double>(rows);
+  if (reduction == kSampleMean) norm = static_cast<double>(rows);
+  const double value = norm == 0.0 ? std::numeric_limits<double>::quiet_NaN() : loss_sum / norm;
+  at::Tensor loss = reduction == kNone ? loss_rows : at::scalar_tensor(value, x.options().dtype(out_dtype));
+  return {loss, stats, class_w.defined() ? class_w : at::empty({0}, x.options().dtype(acc)),
+          at::scalar_tensor(norm, x.options().dtype(acc))};
+}
+
+at::Tensor cross_entropy_prob_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
+                                           const at::Tensor& target, const at::Tensor& class_weight,
+                                           const c10::optional<at::Tensor>& sample_weight, const at::Tensor& stats,
+                                           const at::Tensor& norm, double label_smoothing, int64_t reduction) {
+  const int di = dtype_index(input.scalar_type());
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const CeShape s = ce_prob_shape(input, target);
+  TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
+  const int64_t rows = s.N * s.P;
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == rows, "fused_wloss: stats must have "
+              "shape (3, ", rows, ") (the forward's per-element statistics), got ", stats.sizes());
+  const at::Tensor x = input.contiguous(), t = target.contiguous();
+  const at::Tensor class_w =
+      class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
+  const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
+  const at::Tensor stats_acc = stats.to(acc).contiguous();
+  at::Tensor grad_input = empty_large_output(x.sizes(), x.options());
+
+  CeProbArgs args = ce_prob_args(s, x, t, class_w, sw, label_smoothing);
+  args.stats = stats_acc.data_ptr();
+  at::Tensor grad_rows;
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_loss.numel() == rows, "fused_wloss: grad_loss must have ", rows, " elements, got ",
+                grad_loss.sizes());
+    grad_rows = grad_loss.to(acc).contiguous();
+    args.grad_rows = grad_rows.data_ptr();
+  } else {
+    args.grad_scalar = reduced_upstream(grad_loss, norm, reduction);
+  }
+  args.grad_input = grad_input.data_ptr();
+  if (rows > 0 && s.C > 0) {
+    const CeProbBackwardFn fn = kernels().ce_prob_backward[di];
+    at::parallel_for(0, args.layout.num_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) fn(args, c);
     });
   }
@@ -532,6 +641,8 @@ at::Tensor bce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input
 TORCH_LIBRARY_IMPL(fused_wloss, CPU, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward_cpu);
   m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
+  m.impl("cross_entropy_prob_forward", &cross_entropy_prob_forward_cpu);
+  m.impl("cross_entropy_prob_backward", &cross_entropy_prob_backward_cpu);
   m.impl("bce_forward", &bce_forward_cpu);
   m.impl("bce_backward", &bce_backward_cpu);
 }

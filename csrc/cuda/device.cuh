@@ -164,6 +164,32 @@ __device__ __forceinline__ RowStats<acc_t> block_allreduce_stats(RowStats<acc_t>
   return out;
 }
 
+// The maximum of two values, NaN if either is NaN (a NaN logit makes its row's loss NaN).
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return (a > b || a != a) ? a : b; }
+};
+
+// All-reduce with `op` over the whole block, as block_allreduce_sum below (`identity` fills the
+// lanes past the last warp).
+template <typename T, typename Op>
+__device__ __forceinline__ T block_allreduce(T v, T* scratch, Op op, T identity) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  v = group_allreduce(v, kWarpSize, op);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T w = lane < warps ? scratch[lane] : identity;
+    w = group_allreduce(w, kWarpSize, op);
+    if (lane == 0) scratch[0] = w;
+  }
+  __syncthreads();
+  const T out = scratch[0];
+  __syncthreads();
+  return out;
+}
+
 template <typename T>
 __device__ __forceinline__ T block_allreduce_sum(T v, T* scratch) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;

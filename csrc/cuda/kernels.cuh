@@ -381,6 +381,145 @@ __global__ void ce_finalize_kernel(const CePartialSums* partials, int64_t count,
   }
 }
 
+// ---- cross-entropy, probability targets ----------------------------------------------------
+// loss = s (B log_s - D), B = sum_c W_c q'_c, D = sum_c W_c q'_c (x_c - m), q' = keep q + spread;
+// gradient g s (B p_c - W_c q'_c) (see csrc/cpu/ce_prob.h). Rows of P == 1 inputs go a block per
+// row, K-dim pixels a thread per pixel; the backward is flat over the elements.
+
+template <typename scalar_t>
+struct CeProbKernelArgs {
+  using acc_t = acc_t_of<scalar_t>;
+  const scalar_t* x;
+  const void* t;            // scalar_t, or float when t_float
+  bool t_float;
+  const acc_t* class_w;     // [C] or nullptr
+  const acc_t* sample_w;    // [rows] or nullptr
+  int64_t rows, C, P;
+  double keep, spread;      // q' = keep q + spread
+  // forward
+  acc_t* stats;             // [3, rows]: lse hi, lse lo, B
+  scalar_t* loss_rows;      // [rows] for "none", else nullptr
+  acc_t* loss_rows_acc;     // instead of loss_rows under autocast
+  CePartialSums* partials;  // [gridDim.x]
+  // backward
+  const acc_t* grad_out;    // [rows] for "none", else [1]
+  const acc_t* norm;        // normaliser of "mean"/"sample_mean", else nullptr
+  int reduction;
+  scalar_t* grad_x;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ acc_t_of<scalar_t> prob_target(const CeProbKernelArgs<scalar_t>& a, int64_t i) {
+  return a.t_float ? static_cast<acc_t_of<scalar_t>>(static_cast<const float*>(a.t)[i])
+                   : to_acc(static_cast<const scalar_t*>(a.t)[i]);
+}
+
+// W_c q'_c of element i (class c), q' = keep q + spread
+template <typename scalar_t>
+__device__ __forceinline__ acc_t_of<scalar_t> ce_prob_weighted_target(const CeProbKernelArgs<scalar_t>& a, int64_t i,
+                                                                      int64_t c) {
+  using acc_t = acc_t_of<scalar_t>;
+  const acc_t qs = a.spread != 0.0 ? static_cast<acc_t>(a.keep) * prob_target(a, i) + static_cast<acc_t>(a.spread)
+                                   : prob_target(a, i);
+  return a.class_w ? a.class_w[c] * qs : qs;
+}
+
+// One element's epilogue in float64, from its maximum m, sum of exponentials s, b = sum W q' and
+// d = sum W q' (x - m) (summed over q' itself, as csrc/cpu/ce_prob.h): its loss, statistics and
+// partial sums.
+template <typename scalar_t>
+__device__ CePartialSums ce_prob_finish(const CeProbKernelArgs<scalar_t>& a, int64_t row, double m, double s,
+                                        double b, double d) {
+  using acc_t = acc_t_of<scalar_t>;
+  const double log_s = log(s);
+  const double sr = a.sample_w ? static_cast<double>(a.sample_w[row]) : 1.0;
+  const double loss = sr * (b * log_s - d);
+  const LseParts<acc_t> lse = split_lse<acc_t>(m, log_s);
+  a.stats[row] = lse.hi;
+  a.stats[a.rows + row] = lse.lo;
+  a.stats[2 * a.rows + row] = static_cast<acc_t>(b);
+  if (a.loss_rows_acc) {
+    a.loss_rows_acc[row] = static_cast<acc_t>(loss);
+  } else if (a.loss_rows) {
+    a.loss_rows[row] = static_cast<scalar_t>(loss);
+  }
+  return CePartialSums{loss, sr, 1, 0};
+}
+
+template <typename scalar_t, bool kBlockPerRow>
+__global__ void ce_prob_forward_kernel(CeProbKernelArgs<scalar_t> a) {
+  using acc_t = acc_t_of<scalar_t>;
+  __shared__ CePartialSums row_sums[kRowsBlock];
+  __shared__ acc_t scratch[kWarpSize];
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  if (kBlockPerRow) {  // P == 1: the row's classes spread over the block
+    const int64_t row = blockIdx.x;
+    const int64_t base = row * a.C;
+    acc_t m = neg_inf;
+    for (int64_t c = threadIdx.x; c < a.C; c += blockDim.x) m = MaxOp{}(m, to_acc(a.x[base + c]));
+    m = block_allreduce(m, scratch, MaxOp{}, neg_inf);
+    acc_t s = 0, b = 0, dsum = 0;
+    for (int64_t c = threadIdx.x; c < a.C; c += blockDim.x) {
+      const acc_t d = to_acc(a.x[base + c]) - m;
+      s += exp_acc(d);
+      const acc_t wq = ce_prob_weighted_target(a, base + c, c);
+      b += wq;
+      dsum += wq * d;
+    }
+    s = block_allreduce_sum(s, scratch);
+    b = block_allreduce_sum(b, scratch);
+    dsum = block_allreduce_sum(dsum, scratch);
+    if (threadIdx.x == 0) a.partials[blockIdx.x] = ce_prob_finish(a, row, m, s, b, dsum);
+    return;
+  }
+  // K-dim: a thread per pixel, its classes a plane apart
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  CePartialSums out{0.0, 0.0, 0, 0};
+  if (row < a.rows) {
+    const int64_t base = ce_row_offset(row, a.C, a.P);
+    acc_t m = neg_inf;
+    for (int64_t c = 0; c < a.C; ++c) m = MaxOp{}(m, to_acc(a.x[base + c * a.P]));
+    acc_t s = 0, b = 0, dsum = 0;
+    for (int64_t c = 0; c < a.C; ++c) {
+      const acc_t d = to_acc(a.x[base + c * a.P]) - m;
+      s += exp_acc(d);
+      const acc_t wq = ce_prob_weighted_target(a, base + c * a.P, c);
+      b += wq;
+      dsum += wq * d;
+    }
+    out = ce_prob_finish(a, row, m, s, b, dsum);
+  }
+  row_sums[threadIdx.x] = out;
+  write_block_partial(row_sums, static_cast<int>(blockDim.x), a.partials);
+}
+
+template <typename scalar_t>
+__global__ void ce_prob_backward_kernel(CeProbKernelArgs<scalar_t> a) {
+  using acc_t = acc_t_of<scalar_t>;
+  const int64_t numel = a.rows * a.C;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  acc_t g_all = 0;
+  if (a.reduction != kNone) {
+    g_all = a.grad_out[0];
+    if (a.norm != nullptr) g_all = *a.norm == acc_t(0) ? std::numeric_limits<acc_t>::quiet_NaN() : g_all / *a.norm;
+  }
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    int64_t row, c;
+    if (a.P == 1) {
+      row = i / a.C;
+      c = i - row * a.C;
+    } else {
+      const int64_t n = i / (a.C * a.P);
+      const int64_t rem = i - n * a.C * a.P;
+      c = rem / a.P;
+      row = n * a.P + (rem - c * a.P);
+    }
+    const acc_t g = (a.reduction == kNone ? a.grad_out[row] : g_all) * (a.sample_w ? a.sample_w[row] : acc_t(1));
+    const acc_t p = exp_acc(to_acc(a.x[i]) - a.stats[row]) * exp_acc(-a.stats[a.rows + row]);
+    a.grad_x[i] = static_cast<scalar_t>(g * (a.stats[2 * a.rows + row] * p - ce_prob_weighted_target(a, i, c)));
+  }
+}
+
 // ---- binary cross-entropy ------------------------------------------------------------------
 
 template <typename scalar_t>

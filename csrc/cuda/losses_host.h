@@ -291,6 +291,164 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
   return grad_input;
 }
 
+// ---- cross-entropy, probability targets -------------------------------------------------------
+
+template <typename scalar_t>
+CeProbKernelArgs<scalar_t> ce_prob_kernel_args(const CeShape& s, const at::Tensor& x, const at::Tensor& t,
+                                               const at::Tensor& class_w, const at::Tensor& sw,
+                                               double label_smoothing) {
+  using acc_t = acc_t_of<scalar_t>;
+  CeProbKernelArgs<scalar_t> a{};
+  a.x = x.data_ptr<scalar_t>();
+  a.t = t.data_ptr();
+  a.t_float = t.scalar_type() != x.scalar_type();
+  a.class_w = ptr_or_null<acc_t>(class_w);
+  a.sample_w = ptr_or_null<acc_t>(sw);
+  a.rows = s.N * s.P;
+  a.C = s.C;
+  a.P = s.P;
+  a.keep = 1.0 - label_smoothing;
+  a.spread = s.C > 0 ? label_smoothing / static_cast<double>(s.C) : 0.0;
+  return a;
+}
+
+// Threads of a block per row: a power of two from 32 to 256, about four classes a thread.
+inline int ce_prob_threads(int64_t C) {
+  int t = kWarpSize;
+  while (t < 256 && 4 * t < C) t *= 2;
+  return t;
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& sample_weight, double label_smoothing, int64_t reduction, int64_t scheme,
+    double smoothing, double beta, c10::optional<at::ScalarType> loss_dtype) {
+  check_kernel_dtype(input.scalar_type());
+  TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
+  TORCH_CHECK(target.device() == input.device(), "fused_wloss: target must be on the input's device ",
+              input.device(), ", got ", target.device());
+  check_same_device(input, weight, "weight");
+  check_same_device(input, sample_weight, "sample_weight");
+  const at::ScalarType out_dtype = loss_dtype_of(loss_dtype, input.scalar_type());
+  const bool loss_acc = out_dtype != input.scalar_type();
+  const CeShape s = ce_prob_shape(input, target);
+  const CallContext call(input);
+  const cudaStream_t stream = call.stream();
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const at::Tensor x = input.contiguous(), t = target.contiguous();
+  const int64_t rows = s.N * s.P;
+  const at::Tensor class_w = ce_prob_class_weights(t, weight, s.C, scheme, smoothing, beta, acc);
+  const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
+  at::Tensor stats = at::empty({2 + 1, rows}, x.options().dtype(acc));
+  at::Tensor loss_rows = reduction == kNone ? at::empty(s.loss_shape, x.options().dtype(out_dtype)) : at::Tensor();
+  at::Tensor loss = reduction == kNone ? loss_rows : at::empty({}, x.options().dtype(out_dtype));
+  const at::Tensor class_weight_out = class_w.defined() ? class_w : at::empty({0}, x.options().dtype(acc));
+  if (rows == 0 || s.C == 0) {
+    // the normaliser: the sample weights' sum or the element count (ATen on the device)
+    at::Tensor norm = reduction == kMean && sw.defined()
+                          ? sw.sum()
+                          : at::scalar_tensor(reduction == kMean || reduction == kSampleMean
+                                                  ? static_cast<double>(rows) : 1.0, x.options().dtype(acc));
+    if (rows > 0) {
+      stats[0].fill_(-std::numeric_limits<double>::infinity());
+      stats[1].zero_();
+      stats[2].zero_();
+    }
+    if (loss_rows.defined()) loss_rows.zero_();
+    if (reduction != kNone) {
+      // an empty sum over the elements: 0, divided by a "mean"'s normaliser (NaN for 0 / 0)
+      loss.copy_(at::where(norm == 0, at::full({}, std::numeric_limits<double>::quiet_NaN(), norm.options()),
+                           at::zeros({}, norm.options())));
+    }
+    return {loss, stats, class_weight_out, norm};
+  }
+  const bool block_per_row = s.P == 1;
+  const int threads = block_per_row ? ce_prob_threads(s.C) : kRowsBlock;
+  const int64_t blocks = block_per_row ? rows : ceil_div(rows, kRowsBlock);
+  at::Tensor partials = at::empty({blocks * static_cast<int64_t>(sizeof(CePartialSums))}, x.options().dtype(at::kByte));
+  // the finalize kernel divides by the normaliser it is given: the element count, or the sample
+  // weights' sum of "mean" (in the partials' weight_sum), as reduction codes of ce_finalize_kernel
+  const int finalize_reduction = reduction == kMean ? (sw.defined() ? kMean : kSampleMean) : static_cast<int>(reduction);
+  at::Tensor norm_out = at::empty({}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_wloss_ce_prob_forward", [&] {
+    using acc_t = acc_t_of<scalar_t>;
+    CeProbKernelArgs<scalar_t> a = ce_prob_kernel_args<scalar_t>(s, x, t, class_w, sw, label_smoothing);
+    a.stats = stats.data_ptr<acc_t>();
+    if (loss_acc) {
+      a.loss_rows_acc = ptr_or_null<acc_t>(loss_rows);
+    } else {
+      a.loss_rows = ptr_or_null<scalar_t>(loss_rows);
+    }
+    a.partials = reinterpret_cast<CePartialSums*>(partials.data_ptr());
+    if (block_per_row) {
+      launch_kernel(ce_prob_forward_kernel<scalar_t, true>, dim3(blocks), dim3(threads), 0, stream, a);
+    } else {
+      launch_kernel(ce_prob_forward_kernel<scalar_t, false>, dim3(blocks), dim3(threads), 0, stream, a);
+    }
+    const auto* sums = static_cast<const CePartialSums*>(a.partials);
+    if (loss_acc) {
+      launch_kernel(ce_finalize_kernel<acc_t, acc_t>, dim3(1), dim3(256), 0, stream, sums, blocks,
+                    finalize_reduction, reduction == kNone ? static_cast<acc_t*>(nullptr) : loss.data_ptr<acc_t>(),
+                    norm_out.data_ptr<acc_t>());
+    } else {
+      launch_kernel(ce_finalize_kernel<scalar_t, acc_t>, dim3(1), dim3(256), 0, stream, sums, blocks,
+                    finalize_reduction,
+                    reduction == kNone ? static_cast<scalar_t*>(nullptr) : loss.data_ptr<scalar_t>(),
+                    norm_out.data_ptr<acc_t>());
+    }
+  });
+  return {loss, stats, class_weight_out, norm_out};
+}
+
+inline at::Tensor cross_entropy_prob_backward(const at::Tensor& grad_loss, const at::Tensor& input,
+                                              const at::Tensor& target, const at::Tensor& class_weight,
+                                              const c10::optional<at::Tensor>& sample_weight, const at::Tensor& stats,
+                                              const at::Tensor& norm, double label_smoothing, int64_t reduction) {
+  check_kernel_dtype(input.scalar_type());
+  TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
+  TORCH_CHECK(target.device() == input.device(), "fused_wloss: target must be on the input's device ",
+              input.device(), ", got ", target.device());
+  check_same_device(input, sample_weight, "sample_weight");
+  TORCH_CHECK(class_weight.device() == input.device() && stats.device() == input.device() &&
+                  norm.device() == input.device() && grad_loss.device() == input.device(),
+              "fused_wloss: grad_loss, class_weight, stats and norm must be on the input's device ", input.device());
+  const CeShape s = ce_prob_shape(input, target);
+  const CallContext call(input);
+  const cudaStream_t stream = call.stream();
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const at::Tensor x = input.contiguous(), t = target.contiguous();
+  const int64_t rows = s.N * s.P;
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == rows, "fused_wloss: stats must have "
+              "shape (3, ", rows, ") (the forward's per-element statistics), got ", stats.sizes());
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_loss.numel() == rows, "fused_wloss: grad_loss must have ", rows, " elements, got ",
+                grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "fused_wloss: grad_loss of a reduced loss must have one element, got ",
+                grad_loss.sizes());
+  }
+  at::Tensor grad_input = at::empty(x.sizes(), x.options());
+  if (rows == 0 || s.C == 0) return grad_input;
+  const at::Tensor class_w = class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
+  const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
+  const at::Tensor stats_acc = stats.to(acc).contiguous();
+  const at::Tensor g = grad_loss.to(acc).contiguous();
+  const at::Tensor n = (reduction == kMean || reduction == kSampleMean) ? norm.to(acc).contiguous() : at::Tensor();
+  const int64_t numel = rows * s.C;
+  const int64_t blocks = std::min<int64_t>(ceil_div(numel, 256), int64_t(1) << 20);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_wloss_ce_prob_backward", [&] {
+    using acc_t = acc_t_of<scalar_t>;
+    CeProbKernelArgs<scalar_t> a = ce_prob_kernel_args<scalar_t>(s, x, t, class_w, sw, label_smoothing);
+    a.stats = const_cast<acc_t*>(stats_acc.data_ptr<acc_t>());
+    a.grad_out = g.data_ptr<acc_t>();
+    a.norm = ptr_or_null<acc_t>(n);
+    a.reduction = static_cast<int>(reduction);
+    a.grad_x = grad_input.data_ptr<scalar_t>();
+    launch_kernel(ce_prob_backward_kernel<scalar_t>, dim3(blocks), dim3(256), 0, stream, a);
+  });
+  return grad_input;
+}
+
 // ---- binary cross-entropy ---------------------------------------------------------------------
 
 constexpr int kBceThreads = 256;

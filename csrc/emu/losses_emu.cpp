@@ -188,6 +188,8 @@ at::Tensor selftest(const std::string& name, int64_t threads, int64_t blocks) {
 TORCH_LIBRARY(fused_wloss_emu, m) {
   m.def(FWL_SCHEMA_CE_FORWARD);
   m.def(FWL_SCHEMA_CE_BACKWARD);
+  m.def(FWL_SCHEMA_CE_PROB_FORWARD);
+  m.def(FWL_SCHEMA_CE_PROB_BACKWARD);
   m.def(FWL_SCHEMA_BCE_FORWARD);
   m.def(FWL_SCHEMA_BCE_BACKWARD);
   m.def("selftest(str name, int threads, int blocks) -> Tensor", &fused_wloss::emu_selftest::selftest);
@@ -196,6 +198,8 @@ TORCH_LIBRARY(fused_wloss_emu, m) {
 TORCH_LIBRARY_IMPL(fused_wloss_emu, CPU, m) {
   m.impl("cross_entropy_forward", &fused_wloss::cuda::host::cross_entropy_forward);
   m.impl("cross_entropy_backward", &fused_wloss::cuda::host::cross_entropy_backward);
+  m.impl("cross_entropy_prob_forward", &fused_wloss::cuda::host::cross_entropy_prob_forward);
+  m.impl("cross_entropy_prob_backward", &fused_wloss::cuda::host::cross_entropy_prob_backward);
   m.impl("bce_forward", &fused_wloss::cuda::host::bce_forward);
   m.impl("bce_backward", &fused_wloss::cuda::host::bce_backward);
 }
