@@ -5,7 +5,9 @@ A case is a loss ("ce" or "bce"), a logits shape, a weighting and a dtype:
 - ``static``: fixed class weights (torch's ``weight=``);
 - ``dynamic``: class weights from this batch's own labels, ``1 / (count + 1)``, with the sample mean
   (the seed recipe; for BCE, per-label counts over the batch);
-- ``sample``: one weight per sample (per element of the unreduced loss), then the sample mean.
+- ``sample``: one weight per sample (per element of the unreduced loss), then the sample mean;
+- ``soft`` (cross-entropy only): probability targets (a softmax of random logits, as distillation
+  gives them), with static class weights and label smoothing 0.1.
 
 A ``-amp`` case (float16/bfloat16 only) runs every implementation under ``torch.autocast``, as a
 mixed-precision training step does: torch then computes its losses from a float32 copy of the
@@ -29,7 +31,8 @@ import torch.nn.functional as F
 import fused_wloss
 from fused_wloss import reference
 
-WEIGHTINGS = ("static", "dynamic", "sample")
+WEIGHTINGS = ("static", "dynamic", "sample", "soft")
+SOFT_SMOOTHING = 0.1
 DTYPE_TAGS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
 
 
@@ -46,6 +49,8 @@ class Case:
             raise ValueError(f"Case.loss must be 'ce' or 'bce', got {self.loss!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"Case.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.weighting == "soft" and self.loss != "ce":
+            raise ValueError("Case.weighting 'soft' (probability targets) is a cross-entropy case")
         if self.dtype not in DTYPE_TAGS:
             raise ValueError(f"Case.dtype must be one of {tuple(DTYPE_TAGS)}, got {self.dtype!r}")
         if self.amp and self.dtype not in ("float16", "bfloat16"):
@@ -102,7 +107,11 @@ class Case:
         dtype = self.torch_dtype
         x = torch.randn(self.shape, generator=gen).mul_(2).to(device=device, dtype=dtype)
         c = self.num_classes
-        if self.loss == "ce":
+        if self.loss == "ce" and self.weighting == "soft":
+            tshape = self.shape[:1] + self.shape[2:]
+            y = torch.softmax(torch.randn(self.shape, generator=gen), dim=1).to(device=device, dtype=dtype)
+            sshape = tshape
+        elif self.loss == "ce":
             tshape = self.shape[:1] + self.shape[2:]
             p = 1.0 / torch.arange(1, c + 1, dtype=torch.float64)
             y = torch.multinomial(p, math.prod(tshape), replacement=True, generator=gen)
@@ -152,6 +161,8 @@ def _counts_traceable(y, c):
 
 
 def _ce_torch(weighting, count):
+    if weighting == "soft":
+        return lambda x, y, w, s: F.cross_entropy(x, y, weight=w, label_smoothing=SOFT_SMOOTHING)
     if weighting == "static":
         return lambda x, y, w, s: F.cross_entropy(x, y, weight=w)
     if weighting == "dynamic":
@@ -164,6 +175,11 @@ def _ce_torch(weighting, count):
 
 
 def _ce_recipe(weighting, count):
+    if weighting == "soft":
+        def ce_soft_recipe(x, y, w, s):
+            q = y * (1.0 - SOFT_SMOOTHING) + SOFT_SMOOTHING / x.shape[1]
+            return -(F.log_softmax(x, dim=1) * w * q).sum(dim=1).mean()
+        return ce_soft_recipe
     if weighting == "static":
         def ce_static_recipe(x, y, w, s):
             wy = w[y]
@@ -214,6 +230,7 @@ def _fused(lib, loss, weighting):
             "dynamic": lambda x, y, w, s: lib.cross_entropy(
                 x, y, class_weighting="inverse", reduction="sample_mean"),
             "sample": lambda x, y, w, s: lib.cross_entropy(x, y, sample_weight=s, reduction="sample_mean"),
+            "soft": lambda x, y, w, s: lib.cross_entropy(x, y, weight=w, label_smoothing=SOFT_SMOOTHING),
         }[weighting]
     return {
         "static": lambda x, y, w, s: lib.binary_cross_entropy_with_logits(x, y, weight=w),
@@ -308,7 +325,8 @@ def implementations(case: Case, device: torch.device, compile_mode: str = "all",
         for name, impl in impls.items():
             if not name.startswith("compile("):
                 impl.fn = _under_autocast(impl.fn, device, case.torch_dtype)
-    if liger is not None and device.type == "cuda" and case.loss == "ce" and len(case.shape) == 2 and not case.amp:
+    if (liger is not None and device.type == "cuda" and case.loss == "ce" and len(case.shape) == 2 and not case.amp
+            and case.weighting != "soft"):  # Liger takes no probability targets
         # Liger writes the gradient into the logits during the forward: it gets a fresh copy per call
         impls["liger"] = Impl("liger", _liger(liger, case.weighting, _counts_traceable), destructive=True)
     return impls
@@ -320,14 +338,16 @@ BASELINE_ORDER = ["reference", "torch", "recipe", "compile(torch)", "compile(rec
 # -- the case sets ----------------------------------------------------------------------------------
 
 def _cases(specs, weightings, dtypes) -> List[Case]:
-    return [Case(loss, shape, wt, dt) for dt in dtypes for loss, shape in specs for wt in weightings]
+    return [Case(loss, shape, wt, dt) for dt in dtypes for loss, shape in specs for wt in weightings
+            if wt != "soft" or (loss == "ce" and len(shape) == 2)]
 
 
 # CPU, --quick (`make bench`, about 3 minutes on a 2-core machine): CE over three class counts (the
 # "time vs C" plot) with each weighting, the segmentation layout, BCE, and bfloat16.
 CPU_QUICK = (
     _cases([("ce", (65536, 10)), ("ce", (8192, 1000)), ("ce", (1024, 32000))], ["static", "dynamic"], ["float32"])
-    + [Case("ce", (8192, 1000), "sample"), Case("ce", (4, 19, 256, 256), "dynamic"),
+    + [Case("ce", (8192, 1000), "sample"), Case("ce", (8192, 1000), "soft"), Case("ce", (1024, 32000), "soft"),
+       Case("ce", (4, 19, 256, 256), "dynamic"),
        Case("bce", (65536, 10), "static"), Case("bce", (8192, 1000), "dynamic"),
        Case("ce", (8192, 1000), "static", "bfloat16"), Case("ce", (1024, 32000), "dynamic", "bfloat16"),
        Case("ce", (8192, 1000), "static", "bfloat16", amp=True), Case("bce", (8192, 1000), "dynamic", "bfloat16", amp=True)]
@@ -348,7 +368,7 @@ CUDA_FULL = _cases(
 CUDA_QUICK = (
     _cases([("ce", (65536, 10)), ("ce", (16384, 1000)), ("ce", (8192, 32000)), ("ce", (2048, 256000))],
            ["static", "dynamic"], ["bfloat16", "float32"])
-    + [Case("ce", (16384, 1000), "sample", "bfloat16"), Case("ce", (32, 19, 512, 512), "dynamic", "bfloat16"),
+    + [Case("ce", (16384, 1000), "sample", "bfloat16"), Case("ce", (16384, 1000), "soft", "bfloat16"), Case("ce", (32, 19, 512, 512), "dynamic", "bfloat16"),
        Case("bce", (16384, 1000), "dynamic", "bfloat16"),
        Case("ce", (8192, 32000), "static", "bfloat16", amp=True), Case("bce", (16384, 1000), "dynamic", "bfloat16", amp=True)]
 )

@@ -95,8 +95,8 @@ def _release(device) -> None:
 
 
 def floor_calls(case: Case, inputs, device):
-    """The memory-traffic floor per mode: read the logits (and BCE's dense targets) once for the
-    forward; read them and write one N x C tensor for the backward. On the CPU that tensor is fresh
+    """The memory-traffic floor per mode: read the logits (and dense targets: BCE's, probabilities)
+    once for the forward; read them and write one N x C tensor for the backward. On the CPU that tensor is fresh
     (x.clone(), as a real gradient, pays its page faults); on CUDA it is a copy into an existing
     buffer (the caching allocator hands out memory already mapped)."""
     x, y = inputs.x, inputs.y
@@ -105,13 +105,14 @@ def floor_calls(case: Case, inputs, device):
         write = lambda: buf.copy_(x)  # noqa: E731
     else:
         write = x.clone
-    if case.loss == "bce":  # the targets are as large as the logits and read in both passes
+    dense = case.loss == "bce" or case.weighting == "soft"  # targets as large as the logits, read in both passes
+    if dense:
         read = lambda: (x.sum(), y.sum())  # noqa: E731
         traffic = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
     else:
         read = x.sum
         traffic = TRAFFIC
-    calls = {"fwd": read, "bwd": lambda: (y.sum(), write()) if case.loss == "bce" else write(),
+    calls = {"fwd": read, "bwd": lambda: (y.sum(), write()) if dense else write(),
              "fwd+bwd": lambda: (read(), write())}
     return calls, traffic
 
