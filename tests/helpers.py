@@ -4,6 +4,7 @@ paths a CPU test can run (the CPU kernels of each instruction set, the emulated 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator, List, Optional
 
 import torch
@@ -20,15 +21,49 @@ def emulation_namespace() -> Optional[str]:
         return None
 
 
-def kernel_paths() -> List[str]:
-    """``cpu-<isa>`` for every instruction-set build this CPU runs, and ``emu`` when built."""
+HAS_GPU = torch.cuda.is_available() and fused_wloss.backend("cuda") == "extension"
+
+
+def kernel_paths(gpu: bool = False) -> List[str]:
+    """``cpu-<isa>`` for every instruction-set build this CPU runs, ``emu`` when built, and with
+    ``gpu`` the CUDA kernels (``cuda``: skipped without a GPU, a failure under
+    FUSED_WLOSS_REQUIRE_CUDA=1, as the GPU lane runs)."""
     isas = _extension.available_cpu_isas() if fused_wloss.backend("cpu") == "extension" else []
-    return [f"cpu-{isa}" for isa in isas] + (["emu"] if emulation_namespace() else [])
+    return [f"cpu-{isa}" for isa in isas] + (["emu"] if emulation_namespace() else []) + (["cuda"] if gpu else [])
+
+
+def device_of(path: str) -> str:
+    return "cuda" if path == "cuda" else "cpu"
+
+
+def on_device(path: str, *values):
+    """The tensors among ``values`` (and the tensor values of dicts among them) moved to the device
+    of ``path``; other values as they are."""
+    device = device_of(path)
+
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, dict):
+            return {k: move(w) for k, w in v.items()}
+        return v
+    return tuple(move(v) for v in values)
 
 
 @contextlib.contextmanager
 def serve(path: str) -> Iterator[None]:
-    """Calls of the public functions served by one kernel path of :func:`kernel_paths`."""
+    """Calls of the public functions served by one kernel path of :func:`kernel_paths` (for
+    ``cuda``, calls on CUDA tensors: see :func:`on_device`)."""
+    if path == "cuda":
+        if not HAS_GPU:
+            import pytest
+
+            reason = "no GPU with fused_wloss CUDA kernels"
+            if os.environ.get("FUSED_WLOSS_REQUIRE_CUDA") == "1":
+                pytest.fail(reason + " (FUSED_WLOSS_REQUIRE_CUDA=1)")
+            pytest.skip(reason)
+        yield
+        return
     if path == "emu":
         with ops.use_namespace(emulation_namespace()):
             yield

@@ -20,13 +20,13 @@ import fused_wloss
 from fused_wloss import BatchWeighting, ops, reference
 
 from fuzzing import fuzz_settings
-from helpers import kernel_paths, serve, value_and_grad
+from helpers import kernel_paths, on_device, serve, value_and_grad
 from samples import Sample
 
 pytestmark = pytest.mark.skipif(fused_wloss.backend("cpu") != "extension", reason="compiled CPU kernels not loaded")
 
 
-PATHS = kernel_paths()
+PATHS = kernel_paths(gpu=True)
 
 
 SHAPES = {
@@ -89,6 +89,7 @@ def test_float64_matches_reference(path, shape, options, reduction):
     kw["reduction"] = reduction
     assert ops.ce_supported(x, q, kw.get("weight"), kw.get("sample_weight"), True)
     with serve(path):
+        x, q, kw = on_device(path, x, q, kw)
         loss, grad = value_and_grad(fused_wloss.cross_entropy, Sample("ours", (x, q), kw, False))
     exp_loss, exp_grad = _exact(x, q, kw)
     torch.testing.assert_close(loss, exp_loss, rtol=1e-10, atol=1e-12)
@@ -115,6 +116,7 @@ def test_low_precision_within_twice_torch(path, dtype, target_dtype, options, sh
     x, q, kw = _case(SHAPES[shape], OPTIONS[options], dtype, target_dtype, kind="mixup")
     kw["reduction"] = "none"
     with serve(path):
+        x, q, kw = on_device(path, x, q, kw)
         ours = value_and_grad(fused_wloss.cross_entropy, Sample("ours", (x, q), kw, False))
     assert ours[0].dtype == (torch.float32 if target_dtype else dtype) or ours[0].dtype == dtype
     assert ours[1].dtype == dtype
@@ -131,6 +133,7 @@ def test_float32_targets_are_read_as_they_are(path):
     these targets would move the loss by far more than float32 rounding)."""
     x, q, _ = _case((16, 50), {}, torch.bfloat16, torch.float32)
     with serve(path):
+        x, q = on_device(path, x, q)
         loss = fused_wloss.cross_entropy(x, q, reduction="none")
     exact = reference.cross_entropy(x.double(), q.double(), reduction="none")
     rounded = reference.cross_entropy(x.double(), q.to(torch.bfloat16).double(), reduction="none")
@@ -146,6 +149,8 @@ def test_gradcheck(path, shape):
     q = q[: x.shape[0]]
     kw["sample_weight"] = kw["sample_weight"][: x.shape[0]]
     with serve(path):
+        x, q, kw = on_device(path, x, q, kw)
+        x = x.detach().requires_grad_(True)
         assert torch.autograd.gradcheck(lambda v: fused_wloss.cross_entropy(v, q, reduction="sum", **kw), (x,))
 
 
