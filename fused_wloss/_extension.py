@@ -62,7 +62,20 @@ def _jit_build():
 
     C = build("_C")
     mods = {}
-    for isa in _build.ISA_CFLAGS:
+    # FUSED_WLOSS_JIT_ISAS=best builds only the CPU kernels this CPU prefers (the CUDA lane's quick
+    # build); a comma-separated list builds those; unset or "all", every instruction set
+    wanted = os.environ.get("FUSED_WLOSS_JIT_ISAS", "all").strip().lower()
+    if wanted == "best":
+        isas = preferred_cpu_isas()[:1]
+    elif wanted == "all":
+        isas = list(_build.ISA_CFLAGS)
+    else:
+        isas = [i for i in (w.strip() for w in wanted.split(",")) if i]
+        unknown = [i for i in isas if i not in _build.ISA_CFLAGS]
+        if unknown:
+            raise ValueError(f"FUSED_WLOSS_JIT_ISAS must be 'all', 'best' or a list of {sorted(_build.ISA_CFLAGS)}, "
+                             f"got {wanted!r}")
+    for isa in isas:
         try:
             mods[isa] = build(f"_cpu_{isa}")
         except Exception as e:  # an ISA the compiler cannot target: the others still serve

@@ -23,6 +23,9 @@ BCE_IMPLS = {
 
 def pytest_configure(config):
     config.addinivalue_line(
+        "markers", "gpu: runs on a GPU (the CUDA lane selects these with -m gpu; skipped without one)",
+    )
+    config.addinivalue_line(
         "markers", "big: needs several GB of memory (the 2^31-element test); deselect with -m 'not big' "
         "or skip with FUSED_WLOSS_SKIP_BIG=1",
     )

@@ -21,7 +21,56 @@ def emulation_namespace() -> Optional[str]:
         return None
 
 
-HAS_GPU = torch.cuda.is_available() and fused_wloss.backend("cuda") == "extension"
+# The CUDA lane's dry run (make cuda-lane-dry, FUSED_WLOSS_LANE=emu): the GPU variants of the tests
+# (marker "gpu") run on the emulated CUDA kernels and CPU tensors, so the lane's scripts and test
+# selection are exercised without a GPU. Tests that need a real GPU skip there (requires_real_gpu).
+LANE_EMULATED = os.environ.get("FUSED_WLOSS_LANE") == "emu"
+HAS_GPU = (torch.cuda.is_available() and fused_wloss.backend("cuda") == "extension") or (
+    LANE_EMULATED and emulation_namespace() is not None
+)
+
+
+def gpu_device() -> str:
+    """The device of a GPU variant's tensors: cuda, or cpu in the lane's dry run."""
+    return "cpu" if LANE_EMULATED else "cuda"
+
+
+def gpu_calls():
+    """The context of a GPU variant's calls: as they are, or the emulated kernels in the dry run."""
+    return ops.use_namespace(emulation_namespace()) if LANE_EMULATED else contextlib.nullcontext()
+
+
+def gpu_param(value="cuda"):
+    """A parametrisation that runs on the GPU, marked "gpu": what the CUDA lane selects (-m gpu)."""
+    import pytest
+
+    return pytest.param(value, marks=pytest.mark.gpu)
+
+
+def path_params(paths: List[str]):
+    """kernel_paths() as pytest parameters, the GPU one marked "gpu"."""
+    return [gpu_param(p) if p == "cuda" else p for p in paths]
+
+
+def skip_without_gpu() -> None:
+    """Skip (or, under FUSED_WLOSS_REQUIRE_CUDA=1, fail) a GPU variant where no GPU serves it."""
+    if HAS_GPU:
+        return
+    import pytest
+
+    reason = "no GPU with fused_wloss CUDA kernels (torch.cuda.is_available() is False or the build has none)"
+    if os.environ.get("FUSED_WLOSS_REQUIRE_CUDA") == "1":
+        pytest.fail(reason + " (FUSED_WLOSS_REQUIRE_CUDA=1)")
+    pytest.skip(reason)
+
+
+def requires_real_gpu() -> None:
+    """For tests only a real GPU can run (CUDA graphs, CUDA streams, large device memory)."""
+    skip_without_gpu()
+    if LANE_EMULATED:
+        import pytest
+
+        pytest.skip("needs a real GPU (this is the CUDA lane's dry run on the emulated kernels)")
 
 
 def kernel_paths(gpu: bool = False) -> List[str]:
@@ -33,7 +82,7 @@ def kernel_paths(gpu: bool = False) -> List[str]:
 
 
 def device_of(path: str) -> str:
-    return "cuda" if path == "cuda" else "cpu"
+    return gpu_device() if path == "cuda" else "cpu"
 
 
 def on_device(path: str, *values):
@@ -55,14 +104,9 @@ def serve(path: str) -> Iterator[None]:
     """Calls of the public functions served by one kernel path of :func:`kernel_paths` (for
     ``cuda``, calls on CUDA tensors: see :func:`on_device`)."""
     if path == "cuda":
-        if not HAS_GPU:
-            import pytest
-
-            reason = "no GPU with fused_wloss CUDA kernels"
-            if os.environ.get("FUSED_WLOSS_REQUIRE_CUDA") == "1":
-                pytest.fail(reason + " (FUSED_WLOSS_REQUIRE_CUDA=1)")
-            pytest.skip(reason)
-        yield
+        skip_without_gpu()
+        with gpu_calls():
+            yield
         return
     if path == "emu":
         with ops.use_namespace(emulation_namespace()):

@@ -22,16 +22,14 @@ import torch.nn.functional as F
 import fused_wloss
 from fused_wloss import BatchWeighting, ops, reference
 
-from helpers import emulation_namespace, value_and_grad
+from helpers import emulation_namespace, gpu_calls, gpu_device, gpu_param, skip_without_gpu, value_and_grad
 from samples import Sample
 
 REQUIRE_EMU = os.environ.get("FUSED_WLOSS_REQUIRE_EMU") == "1"
-REQUIRE_CUDA = os.environ.get("FUSED_WLOSS_REQUIRE_CUDA") == "1"
 HALF = [torch.bfloat16, torch.float16]
 
 
 EMU_NS = emulation_namespace()
-HAS_GPU = torch.cuda.is_available() and fused_wloss.backend("cuda") == "extension"
 
 
 @contextlib.contextmanager
@@ -48,14 +46,14 @@ def _reference_only():
 class Path:
     def __init__(self, name):
         self.name = name
-        self.device = "cuda" if name == "cuda" else "cpu"
+        self.device = gpu_device() if name == "cuda" else "cpu"
 
     def calls(self):
         if self.name == "emu":
             return ops.use_namespace(EMU_NS)
         if self.name == "reference":
             return _reference_only()
-        return contextlib.nullcontext()
+        return gpu_calls() if self.name == "cuda" else contextlib.nullcontext()
 
     def autocast(self, dtype):
         return torch.autocast(self.device, dtype=dtype)
@@ -64,7 +62,7 @@ class Path:
         return self.name
 
 
-@pytest.fixture(params=["cpu", "emu", "reference", "cuda"])
+@pytest.fixture(params=["cpu", "emu", "reference", gpu_param()])
 def path(request):
     if request.param in ("cpu", "emu") and fused_wloss.backend("cpu") != "extension":
         pytest.skip("the compiled CPU kernels are not built")
@@ -73,11 +71,8 @@ def path(request):
         if REQUIRE_EMU:
             pytest.fail(reason + " (FUSED_WLOSS_REQUIRE_EMU=1)")
         pytest.skip(reason)
-    if request.param == "cuda" and not HAS_GPU:
-        reason = "no GPU with fused_wloss CUDA kernels"
-        if REQUIRE_CUDA:
-            pytest.fail(reason + " (FUSED_WLOSS_REQUIRE_CUDA=1)")
-        pytest.skip(reason)
+    if request.param == "cuda":
+        skip_without_gpu()
     return Path(request.param)
 
 

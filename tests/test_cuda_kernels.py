@@ -18,7 +18,6 @@ scalar tails, and several blocks of partial sums.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -29,50 +28,42 @@ import torch.nn.functional as F
 import fused_wloss
 from fused_wloss import BatchWeighting, ops, reference
 
-from helpers import assert_close, value_and_grad
+from helpers import (assert_close, emulation_namespace, gpu_calls, gpu_device, gpu_param, requires_real_gpu,
+                     skip_without_gpu, value_and_grad)
 from samples import bce_samples, cross_entropy_samples
 
-REQUIRE_CUDA = os.environ.get("FUSED_WLOSS_REQUIRE_CUDA") == "1"
 REQUIRE_EMU = os.environ.get("FUSED_WLOSS_REQUIRE_EMU") == "1"
 
 
-def _emulation_namespace():
-    try:
-        return ops.load_emulation() if fused_wloss.backend("cpu") == "extension" else None
-    except ImportError:
-        return None
-
-
-EMU_NS = _emulation_namespace()
-HAS_GPU = torch.cuda.is_available() and fused_wloss.backend("cuda") == "extension"
+EMU_NS = emulation_namespace()
 
 
 class KernelDevice:
-    """Where the tensors of a test live and how calls reach the CUDA kernels."""
+    """Where the tensors of a test live and how calls reach the CUDA kernels (``cuda``: on CPU
+    tensors through the emulated kernels in the CUDA lane's dry run, see helpers.LANE_EMULATED)."""
 
     def __init__(self, name: str):
         self.name = name
-        self.device = "cuda" if name == "cuda" else "cpu"
+        self.device = gpu_device() if name == "cuda" else "cpu"
 
     def calls(self):
-        return ops.use_namespace(EMU_NS) if self.name == "emu" else contextlib.nullcontext()
+        if self.name == "emu":
+            return ops.use_namespace(EMU_NS)
+        return gpu_calls()
 
     def __repr__(self):
         return self.name
 
 
-@pytest.fixture(params=["emu", "cuda"])
+@pytest.fixture(params=["emu", gpu_param()])
 def dev(request):
     if request.param == "emu" and EMU_NS is None:
         reason = "the emulated CUDA kernels (fused_wloss._cuda_emu) are not built: run `make setup`"
         if REQUIRE_EMU:
             pytest.fail(reason + " (FUSED_WLOSS_REQUIRE_EMU=1)")
         pytest.skip(reason)
-    if request.param == "cuda" and not HAS_GPU:
-        reason = "no GPU with fused_wloss CUDA kernels (torch.cuda.is_available() is False or the build has none)"
-        if REQUIRE_CUDA:
-            pytest.fail(reason + " (FUSED_WLOSS_REQUIRE_CUDA=1)")
-        pytest.skip(reason)
+    if request.param == "cuda":
+        skip_without_gpu()
     return KernelDevice(request.param)
 
 
@@ -346,14 +337,11 @@ def test_emulated_and_cpu_kernels_agree():
 
 @pytest.fixture
 def gpu():
-    if not HAS_GPU:
-        reason = "no GPU with fused_wloss CUDA kernels (torch.cuda.is_available() is False or the build has none)"
-        if REQUIRE_CUDA:
-            pytest.fail(reason + " (FUSED_WLOSS_REQUIRE_CUDA=1)")
-        pytest.skip(reason)
+    requires_real_gpu()
     return KernelDevice("cuda")
 
 
+@pytest.mark.gpu
 def test_cuda_graph_capture(gpu):
     x, t, kw = _ce_call((256, 1000), CE_OPTIONS["everything"], torch.float32, "cuda")
     x = x.detach().requires_grad_(True)
@@ -379,6 +367,7 @@ def test_cuda_graph_capture(gpu):
     torch.testing.assert_close(static_x.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.gpu
 def test_compile_reduce_overhead(gpu):
     x, t, _ = _ce_call((128, 100), {}, torch.float32, "cuda")
 

@@ -20,13 +20,13 @@ import fused_wloss
 from fused_wloss import BatchWeighting, ops, reference
 
 from fuzzing import fuzz_settings
-from helpers import kernel_paths, on_device, serve, value_and_grad
+from helpers import kernel_paths, on_device, path_params, serve, value_and_grad
 from samples import Sample
 
 pytestmark = pytest.mark.skipif(fused_wloss.backend("cpu") != "extension", reason="compiled CPU kernels not loaded")
 
 
-PATHS = kernel_paths(gpu=True)
+PATHS = path_params(kernel_paths(gpu=True))
 
 
 SHAPES = {
