@@ -12,7 +12,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: setup test bench clean cuda-lane check-deep
+.PHONY: setup test bench clean cuda-lane cuda-lane-dry check-deep
 
 setup: $(VENV)/.installed
 
@@ -39,9 +39,15 @@ check-deep: setup
 	$(VPY) tests/sanitizers/run.py
 
 # The CUDA lane, on a machine with a GPU (see .ci/cuda_lane): the CUDA tests, compute-sanitizer and
-# the GPU benchmark, with that machine's own python3 and torch and a JIT build.
+# the GPU benchmark, with that machine's own python3 and torch and a JIT build; in two phases,
+# `bash .ci/cuda_lane test` and `bash .ci/cuda_lane check`, one command each.
 cuda-lane:
 	bash .ci/cuda_lane
+
+# The same phase scripts and test selection here, without a GPU: the GPU tests on the emulated
+# kernels (logs and summary in build/cuda-lane-dry/).
+cuda-lane-dry: setup
+	FUSED_WLOSS_LANE=emu PYTHON=$(VPY) bash .ci/cuda_lane
 
 # make bench BENCH_ARGS="--full" (or "--device cuda", "--filter dynamic"): see python -m benchmarks --help
 BENCH_ARGS ?= --quick
