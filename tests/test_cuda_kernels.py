@@ -384,3 +384,11 @@ def test_compile_reduce_overhead(gpu):
     expected.backward()
     torch.testing.assert_close(out.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_emulated_results_file_is_current():
+    """tests/data/emulated_results.pt, which the GPU compares its float64 results against
+    (test_gpu_proof.py), holds what the emulated kernels compute now."""
+    from test_gpu_proof import _emulated_results_are_current
+
+    _emulated_results_are_current()
