@@ -192,14 +192,16 @@ FWL_HD acc_t focal_ce_grad_factor(acc_t nll, acc_t gamma) {
 // of size n |x| for a negative x, and under a large weight n the rounding of one of them is the
 // whole result (logit -1e5, target 0, weight 1000 gave 1.9 for a loss of 0).
 // `neg` and `pos` are the weights of the negative and positive part (pos includes pos_weight).
-// max(x, 0) is formed as x - min(x, 0): the same for every finite x, and NaN for x = -inf, where
-// torch's loss is NaN too (its (1 - t) x + softplus(-x) is -inf + inf there).
+// At x = -inf alone the shorter form is kept: its -inf + inf there gives NaN and +inf exactly where
+// torch's loss has them (NaN for t <= 1, +inf for t > 1).
 template <typename acc_t>
 FWL_HD acc_t bce_loss(acc_t x, acc_t t, acc_t neg, acc_t pos) {
   const acc_t l = std::log1p(std::exp(-std::fabs(x)));
-  const acc_t sp_pos = (x - (x < acc_t(0) ? x : acc_t(0))) + l;  // softplus(x)
-  const acc_t sp_neg = (x < acc_t(0) ? -x : acc_t(0)) + l;        // softplus(-x)
-  return neg * (acc_t(1) - t) * sp_pos + pos * t * sp_neg;
+  const acc_t sp_pos = (x > acc_t(0) ? x : acc_t(0)) + l;   // softplus(x)
+  const acc_t sp_neg = (x < acc_t(0) ? -x : acc_t(0)) + l;  // softplus(-x)
+  const acc_t n = neg * (acc_t(1) - t);
+  if (x == -std::numeric_limits<acc_t>::infinity()) return n * x + (n + pos * t) * sp_neg;
+  return n * sp_pos + pos * t * sp_neg;
 }
 
 // d/dx of bce_loss: neg (1 - t) sigmoid(x) - pos t (1 - sigmoid(x)), computed from one exp.

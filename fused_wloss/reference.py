@@ -260,8 +260,6 @@ def bce_checked(
     # large weight a turns into a large error (csrc/fused_wloss_math.h, bce_loss)
     softplus_pos = -torch.nn.functional.logsigmoid(-x)  # softplus(x) = -log(1 - sigmoid(x)), stable
     softplus_neg = -torch.nn.functional.logsigmoid(x)
-    # NaN at x = -inf, as torch's loss (its (1 - t) x + softplus(-x) is -inf + inf there)
-    softplus_pos = torch.where(x == -math.inf, math.nan, softplus_pos)
     neg_part = (1.0 - t) * softplus_pos
     pos_part = t * softplus_neg
     if neg_w is not None:
@@ -269,6 +267,10 @@ def bce_checked(
     if pos_w is not None:
         pos_part = pos_w * pos_part
     loss = neg_part + pos_part
+    # at x = -inf alone the shorter form, whose -inf + inf gives NaN and +inf where torch's does
+    n = (1.0 - t) if neg_w is None else neg_w * (1.0 - t)
+    p = t if pos_w is None else pos_w * t
+    loss = torch.where(x == -math.inf, n * x + (n + p) * softplus_neg, loss)
     if gamma > 0.0:  # sigmoid focal: (1 - p_t)^gamma, 1 - p_t = p (1 - t) + (1 - p) t
         # 1 - p as sigmoid(-x): exact where p rounds to 1 (x > 17 in float32)
         loss = loss * _focal_factor(torch.sigmoid(x) * (1.0 - t) + torch.sigmoid(-x) * t, gamma)

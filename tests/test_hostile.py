@@ -399,7 +399,11 @@ def check_ce(case: CeCase) -> None:
     if _torch_has_the_option(case, kwargs):
         torch_kwargs = {k: kwargs[k] for k in ("weight", "ignore_index", "reduction", "label_smoothing") if k in kwargs}
         theirs = _run(F.cross_entropy, base, make_input, (target,), torch_kwargs)
-        assert not isinstance(theirs, Exception), f"{what}: torch raised {theirs!r}"
+        if isinstance(theirs, Exception):
+            # torch's own limit: it cannot run a K-dim input without classes ("size mismatch"),
+            # where every target must be ignored and fused_wloss returns zeros, as the reference
+            assert len(case.shape) > 2 and case.shape[1] == 0, f"{what}: torch raised {theirs!r}"
+            return
         assert torch.equal(theirs[0].isnan(), got[0].isnan()), f"{what}: NaN where torch has none, or the reverse"
 
 
@@ -502,6 +506,7 @@ def ce_cases(draw):
 @example(case=CeCase((6, 33), layout="overlapping", label_smoothing=0.3, weight="nonnegative"))
 @example(case=CeCase((2, 65537), weight="mixed", reduction="sum", class_weighting="inverse"))
 @example(case=CeCase((30000, 2), sample_weight="nonpositive", dtype="bfloat16"))
+@example(case=CeCase((1, 0, 1), scale=0.1, reduction="none"))  # fresh seed 777: torch raises here
 def test_cross_entropy_hostile_input(case):
     check_ce(case)
 
@@ -678,6 +683,10 @@ def bce_cases(draw):
                       class_weighting=BatchWeighting("inverse", smoothing=0.001), reduction="none", seed=1))
 @example(case=BceCase((1, 1), logit_specials=((0, "-inf"),), target_kind="soft", scale=0.1, reduction="none"))
 @example(case=BceCase((1, 1023), dtype="float16", target_kind="outside", class_weighting="inverse", reduction="none"))
+# fresh seeds 1 and 777: -inf logits with targets outside [0, 1] (torch: inf for t > 1, else NaN)
+@example(case=BceCase((1, 2), logit_specials=((0, "row_-inf"),), target_kind="outside", scale=0.1, reduction="none"))
+@example(case=BceCase((1, 15), logit_specials=((0, "-inf"),), target_kind="outside", scale=0.1, reduction="none",
+                      seed=65))
 def test_bce_hostile_input(case):
     check_bce(case)
 

@@ -66,9 +66,16 @@ struct Bce {
   // is 2 atanh(s) = 2 s + 2 s z Q(z) with s = e / (2 + e) <= 1/3 and z = s^2 <= 1/9: Q a cubic
   // fit of (atanh(s) / s - 1) / z (relative error 4e-9), no log call and no cancellation as e -> 0;
   // 2 ulp at worst. float64 keeps log(u) * e / (u - 1), u = 1 + e (exact where u rounds to 1).
-  static Vec log1p_exp_neg_abs(const Vec& v) {
+  static Vec exp_neg_abs(const Vec& v) {
+    const Vec zero(acc_t(0));
+    return exp_shifted(zero - v.abs(), zero);
+  }
+
+  static Vec log1p_exp_neg_abs(const Vec& v) { return log1p_of(exp_neg_abs(v)); }
+
+  // log1p(e) for e = exp(-|x|) in (0, 1], as above
+  static Vec log1p_of(const Vec& e) {
     const Vec zero(acc_t(0)), one(acc_t(1));
-    const Vec e = exp_shifted(zero - v.abs(), zero);
     Vec log1p_e;
     if constexpr (std::is_same_v<acc_t, float>) {
       const Vec s = e / (Vec(2.0f) + e);
@@ -87,16 +94,52 @@ struct Bce {
     return log1p_e;
   }
 
-  // The sigmoid focal loss (gamma != 0 or alpha >= 0) runs element by element through the shared
-  // bce_focal_loss / bce_focal_grad: correct first; the plain loss keeps the vector path.
+  // sigmoid(x) and sigmoid(-x) from e = exp(-|x|), exact in both tails
+  static void sigmoids(const Vec& vx, const Vec& e, Vec* sig, Vec* sig_neg) {
+    const Vec one(acc_t(1)), zero(acc_t(0));
+    const Vec inv = one / (one + e);
+    const Vec nonneg = vx >= zero;  // all-ones lanes where x >= 0
+    *sig = Vec::blendv(e * inv, inv, nonneg);
+    *sig_neg = Vec::blendv(inv, e * inv, nonneg);
+  }
+
+  // The sigmoid focal loss (bce_focal_loss in fused_wloss_math.h): gamma != 0 or alpha >= 0.
   bool focal() const { return a.gamma != 0.0 || a.alpha >= 0.0; }
 
-  void scalar_weights(int64_t i, int64_t j, acc_t* neg, acc_t* pos, acc_t* w) const {
-    *neg = neg_w ? neg_w[j] : acc_t(1);
-    *pos = pos_w ? pos_w[j] : acc_t(1);
-    if (elem_pos_w) *pos *= elem_pos_w[i];
-    *w = elem_w ? elem_w[i] : acc_t(1);
-    if (sw) *w *= sw[i / a.L];
+  // Its factors, vectorised: m = alpha_t (1 - p_t)^gamma and (with_grad) dm = alpha_t d/dx of
+  // (1 - p_t)^gamma = alpha_t gamma q^(gamma - 1) p (1 - p) (1 - 2t), 0 where q = 1 - p_t <= 0;
+  // q = p (1 - t) + (1 - p) t with 1 - p as sigmoid(-x).
+  void focal_factors(const Vec& vt, const Vec& sig, const Vec& sig_neg, bool with_grad, Vec* m, Vec* dm) const {
+    const Vec one(acc_t(1)), zero(acc_t(0));
+    *m = one;
+    *dm = zero;
+    if (a.gamma != 0.0) {
+      const Vec gamma(static_cast<acc_t>(a.gamma));
+      const Vec q = at::vec::fmadd(sig, one - vt, sig_neg * vt);
+      // q^gamma and q^(gamma - 1): products for the usual gamma = 2 and 1, else one pow and a
+      // quotient (q^(gamma - 1) is needed only where q > 0)
+      Vec q_g1;
+      if (a.gamma == 2.0) {
+        *m = q * q;
+        q_g1 = q;
+      } else if (a.gamma == 1.0) {
+        *m = q;
+        q_g1 = one;
+      } else {
+        *m = q.pow(gamma);
+        q_g1 = *m / q;
+      }
+      if (with_grad) {
+        const Vec d = gamma * q_g1 * sig * sig_neg * (one - (vt + vt));
+        *dm = Vec::blendv(zero, d, q > zero);
+      }
+    }
+    if (a.alpha >= 0.0) {
+      const Vec alpha(static_cast<acc_t>(a.alpha));
+      const Vec alpha_t = at::vec::fmadd(alpha, vt, (one - alpha) * (one - vt));
+      *m = *m * alpha_t;
+      *dm = *dm * alpha_t;
+    }
   }
 
   // n losses from flat index i into the "none" output: the input's dtype, or acc_t under autocast
@@ -114,43 +157,15 @@ struct Bce {
     }
   }
 
-  double focal_forward_chunk(int64_t begin, int64_t count) const {
-    const acc_t gamma = static_cast<acc_t>(a.gamma), alpha = static_cast<acc_t>(a.alpha);
-    double total = 0;
-    for (int64_t j = 0; j < count; ++j) {
-      const int64_t i = begin + j;
-      acc_t neg, pos, w;
-      scalar_weights(i, j, &neg, &pos, &w);
-      const acc_t loss = w * bce_focal_loss(static_cast<acc_t>(x[i]), static_cast<acc_t>(t[i]), neg, pos, gamma, alpha);
-      if (a.loss_out_acc) {
-        static_cast<acc_t*>(a.loss_out)[i] = loss;
-      } else if (a.loss_out) {
-        static_cast<scalar_t*>(a.loss_out)[i] = static_cast<scalar_t>(loss);
-      }
-      total += static_cast<double>(loss);
-    }
-    return total;
-  }
-
-  void focal_backward_chunk(int64_t begin, int64_t count) const {
-    const acc_t* ge = static_cast<const acc_t*>(a.grad_elems);
-    scalar_t* gx = static_cast<scalar_t*>(a.grad_input);
-    const acc_t gamma = static_cast<acc_t>(a.gamma), alpha = static_cast<acc_t>(a.alpha);
-    for (int64_t j = 0; j < count; ++j) {
-      const int64_t i = begin + j;
-      acc_t neg, pos, w;
-      scalar_weights(i, j, &neg, &pos, &w);
-      const acc_t g = ge ? ge[i] : static_cast<acc_t>(a.grad_scalar);
-      gx[i] = static_cast<scalar_t>(
-          g * w * bce_focal_grad(static_cast<acc_t>(x[i]), static_cast<acc_t>(t[i]), neg, pos, gamma, alpha));
-    }
-  }
-
   double forward_chunk(int64_t chunk) const {
+    return focal() ? forward_rows<true>(chunk) : forward_rows<false>(chunk);
+  }
+
+  template <bool kFocal>
+  double forward_rows(int64_t chunk) const {
     const int64_t r0 = chunk * a.rows_per_chunk;
     const int64_t r1 = std::min(a.rows, r0 + a.rows_per_chunk);
     const int64_t begin = r0 * a.L, count = (r1 - r0) * a.L;
-    if (focal()) return focal_forward_chunk(begin, count);
     const bool out = a.loss_out != nullptr;
     const Vec one(acc_t(1)), zero(acc_t(0));
     double total = 0;
@@ -163,12 +178,22 @@ struct Bce {
       const Vec vt = n == V ? TIO::load(t + i) : TIO::load(t + i, n);
       Vec neg, pos, w;
       weights(i, j, n, r0, &neg, &pos, &w);
-      // neg (1 - t) softplus(x) + pos t softplus(-x), each part without cancellation, max(x, 0)
-      // as x - min(x, 0) for torch's NaN at x = -inf (bce_loss)
-      const Vec l = log1p_exp_neg_abs(vx);
-      const Vec sp_pos = (vx - at::vec::minimum(vx, zero)) + l;
+      // neg (1 - t) softplus(x) + pos t softplus(-x), each part without cancellation; at x = -inf
+      // the shorter form, for torch's NaN and inf there (bce_loss)
+      const Vec e = exp_neg_abs(vx);
+      const Vec l = log1p_of(e);
+      const Vec sp_pos = at::vec::maximum(vx, zero) + l;
       const Vec sp_neg = at::vec::maximum(zero - vx, zero) + l;
-      Vec loss = w * (neg * (one - vt) * sp_pos + pos * vt * sp_neg);
+      const Vec nt = neg * (one - vt), pt = pos * vt;
+      const Vec plain = Vec::blendv(nt * sp_pos + pt * sp_neg, at::vec::fmadd(nt + pt, sp_neg, nt * vx),
+                                    vx == Vec(-std::numeric_limits<acc_t>::infinity()));
+      Vec loss = w * plain;
+      if constexpr (kFocal) {
+        Vec sig, sig_neg, m, dm;
+        sigmoids(vx, e, &sig, &sig_neg);
+        focal_factors(vt, sig, sig_neg, false, &m, &dm);
+        loss = loss * m;
+      }
       if (n < V) loss = Vec::set(zero, loss, n);
       if (out) put_losses(i, loss, n);
       block = block + loss;
@@ -183,10 +208,18 @@ struct Bce {
   }
 
   void backward_chunk(int64_t chunk) const {
+    if (focal()) {
+      backward_rows<true>(chunk);
+    } else {
+      backward_rows<false>(chunk);
+    }
+  }
+
+  template <bool kFocal>
+  void backward_rows(int64_t chunk) const {
     const int64_t r0 = chunk * a.rows_per_chunk;
     const int64_t r1 = std::min(a.rows, r0 + a.rows_per_chunk);
     const int64_t begin = r0 * a.L, count = (r1 - r0) * a.L;
-    if (focal()) return focal_backward_chunk(begin, count);
     const acc_t* ge = static_cast<const acc_t*>(a.grad_elems);
     scalar_t* gx = static_cast<scalar_t*>(a.grad_input);
     const Vec one(acc_t(1)), zero(acc_t(0)), gs(static_cast<acc_t>(a.grad_scalar));
@@ -203,14 +236,25 @@ struct Bce {
       const Vec vt = n == V ? TIO::load(t + i) : TIO::load(t + i, n);
       Vec neg, pos, w;
       weights(i, j, n, r0, &neg, &pos, &w);
-      // sigmoid(x) and sigmoid(-x) from one exp(-|x|), exact in both tails
-      const Vec e = exp_shifted(zero - vx.abs(), zero);
-      const Vec inv = one / (one + e);
-      const Vec nonneg = vx >= zero;  // all-ones lanes where x >= 0
-      const Vec sig = Vec::blendv(e * inv, inv, nonneg);
-      const Vec sig_neg = Vec::blendv(inv, e * inv, nonneg);
+      const Vec e = exp_neg_abs(vx);
+      Vec sig, sig_neg;
+      sigmoids(vx, e, &sig, &sig_neg);
       const Vec g = ge ? load_acc(ge + i, n) : gs;
-      const Vec grad = g * w * (neg * (one - vt) * sig - pos * vt * sig_neg);
+      const Vec nt = neg * (one - vt), pt = pos * vt;
+      Vec d = nt * sig - pt * sig_neg;  // d loss / dx of the plain element loss
+      if constexpr (kFocal) {
+        // (m l)' = dm l + m l', with l the plain element loss (its 0 * inf where dm = 0 is 0)
+        Vec m, dm;
+        focal_factors(vt, sig, sig_neg, true, &m, &dm);
+        const Vec l = log1p_of(e);
+        const Vec sp_pos = at::vec::maximum(vx, zero) + l;
+        const Vec sp_neg = at::vec::maximum(zero - vx, zero) + l;
+        const Vec plain = Vec::blendv(nt * sp_pos + pt * sp_neg, at::vec::fmadd(nt + pt, sp_neg, nt * vx),
+                                      vx == Vec(-std::numeric_limits<acc_t>::infinity()));
+        const Vec dml = dm * plain;
+        d = at::vec::fmadd(m, d, Vec::blendv(dml, zero, dm == zero));
+      }
+      const Vec grad = g * w * d;
       if constexpr (kStreamable<scalar_t>) {
         if (stream && n == V) {
           stream_store(reinterpret_cast<float*>(gx + i), grad);
