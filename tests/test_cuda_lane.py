@@ -41,7 +41,7 @@ def test_dry_run_of_both_phases_writes_one_summary(tmp_path):
     assert first["phases"] == {"test": "pass"}
     counts = first["details"]["test"]["tests"]["tests.log"]
     assert counts.get("passed", 0) > 0 and counts.get("failed", 0) == 0, counts
-    assert sorted(os.listdir(out)) == ["build.log", "collect.log", "machine.txt", "summary.json", "tests.log"]
+    assert sorted(os.listdir(out)) == ["build.log", "machine.txt", "summary.json", "tests.log"]
 
     check = _lane("check", tmp_path)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -274,3 +274,17 @@ def test_hostile_targets_agree_with_reference(case):
         assert torch.equal(g[~finite & ~e.isnan()], e[~finite & ~e.isnan()]), (what, case)
         scale = max(1.0, e[finite].abs().max().item() if finite.any() else 1.0)
         assert ((g[finite] - e[finite]).abs() <= tol[0] * e[finite].abs() + tol[1] * scale).all(), (what, case, g, e)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_more_rows_than_the_cuda_grid(path):
+    """More rows than the CUDA forward's fixed grid of 16,384 blocks: blocks take every 16,384th
+    row and add their partials in order (the same sums on every GPU)."""
+    x, q, kw = _case((16384 + 700, 5), OPTIONS["everything"], torch.float64, seed=3)
+    with serve(path):
+        x, q, kw = on_device(path, x, q, kw)
+        for reduction in ("mean", "none"):
+            got = value_and_grad(fused_wloss.cross_entropy, Sample("ours", (x, q), dict(kw, reduction=reduction), False))
+            want = _exact(x, q, dict(kw, reduction=reduction))
+            torch.testing.assert_close(got[0].cpu(), want[0].cpu(), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got[1].cpu(), want[1].cpu(), rtol=1e-10, atol=1e-12)

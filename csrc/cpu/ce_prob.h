@@ -207,7 +207,7 @@ struct CeProb {
       const int64_t k = std::min<int64_t>(V, C - c);
       const Vec xv = k == V ? IO::load(xr + c) : IO::load(xr + c, k);
       const Vec qv = k == V ? TIO::load(qr + c) : TIO::load(qr + c, k);
-      const Vec p = exp_of_difference(xv + sh);
+      const Vec p = exp_shifted(xv, sh);  // degree 6: each p is a value of its own
       Vec t = at::vec::fmadd(K, qv, E);
       if (cw) t = t * (k == V ? Vec::loadu(cw + c) : Vec::loadu(cw + c, k));
       IO::store(gr + c, at::vec::fmsub(A, p, t), k);
@@ -233,7 +233,7 @@ struct CeProb {
     for (int64_t c = 0; c < C; ++c) {
       const Vec xv = lanes == V ? IO::load(xp + c * P) : IO::load(xp + c * P, lanes);
       const Vec qv = lanes == V ? TIO::load(qp + c * P) : TIO::load(qp + c * P, lanes);
-      const Vec pv = exp_of_difference(xv + sh);
+      const Vec pv = exp_shifted(xv, sh);
       const Vec t = at::vec::fmadd(K, qv, E) * Vec(cw ? cw[c] : acc_t(1));
       IO::store(gp + c * P, at::vec::fmsub(A, pv, t), lanes);
     }

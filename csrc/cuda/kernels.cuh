@@ -452,24 +452,32 @@ __global__ void ce_prob_forward_kernel(CeProbKernelArgs<scalar_t> a) {
   __shared__ CePartialSums row_sums[kRowsBlock];
   __shared__ acc_t scratch[kWarpSize];
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  if (kBlockPerRow) {  // P == 1: the row's classes spread over the block
-    const int64_t row = blockIdx.x;
-    const int64_t base = row * a.C;
-    acc_t m = neg_inf;
-    for (int64_t c = threadIdx.x; c < a.C; c += blockDim.x) m = MaxOp{}(m, to_acc(a.x[base + c]));
-    m = block_allreduce(m, scratch, MaxOp{}, neg_inf);
-    acc_t s = 0, b = 0, dsum = 0;
-    for (int64_t c = threadIdx.x; c < a.C; c += blockDim.x) {
-      const acc_t d = to_acc(a.x[base + c]) - m;
-      s += exp_acc(d);
-      const acc_t wq = ce_prob_weighted_target(a, base + c, c);
-      b += wq;
-      dsum += wq * d;
+  if (kBlockPerRow) {  // P == 1: a row's classes spread over the block; rows gridDim.x apart
+    CePartialSums part{0.0, 0.0, 0, 0};  // thread 0's, over its rows in order: deterministic
+    for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+      const int64_t base = row * a.C;
+      acc_t m = neg_inf;
+      for (int64_t c = threadIdx.x; c < a.C; c += blockDim.x) m = MaxOp{}(m, to_acc(a.x[base + c]));
+      m = block_allreduce(m, scratch, MaxOp{}, neg_inf);
+      acc_t s = 0, b = 0, dsum = 0;
+      for (int64_t c = threadIdx.x; c < a.C; c += blockDim.x) {
+        const acc_t d = to_acc(a.x[base + c]) - m;
+        s += exp_acc(d);
+        const acc_t wq = ce_prob_weighted_target(a, base + c, c);
+        b += wq;
+        dsum += wq * d;
+      }
+      s = block_allreduce_sum(s, scratch);
+      b = block_allreduce_sum(b, scratch);
+      dsum = block_allreduce_sum(dsum, scratch);
+      if (threadIdx.x == 0) {
+        const CePartialSums r = ce_prob_finish(a, row, m, s, b, dsum);
+        part.loss_sum += r.loss_sum;
+        part.weight_sum += r.weight_sum;
+        part.valid += r.valid;
+      }
     }
-    s = block_allreduce_sum(s, scratch);
-    b = block_allreduce_sum(b, scratch);
-    dsum = block_allreduce_sum(dsum, scratch);
-    if (threadIdx.x == 0) a.partials[blockIdx.x] = ce_prob_finish(a, row, m, s, b, dsum);
+    if (threadIdx.x == 0) a.partials[blockIdx.x] = part;
     return;
   }
   // K-dim: a thread per pixel, its classes a plane apart

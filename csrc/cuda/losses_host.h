@@ -364,7 +364,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
   }
   const bool block_per_row = s.P == 1;
   const int threads = block_per_row ? ce_prob_threads(s.C) : kRowsBlock;
-  const int64_t blocks = block_per_row ? rows : ceil_div(rows, kRowsBlock);
+  // a block per row up to a fixed grid (rows a grid apart beyond it: the same partials on any GPU);
+  // a thread per pixel for K-dim inputs
+  constexpr int64_t kMaxProbBlocks = 16384;
+  const int64_t blocks = block_per_row ? std::min(rows, kMaxProbBlocks) : ceil_div(rows, kRowsBlock);
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "fused_wloss.cross_entropy: ", rows,
+              " elements of probability targets need more than 2^31 - 1 blocks");
   at::Tensor partials = at::empty({blocks * static_cast<int64_t>(sizeof(CePartialSums))}, x.options().dtype(at::kByte));
   // the finalize kernel divides by the normaliser it is given: the element count, or the sample
   // weights' sum of "mean" (in the partials' weight_sum), as reduction codes of ce_finalize_kernel
