@@ -150,7 +150,9 @@ def test_bfloat16_input_of_more_than_2_to_the_31_elements():
 def test_cuda_graph_replays_on_new_data():
     requires_real_gpu()
     gen = torch.Generator(device="cuda").manual_seed(5)
-    kw = {"class_weighting": "inverse", "label_smoothing": 0.1}
+    kw = {"class_weighting": BatchWeighting("effective_number", beta=0.99), "label_smoothing": 0.1,
+          "weight": torch.rand(1000, generator=gen, device="cuda") + 0.1,
+          "sample_weight": torch.rand(512, generator=gen, device="cuda") + 0.1}
     static_x = torch.randn(512, 1000, generator=gen, device="cuda", requires_grad=True)
     static_t = torch.randint(0, 1000, (512,), generator=gen, device="cuda")
     s = torch.cuda.Stream()
@@ -167,6 +169,7 @@ def test_cuda_graph_replays_on_new_data():
     for step in range(3):  # new data each replay, copied into the captured inputs
         x = torch.randn(512, 1000, generator=gen, device="cuda") * (step + 1)
         t = torch.randint(0, 1000 if step else 3, (512,), generator=gen, device="cuda")  # other counts too
+        t[torch.rand(512, generator=gen, device="cuda") < 0.2] = -100  # and ignored targets
         with torch.no_grad():
             static_x.copy_(x)
         static_t.copy_(t)
