@@ -32,6 +32,18 @@ inline at::ScalarType loss_dtype_of(const c10::optional<at::ScalarType>& loss_dt
   return *loss_dtype;
 }
 
+// The upstream gradient a backward operator takes: `elements` values for reduction "none", one
+// for a reduced loss.
+inline void check_grad_loss(const at::Tensor& grad_loss, int64_t reduction, int64_t elements) {
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_loss.numel() == elements, "fused_wloss: grad_loss must have ", elements, " elements, got ",
+                grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "fused_wloss: grad_loss of a reduced loss must have one element, got ",
+                grad_loss.sizes());
+  }
+}
+
 // An optional float tensor as a contiguous acc_t array of `numel` elements.
 inline at::Tensor as_acc(const c10::optional<at::Tensor>& t, at::ScalarType acc, const char* name,
                   int64_t numel) {

@@ -18,18 +18,18 @@ import torch
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this device type (False where autocast has no such type)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def loss_dtype(input: torch.Tensor) -> Optional[torch.dtype]:
     """float32 when autocast is on for the input's device type and the input is float16 or
     bfloat16; None (the input's dtype) otherwise, as outside autocast nothing changes.
 
     Traceable: under torch.compile the autocast state is read at trace time and guarded on, also
     for an autocast region inside the compiled function."""
-    if input.dtype not in _HALF:
-        return None
-    device_type = input.device.type
-    if not torch.amp.is_autocast_available(device_type):
-        return None
-    return torch.float32 if torch.is_autocast_enabled(device_type) else None
+    return torch.float32 if input.dtype in _HALF and _autocast_on(input.device.type) else None
 
 
 def result_dtype(input: torch.Tensor) -> torch.dtype:
@@ -42,11 +42,7 @@ def bce_result_dtype(input: torch.Tensor, target: torch.Tensor) -> torch.dtype:
     """The dtype of a BCE loss, as torch's function gives it: the target's dtype (float32 targets
     with bfloat16 logits give a float32 loss, float64 logits with float32 targets a float32 one);
     under autocast a float16/bfloat16 target counts as float32, as autocast casts it."""
-    dtype = target.dtype
-    if dtype in _HALF and torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(
-            input.device.type):
-        return torch.float32
-    return dtype
+    return torch.float32 if target.dtype in _HALF and _autocast_on(input.device.type) else target.dtype
 
 
 def bce_loss_dtype(input: torch.Tensor, target: torch.Tensor) -> Optional[torch.dtype]:

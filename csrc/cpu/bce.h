@@ -94,6 +94,17 @@ struct Bce {
     return log1p_e;
   }
 
+  // The plain element loss nt softplus(x) + pt softplus(-x) (nt = neg (1 - t), pt = pos t) from
+  // l = log1p(exp(-|x|)), each part without cancellation; at x = -inf alone the shorter form
+  // nt x + (nt + pt) softplus(-x), for torch's NaN and inf there (bce_loss).
+  static Vec plain_loss(const Vec& vx, const Vec& l, const Vec& nt, const Vec& pt) {
+    const Vec zero(acc_t(0));
+    const Vec sp_pos = at::vec::maximum(vx, zero) + l;
+    const Vec sp_neg = at::vec::maximum(zero - vx, zero) + l;
+    return Vec::blendv(nt * sp_pos + pt * sp_neg, at::vec::fmadd(nt + pt, sp_neg, nt * vx),
+                       vx == Vec(-std::numeric_limits<acc_t>::infinity()));
+  }
+
   // sigmoid(x) and sigmoid(-x) from e = exp(-|x|), exact in both tails
   static void sigmoids(const Vec& vx, const Vec& e, Vec* sig, Vec* sig_neg) {
     const Vec one(acc_t(1)), zero(acc_t(0));
@@ -178,16 +189,8 @@ struct Bce {
       const Vec vt = n == V ? TIO::load(t + i) : TIO::load(t + i, n);
       Vec neg, pos, w;
       weights(i, j, n, r0, &neg, &pos, &w);
-      // neg (1 - t) softplus(x) + pos t softplus(-x), each part without cancellation; at x = -inf
-      // the shorter form, for torch's NaN and inf there (bce_loss)
       const Vec e = exp_neg_abs(vx);
-      const Vec l = log1p_of(e);
-      const Vec sp_pos = at::vec::maximum(vx, zero) + l;
-      const Vec sp_neg = at::vec::maximum(zero - vx, zero) + l;
-      const Vec nt = neg * (one - vt), pt = pos * vt;
-      const Vec plain = Vec::blendv(nt * sp_pos + pt * sp_neg, at::vec::fmadd(nt + pt, sp_neg, nt * vx),
-                                    vx == Vec(-std::numeric_limits<acc_t>::infinity()));
-      Vec loss = w * plain;
+      Vec loss = w * plain_loss(vx, log1p_of(e), neg * (one - vt), pos * vt);
       if constexpr (kFocal) {
         Vec sig, sig_neg, m, dm;
         sigmoids(vx, e, &sig, &sig_neg);
@@ -246,12 +249,7 @@ struct Bce {
         // (m l)' = dm l + m l', with l the plain element loss (its 0 * inf where dm = 0 is 0)
         Vec m, dm;
         focal_factors(vt, sig, sig_neg, true, &m, &dm);
-        const Vec l = log1p_of(e);
-        const Vec sp_pos = at::vec::maximum(vx, zero) + l;
-        const Vec sp_neg = at::vec::maximum(zero - vx, zero) + l;
-        const Vec plain = Vec::blendv(nt * sp_pos + pt * sp_neg, at::vec::fmadd(nt + pt, sp_neg, nt * vx),
-                                      vx == Vec(-std::numeric_limits<acc_t>::infinity()));
-        const Vec dml = dm * plain;
+        const Vec dml = dm * plain_loss(vx, log1p_of(e), nt, pt);
         d = at::vec::fmadd(m, d, Vec::blendv(dml, zero, dm == zero));
       }
       const Vec grad = g * w * d;

@@ -245,9 +245,8 @@ CeCall ce_call(const at::Tensor& input, const at::Tensor& target, int64_t reduct
 
 // The upstream gradient of a reduced cross-entropy loss, divided by the normaliser of a "mean"; a
 // zero normaliser gives NaN for every element that takes part, as torch (ignored elements keep 0).
+// (grad_loss checked by check_grad_loss)
 double reduced_upstream(const at::Tensor& grad_loss, const at::Tensor& norm, int64_t reduction) {
-  TORCH_CHECK(grad_loss.numel() == 1, "fused_wloss: grad_loss of a reduced loss must have one element, got ",
-              grad_loss.sizes());
   double g = grad_loss.to(at::kDouble).item<double>();  // host memory: no device sync
   if (reduction == kMean || reduction == kSampleMean) {
     const double n = norm.to(at::kDouble).item<double>();
@@ -352,9 +351,8 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   args.lse_hi = lse_acc.data_ptr();
   args.lse_lo = static_cast<const char*>(lse_acc.data_ptr()) + rows * lse_acc.element_size();
   at::Tensor grad_rows;
+  check_grad_loss(grad_loss, reduction, rows);
   if (reduction == kNone) {
-    TORCH_CHECK(grad_loss.numel() == rows, "fused_wloss: grad_loss must have ", rows,
-                " elements, got ", grad_loss.sizes());
     grad_rows = grad_loss.to(acc).contiguous();
     args.grad_rows = grad_rows.data_ptr();
   } else {
@@ -458,9 +456,8 @@ at::Tensor cross_entropy_prob_backward_cpu(const at::Tensor& grad_loss, const at
   CeProbArgs args = ce_prob_args(s, x, t, class_w, sw, label_smoothing);
   args.stats = stats_acc.data_ptr();
   at::Tensor grad_rows;
+  check_grad_loss(grad_loss, reduction, rows);
   if (reduction == kNone) {
-    TORCH_CHECK(grad_loss.numel() == rows, "fused_wloss: grad_loss must have ", rows, " elements, got ",
-                grad_loss.sizes());
     grad_rows = grad_loss.to(acc).contiguous();
     args.grad_rows = grad_rows.data_ptr();
   } else {
@@ -617,9 +614,8 @@ at::Tensor bce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input
   p.args.alpha = alpha;
   at::Tensor grad_input = empty_large_output(input.sizes(), input.options());
   at::Tensor grad_elems;
+  check_grad_loss(grad_loss, reduction, input.numel());
   if (reduction == kNone) {
-    TORCH_CHECK(grad_loss.numel() == input.numel(), "fused_wloss: grad_loss must have ",
-                input.numel(), " elements, got ", grad_loss.sizes());
     grad_elems = grad_loss.to(acc).contiguous();
     p.args.grad_elems = grad_elems.data_ptr();
   } else {

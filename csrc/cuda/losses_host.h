@@ -80,6 +80,22 @@ inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes
   return l;
 }
 
+// The one-block reduction of a cross-entropy forward's partials into its loss (none for "none"),
+// written in the input's dtype or, under autocast (loss_acc), in acc_t, and its normaliser.
+template <typename scalar_t>
+void launch_ce_finalize(const CePartialSums* partials, int64_t count, int reduction, bool loss_acc,
+                        const at::Tensor& loss, const at::Tensor& norm, cudaStream_t stream) {
+  using acc_t = acc_t_of<scalar_t>;
+  if (loss_acc) {
+    launch_kernel(ce_finalize_kernel<acc_t, acc_t>, dim3(1), dim3(256), 0, stream, partials, count, reduction,
+                  reduction == kNone ? static_cast<acc_t*>(nullptr) : loss.data_ptr<acc_t>(), norm.data_ptr<acc_t>());
+  } else {
+    launch_kernel(ce_finalize_kernel<scalar_t, acc_t>, dim3(1), dim3(256), 0, stream, partials, count, reduction,
+                  reduction == kNone ? static_cast<scalar_t*>(nullptr) : loss.data_ptr<scalar_t>(),
+                  norm.data_ptr<acc_t>());
+  }
+}
+
 // What the forward and the backward kernels both read.
 template <typename scalar_t>
 CeKernelArgs<scalar_t> ce_kernel_args(const CeShape& s, const CeLaunch& l, const at::Tensor& x, const at::Tensor& t,
@@ -219,17 +235,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
     }
     a.partials = reinterpret_cast<CePartialSums*>(partials.data_ptr());
     launch_ce_forward(l, a, stream);
-    const auto* sums = static_cast<const CePartialSums*>(a.partials);
-    if (loss_acc) {
-      launch_kernel(ce_finalize_kernel<acc_t, acc_t>, dim3(1), dim3(256), 0, stream, sums, l.blocks,
-                    static_cast<int>(reduction), reduction == kNone ? static_cast<acc_t*>(nullptr) : loss.data_ptr<acc_t>(),
-                    norm.data_ptr<acc_t>());
-    } else {
-      launch_kernel(ce_finalize_kernel<scalar_t, acc_t>, dim3(1), dim3(256), 0, stream, sums, l.blocks,
-                    static_cast<int>(reduction),
-                    reduction == kNone ? static_cast<scalar_t*>(nullptr) : loss.data_ptr<scalar_t>(),
-                    norm.data_ptr<acc_t>());
-    }
+    launch_ce_finalize<scalar_t>(a.partials, l.blocks, static_cast<int>(reduction), loss_acc, loss, norm, stream);
   });
   return {loss, lse, class_weight_out, norm};
 }
@@ -267,13 +273,7 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
   const at::Tensor lse_acc = lse.to(acc).contiguous();
   at::Tensor g;
-  if (reduction == kNone) {
-    TORCH_CHECK(grad_loss.numel() == rows, "fused_wloss: grad_loss must have ", rows, " elements, got ",
-                grad_loss.sizes());
-  } else {
-    TORCH_CHECK(grad_loss.numel() == 1, "fused_wloss: grad_loss of a reduced loss must have one element, got ",
-                grad_loss.sizes());
-  }
+  check_grad_loss(grad_loss, reduction, rows);
   g = grad_loss.to(acc).contiguous();  // a float32 upstream gradient (autocast) is not rounded
   const at::Tensor n = (reduction == kMean || reduction == kSampleMean) ? norm.to(acc).contiguous() : at::Tensor();
 
@@ -390,17 +390,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
     } else {
       launch_kernel(ce_prob_forward_kernel<scalar_t, false>, dim3(blocks), dim3(threads), 0, stream, a);
     }
-    const auto* sums = static_cast<const CePartialSums*>(a.partials);
-    if (loss_acc) {
-      launch_kernel(ce_finalize_kernel<acc_t, acc_t>, dim3(1), dim3(256), 0, stream, sums, blocks,
-                    finalize_reduction, reduction == kNone ? static_cast<acc_t*>(nullptr) : loss.data_ptr<acc_t>(),
-                    norm_out.data_ptr<acc_t>());
-    } else {
-      launch_kernel(ce_finalize_kernel<scalar_t, acc_t>, dim3(1), dim3(256), 0, stream, sums, blocks,
-                    finalize_reduction,
-                    reduction == kNone ? static_cast<scalar_t*>(nullptr) : loss.data_ptr<scalar_t>(),
-                    norm_out.data_ptr<acc_t>());
-    }
+    launch_ce_finalize<scalar_t>(a.partials, blocks, finalize_reduction, loss_acc, loss, norm_out, stream);
   });
   return {loss, stats, class_weight_out, norm_out};
 }
@@ -425,13 +415,7 @@ inline at::Tensor cross_entropy_prob_backward(const at::Tensor& grad_loss, const
   const int64_t rows = s.N * s.P;
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == rows, "fused_wloss: stats must have "
               "shape (3, ", rows, ") (the forward's per-element statistics), got ", stats.sizes());
-  if (reduction == kNone) {
-    TORCH_CHECK(grad_loss.numel() == rows, "fused_wloss: grad_loss must have ", rows, " elements, got ",
-                grad_loss.sizes());
-  } else {
-    TORCH_CHECK(grad_loss.numel() == 1, "fused_wloss: grad_loss of a reduced loss must have one element, got ",
-                grad_loss.sizes());
-  }
+  check_grad_loss(grad_loss, reduction, rows);
   at::Tensor grad_input = at::empty(x.sizes(), x.options());
   if (rows == 0 || s.C == 0) return grad_input;
   const at::Tensor class_w = class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
@@ -570,13 +554,7 @@ inline at::Tensor bce_backward(const at::Tensor& grad_loss, const at::Tensor& in
       bce_inputs(input, target, weight, pos_weight, sample_weight, neg_label_weight, pos_label_weight);
   const int64_t numel = b.x.numel();
   at::Tensor grad_input = at::empty(input.sizes(), input.options());
-  if (reduction == kNone) {
-    TORCH_CHECK(grad_loss.numel() == numel, "fused_wloss: grad_loss must have ", numel, " elements, got ",
-                grad_loss.sizes());
-  } else {
-    TORCH_CHECK(grad_loss.numel() == 1, "fused_wloss: grad_loss of a reduced loss must have one element, got ",
-                grad_loss.sizes());
-  }
+  check_grad_loss(grad_loss, reduction, numel);
   if (numel == 0) return grad_input;
   const at::Tensor g = grad_loss.to(acc_dtype(input.scalar_type())).contiguous();  // as cross_entropy_backward
   const double divisor = reduction == kSum || reduction == kNone ? 1.0 : static_cast<double>(numel);
