@@ -46,10 +46,10 @@ struct Bce {
     return n == V ? Vec::loadu(p) : Vec::loadu(p, n);
   }
 
-  // The weights of `n` elements starting at flat index i (chunk-relative offset j).
-  void weights(int64_t i, int64_t j, int64_t n, int64_t r0, Vec* neg, Vec* pos, Vec* w) const {
-    *neg = neg_w ? load_acc(neg_w + j, n) : Vec(acc_t(1));
-    *pos = pos_w ? load_acc(pos_w + j, n) : Vec(acc_t(1));
+  // The weights of `n` elements starting at flat index i, the first of them of label l.
+  void weights(int64_t i, int64_t l, int64_t n, Vec* neg, Vec* pos, Vec* w) const {
+    *neg = neg_w ? load_acc(neg_w + l, n) : Vec(acc_t(1));
+    *pos = pos_w ? load_acc(pos_w + l, n) : Vec(acc_t(1));
     if (elem_pos_w) *pos = *pos * load_acc(elem_pos_w + i, n);
     *w = elem_w ? load_acc(elem_w + i, n) : Vec(acc_t(1));
     if (sw) {
@@ -58,7 +58,12 @@ struct Bce {
       for (int64_t k = n; k < V; ++k) buf[k] = acc_t(0);
       *w = *w * Vec::loadu(buf);
     }
-    (void)r0;
+  }
+
+  // The label of the element n after one of label l
+  int64_t next_label(int64_t l, int64_t n) const {
+    l += n;
+    return l < a.L ? l : (l < 2 * a.L ? l - a.L : l % a.L);
   }
 
   // log1p(exp(-|x|)), the part softplus(x) and softplus(-x) share (softplus(+-x) = max(+-x, 0) +
@@ -182,13 +187,13 @@ struct Bce {
     double total = 0;
     Vec block(acc_t(0));
     int64_t in_block = 0;
-    for (int64_t j = 0; j < count; j += V) {
+    for (int64_t j = 0, l = 0; j < count; j += V, l = next_label(l, V)) {  // a chunk starts a row
       const int64_t n = std::min<int64_t>(V, count - j);
       const int64_t i = begin + j;
       const Vec vx = n == V ? IO::load(x + i) : IO::load(x + i, n);
       const Vec vt = n == V ? TIO::load(t + i) : TIO::load(t + i, n);
       Vec neg, pos, w;
-      weights(i, j, n, r0, &neg, &pos, &w);
+      weights(i, l, n, &neg, &pos, &w);
       const Vec e = exp_neg_abs(vx);
       Vec loss = w * plain_loss(vx, log1p_of(e), neg * (one - vt), pos * vt);
       if constexpr (kFocal) {
@@ -232,13 +237,13 @@ struct Bce {
       stream = a.streaming_stores;
       if (stream) head = vector_split(reinterpret_cast<uintptr_t>(gx + begin), count, sizeof(float), V * sizeof(float)).head;
     }
-    for (int64_t j = 0, n = 0; j < count; j += n) {
+    for (int64_t j = 0, n = 0, l = 0; j < count; j += n, l = next_label(l, n)) {
       n = j == 0 && head > 0 ? head : std::min<int64_t>(V, count - j);
       const int64_t i = begin + j;
       const Vec vx = n == V ? IO::load(x + i) : IO::load(x + i, n);
       const Vec vt = n == V ? TIO::load(t + i) : TIO::load(t + i, n);
       Vec neg, pos, w;
-      weights(i, j, n, r0, &neg, &pos, &w);
+      weights(i, l, n, &neg, &pos, &w);
       const Vec e = exp_neg_abs(vx);
       Vec sig, sig_neg;
       sigmoids(vx, e, &sig, &sig_neg);

@@ -92,6 +92,9 @@ struct CeProbArgs {
 };
 
 // Binary cross-entropy: input viewed as (rows, L) contiguous, chunks of whole rows.
+// The padding of BceArgs' per-label arrays: at least the longest vector of any build (16 floats).
+constexpr int64_t kLabelPad = 16;
+
 struct BceArgs {
   int64_t rows, L;
   int64_t rows_per_chunk, num_chunks;
@@ -99,8 +102,9 @@ struct BceArgs {
   const void* target;         // scalar_t[rows * L], or float[rows * L] when target_float
   bool target_float;          // float32 targets with float16/bfloat16 input
   // Per-label weights of the negative and positive part (static per-label weight, pos_weight and
-  // dynamic weights folded in), repeated for every row of a chunk: acc_t[rows_per_chunk * L], so
-  // that a chunk reads them at the same flat offsets as its logits. nullptr means 1.
+  // dynamic weights folded in), acc_t[L + kLabelPad] with entry m the weight of label m % L: a
+  // vector of the flat loop starting at label l reads entries [l, l + V) whatever row it ends in,
+  // and the array stays in L1 for any L up to a few thousand. nullptr means 1.
   const void* neg_label_w;
   const void* pos_label_w;
   const void* elem_w;         // acc_t[rows * L] static weight per element, or nullptr

@@ -511,7 +511,7 @@ struct BcePlan {
 };
 
 // Folds the per-label static weight, per-label pos_weight and the dynamic weights into the two
-// per-label arrays, repeated over the rows of a chunk (see BceArgs).
+// per-label arrays, padded so that a vector may run past the last label (see BceArgs).
 BcePlan make_bce_plan(const at::Tensor& input, const at::Tensor& target,
                       const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& pos_weight,
@@ -524,9 +524,9 @@ BcePlan make_bce_plan(const at::Tensor& input, const at::Tensor& target,
   p.args.L = L;
   p.args.rows_per_chunk = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
   p.args.num_chunks = L > 0 ? (p.in.shape.rows + p.args.rows_per_chunk - 1) / p.args.rows_per_chunk : 0;
-  const int64_t period_rows = std::min(p.args.rows_per_chunk, std::max<int64_t>(p.in.shape.rows, 1));
-  auto period = [&](const at::Tensor& label) {
-    return label.defined() ? label.repeat({period_rows}) : at::Tensor();
+  auto period = [&](const at::Tensor& label) {  // entry m: the weight of label m % L
+    if (!label.defined() || L == 0) return at::Tensor();
+    return label.index_select(0, at::arange(L + kLabelPad, label.options().dtype(at::kLong)).remainder(L));
   };
   p.neg_period = period(p.in.neg_label);
   p.pos_period = period(p.in.pos_label);
