@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import traceback
 
 import pytest
@@ -212,11 +211,13 @@ def _check_sample_weight_grad_refused(rank: int) -> str:
     return "no error"
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    # a file rendezvous in the test's own directory: no TCP port to probe and then lose to
+    # another process before the group binds it
+    store = dist.FileStore(os.path.join(out_dir, "rendezvous"), WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     results = {}
     try:
         for name, (loss, opts, split) in CASES.items():
@@ -239,18 +240,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
     out_dir = str(tmp_path_factory.mktemp("ddp"))
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+    torch.multiprocessing.spawn(_worker, args=(out_dir,), nprocs=WORLD, join=True)
     per_rank = []
     for rank in range(WORLD):
         with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
