@@ -44,6 +44,13 @@ inline void check_grad_loss(const at::Tensor& grad_loss, int64_t reduction, int6
   }
 }
 
+// The logits cross_entropy_grad_ writes its gradient over: (rows, C), contiguous.
+inline void check_inplace_logits(const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 2 && input.is_contiguous(),
+              "fused_wloss.cross_entropy_grad_: input must be contiguous logits of shape (N, C), got shape ",
+              input.sizes(), input.is_contiguous() ? "" : " (not contiguous)");
+}
+
 // An optional float tensor as a contiguous acc_t array of `numel` elements.
 inline at::Tensor as_acc(const c10::optional<at::Tensor>& t, at::ScalarType acc, const char* name,
                   int64_t numel) {

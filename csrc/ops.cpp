@@ -19,6 +19,7 @@ void empty_cpu_cache();
 TORCH_LIBRARY(fused_wloss, m) {
   m.def(FWL_SCHEMA_CE_FORWARD);
   m.def(FWL_SCHEMA_CE_BACKWARD);
+  m.def(FWL_SCHEMA_CE_GRAD_INPLACE);
   m.def(FWL_SCHEMA_CE_PROB_FORWARD);
   m.def(FWL_SCHEMA_CE_PROB_BACKWARD);
   m.def(FWL_SCHEMA_BCE_FORWARD);

@@ -25,6 +25,12 @@
   "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor class_weight, " \
   "Tensor? sample_weight, Tensor lse, Tensor norm, int ignore_index, float label_smoothing, " \
   "int reduction, float gamma=0.) -> Tensor"
+// The same gradient written over the logits themselves (2-D input, contiguous): for callers that
+// own the logits and need them no more, as the fused linear cross-entropy's chunks. Returns input.
+#define FWL_SCHEMA_CE_GRAD_INPLACE \
+  "cross_entropy_grad_(Tensor(a!) input, Tensor grad_loss, Tensor target, Tensor class_weight, " \
+  "Tensor? sample_weight, Tensor lse, Tensor norm, int ignore_index, float label_smoothing, " \
+  "int reduction, float gamma=0.) -> Tensor(a!)"
 // Cross-entropy with probability (soft) targets of the input's shape. Returns the loss, the
 // per-element statistics the backward reads, shape (3, elements) in the accumulation dtype: the lse
 // as hi and lo (split_lse) and B = sum_c W_c q'_c, the weight of the element's probabilities, the

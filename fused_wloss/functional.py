@@ -167,15 +167,22 @@ def _ce_local_sums(input, target, ignore_index, sample_weight, reduction, prob_t
         count = torch.full((1,), elements, dtype=dtype, device=input.device)
         sw_total = count if sample_weight is None else sample_weight.detach().to(dtype).sum().reshape(1)
         return torch.cat([q.sum(dim=dims), sw_total, count])
+    return _class_sums(target, num_classes, ignore_index, sample_weight, reduction, input.device)
+
+
+def _class_sums(target, num_classes, ignore_index, sample_weight, reduction, device):
+    """The class-index part of ``_ce_local_sums``: ``[n_c (C)]``, plus the per-class sums of
+    ``sample_weight`` for ``"mean"`` with one (also the fused linear cross-entropy's)."""
+    dtype = _sums_dtype(device)
     t = target.detach().reshape(-1).long()
     valid = (t != ignore_index) & (t >= 0) & (t < num_classes)
-    counts = torch.zeros(num_classes, dtype=dtype, device=input.device)
+    counts = torch.zeros(num_classes, dtype=dtype, device=device)
     parts = [counts]
     if num_classes > 0:  # with no class every target is ignored: nothing to count
         safe_t = torch.where(valid, t, 0)
         counts.scatter_add_(0, safe_t, valid.to(dtype))
         if reduction == "mean" and sample_weight is not None:
-            per_class_sw = torch.zeros(num_classes, dtype=dtype, device=input.device)
+            per_class_sw = torch.zeros(num_classes, dtype=dtype, device=device)
             sw = sample_weight.detach().reshape(-1).to(dtype)
             per_class_sw.scatter_add_(0, safe_t, torch.where(valid, sw, 0.0))
             parts.append(per_class_sw)

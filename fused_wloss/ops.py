@@ -134,6 +134,12 @@ def _ce_backward_fake(grad_loss, input, target, class_weight, sample_weight, lse
     return input.new_empty(input.shape)
 
 
+def _ce_grad_inplace_fake(input, grad_loss, target, class_weight, sample_weight, lse, norm, ignore_index,
+                          label_smoothing, reduction, gamma=0.0):
+    torch._check(input.dim() == 2, lambda: "cross_entropy_grad_: input must be (N, C) logits")
+    return input
+
+
 def _ce_setup_context(ctx, inputs, output):
     input, target, _weight, sample_weight, ignore_index, label_smoothing, reduction = inputs[:7]
     gamma = inputs[10] if len(inputs) > 10 else 0.0
@@ -412,9 +418,12 @@ def _refuse_double_backward(ctx, *grads):
 
 
 def register(ns: str) -> None:
-    """Fake kernels and autograd formulas for the six operators of ``torch.ops.<ns>``."""
+    """Fake kernels and autograd formulas for the operators of ``torch.ops.<ns>``
+    (``cross_entropy_grad_``, which writes the gradient over its input for callers that own the
+    logits, has no autograd formula: it is called on tensors outside any graph)."""
     torch.library.register_fake(f"{ns}::cross_entropy_forward", _ce_forward_fake)
     torch.library.register_fake(f"{ns}::cross_entropy_backward", _ce_backward_fake)
+    torch.library.register_fake(f"{ns}::cross_entropy_grad_", _ce_grad_inplace_fake)
     torch.library.register_fake(f"{ns}::cross_entropy_prob_forward", _ce_prob_forward_fake)
     torch.library.register_fake(f"{ns}::cross_entropy_prob_backward", _ce_prob_backward_fake)
     torch.library.register_fake(f"{ns}::bce_forward", _bce_forward_fake)

@@ -107,6 +107,8 @@ struct CeBackward {
       return;
     }
     const Shift sf = shift_for(r);
+    // p_t before any store: the gradient may be written over the logits (cross_entropy_grad_)
+    const acc_t p_t = p_of(xr[t], sf);
     const Vec va(k.a * sf.factor), ve(k.e), sh = shift_of(Vec(sf.ref));
     const bool with_e = k.e != acc_t(0);
     // the gradient of the n <= V classes from c on (partial vectors: a row's head before an
@@ -147,7 +149,7 @@ struct CeBackward {
     }
     for (; c + V <= C; c += V) IO::store(gr + c, vector_grad(c, V));
     if (c < C) store_lanes(gr + c, vector_grad(c, C - c), C - c);
-    if (!true_class_written) gr[t] = static_cast<scalar_t>(ce_true_class_grad(k, p_of(xr[t], sf), w_t));
+    if (!true_class_written) gr[t] = static_cast<scalar_t>(ce_true_class_grad(k, p_t, w_t));
   }
 
   // The coefficients and shifts of the rows of one tile, one lane per row (see lane_coeffs).

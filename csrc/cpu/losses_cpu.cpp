@@ -331,12 +331,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
           at::scalar_tensor(norm, x.options().dtype(acc))};
 }
 
-at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
-                                      const at::Tensor& target, const at::Tensor& class_weight,
-                                      const c10::optional<at::Tensor>& sample_weight,
-                                      const at::Tensor& lse, const at::Tensor& norm,
-                                      int64_t ignore_index, double label_smoothing,
-                                      int64_t reduction, double gamma) {
+namespace {
+
+// The gradient of the logits into `grad_input` (x's shape; it may be x itself: the kernels read
+// every logit before they write its gradient).
+void ce_backward_into(const at::Tensor& grad_input, const at::Tensor& grad_loss, const at::Tensor& input,
+                      const at::Tensor& target, const at::Tensor& class_weight,
+                      const c10::optional<at::Tensor>& sample_weight, const at::Tensor& lse,
+                      const at::Tensor& norm, int64_t ignore_index, double label_smoothing, int64_t reduction,
+                      double gamma) {
   const auto [s, di, acc, x, t, rows] = ce_call(input, target, reduction);
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == rows, "fused_wloss: lse must have shape (2, ",
               rows, ") (the forward's log-sum-exp parts), got ", lse.sizes());
@@ -344,7 +347,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
       class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
   const at::Tensor lse_acc = lse.to(acc).contiguous();
-  at::Tensor grad_input = empty_large_output(x.sizes(), x.options());
+  TORCH_INTERNAL_ASSERT(grad_input.is_contiguous() && grad_input.sizes() == x.sizes());
 
   CeBackwardArgs args{};
   args.in = ce_inputs(s, x, t, class_w, sw, ignore_index, label_smoothing, gamma);
@@ -367,7 +370,31 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
       for (int64_t c = begin; c < end; ++c) fn(args, c);
     });
   }
+}
+
+}  // namespace
+
+at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
+                                      const at::Tensor& target, const at::Tensor& class_weight,
+                                      const c10::optional<at::Tensor>& sample_weight,
+                                      const at::Tensor& lse, const at::Tensor& norm,
+                                      int64_t ignore_index, double label_smoothing,
+                                      int64_t reduction, double gamma) {
+  const at::Tensor x = input.contiguous();
+  at::Tensor grad_input = empty_large_output(x.sizes(), x.options());
+  ce_backward_into(grad_input, grad_loss, x, target, class_weight, sample_weight, lse, norm, ignore_index,
+                   label_smoothing, reduction, gamma);
   return grad_input;
+}
+
+at::Tensor& cross_entropy_grad_cpu(at::Tensor& input, const at::Tensor& grad_loss, const at::Tensor& target,
+                                   const at::Tensor& class_weight, const c10::optional<at::Tensor>& sample_weight,
+                                   const at::Tensor& lse, const at::Tensor& norm, int64_t ignore_index,
+                                   double label_smoothing, int64_t reduction, double gamma) {
+  check_inplace_logits(input);
+  ce_backward_into(input, grad_loss, input, target, class_weight, sample_weight, lse, norm, ignore_index,
+                   label_smoothing, reduction, gamma);
+  return input;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -637,6 +664,7 @@ at::Tensor bce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input
 TORCH_LIBRARY_IMPL(fused_wloss, CPU, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward_cpu);
   m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
+  m.impl("cross_entropy_grad_", &cross_entropy_grad_cpu);
   m.impl("cross_entropy_prob_forward", &cross_entropy_prob_forward_cpu);
   m.impl("cross_entropy_prob_backward", &cross_entropy_prob_backward_cpu);
   m.impl("bce_forward", &bce_forward_cpu);

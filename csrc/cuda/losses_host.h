@@ -240,11 +240,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
   return {loss, lse, class_weight_out, norm};
 }
 
-inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& input,
-                                         const at::Tensor& target, const at::Tensor& class_weight,
-                                         const c10::optional<at::Tensor>& sample_weight, const at::Tensor& lse,
-                                         const at::Tensor& norm, int64_t ignore_index, double label_smoothing,
-                                         int64_t reduction, double gamma) {
+// The gradient of the logits into `grad_input` (x's shape, contiguous). It may be x itself when
+// gamma is 0: each thread then reads a logit and writes its gradient at the same address. (The
+// focal prologue reads the true class's logit from every thread of the row, so with gamma != 0 the
+// gradient needs a buffer of its own: see cross_entropy_grad_.)
+inline void ce_backward_into(const at::Tensor& grad_input, const at::Tensor& grad_loss, const at::Tensor& input,
+                             const at::Tensor& target, const at::Tensor& class_weight,
+                             const c10::optional<at::Tensor>& sample_weight, const at::Tensor& lse,
+                             const at::Tensor& norm, int64_t ignore_index, double label_smoothing,
+                             int64_t reduction, double gamma) {
   check_kernel_dtype(input.scalar_type());
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
   const CeShape s = ce_shape(input, target);
@@ -256,8 +260,8 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
   const int64_t rows = s.N * s.P;
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == rows, "fused_wloss: lse must have shape (2, ",
               rows, ") (the forward's log-sum-exp parts), got ", lse.sizes());
-  at::Tensor grad_input = at::empty(x.sizes(), x.options());
-  if (rows == 0 || s.C == 0) return grad_input;
+  TORCH_INTERNAL_ASSERT(grad_input.is_contiguous() && grad_input.sizes() == x.sizes());
+  if (rows == 0 || s.C == 0) return;
 
   const at::Tensor class_w = class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
   at::Tensor sum_w;
@@ -288,7 +292,34 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
     a.grad_x = grad_input.data_ptr<scalar_t>();
     launch_ce_backward(l, a, stream);
   });
+}
+
+inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& input,
+                                         const at::Tensor& target, const at::Tensor& class_weight,
+                                         const c10::optional<at::Tensor>& sample_weight, const at::Tensor& lse,
+                                         const at::Tensor& norm, int64_t ignore_index, double label_smoothing,
+                                         int64_t reduction, double gamma) {
+  const at::Tensor x = input.contiguous();
+  at::Tensor grad_input = at::empty(x.sizes(), x.options());
+  ce_backward_into(grad_input, grad_loss, x, target, class_weight, sample_weight, lse, norm, ignore_index,
+                   label_smoothing, reduction, gamma);
   return grad_input;
+}
+
+inline at::Tensor& cross_entropy_grad_(at::Tensor& input, const at::Tensor& grad_loss, const at::Tensor& target,
+                                       const at::Tensor& class_weight, const c10::optional<at::Tensor>& sample_weight,
+                                       const at::Tensor& lse, const at::Tensor& norm, int64_t ignore_index,
+                                       double label_smoothing, int64_t reduction, double gamma) {
+  check_inplace_logits(input);
+  if (gamma != 0.0) {  // see ce_backward_into
+    const at::Tensor g = cross_entropy_backward(grad_loss, input, target, class_weight, sample_weight, lse, norm,
+                                                ignore_index, label_smoothing, reduction, gamma);
+    input.copy_(g);
+    return input;
+  }
+  ce_backward_into(input, grad_loss, input, target, class_weight, sample_weight, lse, norm, ignore_index,
+                   label_smoothing, reduction, gamma);
+  return input;
 }
 
 // ---- cross-entropy, probability targets -------------------------------------------------------

@@ -188,6 +188,7 @@ at::Tensor selftest(const std::string& name, int64_t threads, int64_t blocks) {
 TORCH_LIBRARY(fused_wloss_emu, m) {
   m.def(FWL_SCHEMA_CE_FORWARD);
   m.def(FWL_SCHEMA_CE_BACKWARD);
+  m.def(FWL_SCHEMA_CE_GRAD_INPLACE);
   m.def(FWL_SCHEMA_CE_PROB_FORWARD);
   m.def(FWL_SCHEMA_CE_PROB_BACKWARD);
   m.def(FWL_SCHEMA_BCE_FORWARD);
@@ -198,6 +199,7 @@ TORCH_LIBRARY(fused_wloss_emu, m) {
 TORCH_LIBRARY_IMPL(fused_wloss_emu, CPU, m) {
   m.impl("cross_entropy_forward", &fused_wloss::cuda::host::cross_entropy_forward);
   m.impl("cross_entropy_backward", &fused_wloss::cuda::host::cross_entropy_backward);
+  m.impl("cross_entropy_grad_", &fused_wloss::cuda::host::cross_entropy_grad_);
   m.impl("cross_entropy_prob_forward", &fused_wloss::cuda::host::cross_entropy_prob_forward);
   m.impl("cross_entropy_prob_backward", &fused_wloss::cuda::host::cross_entropy_prob_backward);
   m.impl("bce_forward", &fused_wloss::cuda::host::bce_forward);
