@@ -1,5 +1,7 @@
 """The benchmark driver: ``python -m benchmarks [--quick|--full] [--device cpu|cuda] [--dtype ...] ...``.
 
+``--linear`` runs the fused linear + cross-entropy section instead (benchmarks/linear.py).
+
 For every case it first checks that fused_wloss agrees with its reference on that very input (no
 speed is reported for a wrong answer) and that every baseline computes the same loss; then it times
 forward, backward and forward+backward of each implementation next to the memory-traffic floor
@@ -309,6 +311,10 @@ def parse_args(argv=None):
                    "1 gives steadier times on a machine that other jobs share")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory and saved-bytes measurements")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--linear", action="store_true",
+                   help="the fused linear + cross-entropy section (benchmarks/linear.py): heads of (N, H, C) against "
+                   "torch's composition, F.linear_cross_entropy (chunked and not) and Liger; --quick/--full, "
+                   "--device, --filter, --threads, --no-memory and --out apply")
     p.add_argument("--out", default=None,
                    help="results stem: a name under benchmarks/results/ or a path "
                    "(default <device>-quick or <device>-full, with -filtered for a --filter/--dtype run)")
@@ -371,6 +377,8 @@ def _main(args, argv) -> int:
     effort_settings = dict(EFFORT[effort])
     if args.min_time is not None:
         effort_settings["min_time"] = args.min_time
+    if args.linear:
+        return _main_linear(args, argv, device, effort)
     cases = select_cases(args)
     if not cases:
         print(f"no case matches --filter {args.filter!r}", file=sys.stderr)
@@ -432,3 +440,40 @@ def _main(args, argv) -> int:
     print(f"\n{info['seconds']:.0f} s; load average {info['load_average_start']} -> {info['load_average_end']}; "
           f"results: {', '.join(written)}")
     return 1 if any("error" in r for r in rows) else 0
+
+
+def _main_linear(args, argv, device, effort) -> int:
+    """The fused linear + cross-entropy section (benchmarks/linear.py): its own cases and table."""
+    import json
+
+    from . import linear
+
+    cases = linear.select(args.full, args.filter)
+    if not cases:
+        print(f"no linear case matches --filter {args.filter!r}", file=sys.stderr)
+        return 2
+    info = machine_info(device)
+    print(f"fused_wloss {info['fused_wloss']} | torch {info['torch']} | {info.get('gpu') or info['cpu']} | "
+          f"{info['cores']} cores, {info['threads']} threads | load {info['load_average_start']} | "
+          f"{len(cases)} linear cases", flush=True)
+    # calls of a second or more: a few repeats, each timed on fresh leaves
+    timer = Timer(device, min_time=args.min_time or 1.0, min_reps=3, max_reps=20, warmup=1)
+    rows = []
+    t0 = time.perf_counter()
+    for case in cases:
+        print(f"  {case.name} ...", flush=True)
+        rows.append(linear.run_case(case, device, timer, not args.no_memory))
+        _release(device)
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    info["load_average_end"] = _load()
+    print()
+    print(linear.format_rows(rows))
+    stem = Path(args.out or f"{device.type}-linear-{effort}")
+    if not stem.is_absolute() and stem.parent == Path("."):
+        RESULTS.mkdir(exist_ok=True)
+        stem = RESULTS / stem
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"set": effort, "filter": args.filter, "argv": sys.argv[1:] if argv is None else list(argv)}
+    Path(f"{stem}.json").write_text(json.dumps({"machine": info, "settings": settings, "rows": rows}, indent=1))
+    print(f"\n{info['seconds']:.0f} s; results: {stem}.json")
+    return 1 if any(r["errors"] for r in rows) else 0

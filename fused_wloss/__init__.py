@@ -10,6 +10,7 @@ from ._backend import backend
 from ._checks import set_target_validation, target_validation_enabled
 from ._weighting import BatchWeighting
 from .functional import binary_cross_entropy_with_logits, cross_entropy
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 
 __version__ = "0.1.0"
@@ -21,10 +22,12 @@ __all__ = [
     "BCEWithLogitsLoss",
     "BatchWeighting",
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "backend",
     "binary_cross_entropy_with_logits",
     "cpu_isa",
     "cross_entropy",
+    "linear_cross_entropy",
     "reference",
     "set_target_validation",
     "target_validation_enabled",

@@ -43,6 +43,9 @@ CASES = {
     "ce-all-ignored": ("ce", {"class_weighting": "inverse", "all_ignored": True}, "uneven"),
     "ce-compiled": ("ce", {"class_weighting": "inverse", "ignore": True, "compile": True}, "uneven"),
     "ce-learned-class-weight-mean": ("ce", {"class_weighting": "inverse", "learned": True, "label_smoothing": 0.1}, "uneven"),
+    "linear-ce-inverse-mean": ("ce", {"class_weighting": "inverse", "linear": True, "ignore": True}, "uneven"),
+    "linear-ce-effective-sum-sample_weight": ("ce", {"class_weighting": "effective_number", "reduction": "sum", "sample_weight": True, "linear": True}, "uneven"),
+    "linear-ce-compiled": ("ce", {"class_weighting": "inverse_sqrt", "linear": True, "compile": True}, "uneven"),
     "ce-learned-class-weight-sum": ("ce", {"class_weighting": "inverse_sqrt", "learned": True, "reduction": "sum"}, "uneven"),
     "bce-inverse-mean": ("bce", {"class_weighting": "inverse"}, "uneven"),
     "bce-balanced-sum": ("bce", {"class_weighting": "balanced", "reduction": "sum"}, "uneven"),
@@ -99,7 +102,10 @@ class _Net(torch.nn.Module):
         self.linear = torch.nn.Linear(FEATURES, out)
         self.class_weight = torch.nn.Parameter(torch.rand(out) + 0.5) if learned else None
 
-    def forward(self, x):
+    def forward(self, x, head_loss=None):
+        # head_loss(x, weight, bias): the head and the loss fused (fused_wloss.linear_cross_entropy)
+        if head_loss is not None:
+            return head_loss(x, self.linear.weight, self.linear.bias)
         return self.linear(x)
 
 
@@ -110,6 +116,8 @@ def _model(loss: str, opts: dict, dtype) -> torch.nn.Module:
 
 
 def _logits(model, feats, opts):
+    if opts.get("linear"):  # the loss runs inside the model's forward, on its head
+        return lambda head_loss: model(feats, head_loss=head_loss)
     logits = model(feats)
     if opts.get("kdim"):
         logits = logits.movedim(-1, 1)  # (N, d, C) -> (N, C, d)
@@ -131,6 +139,18 @@ def _loss_fn(loss: str, opts: dict, sync: bool, dtype):
     reduction = opts.get("reduction", "mean")
     weighting = _spec(opts["class_weighting"], sync)
     fn = fused_wloss.cross_entropy if loss == "ce" else fused_wloss.binary_cross_entropy_with_logits
+
+    if opts.get("linear"):
+        def head_loss(x, w, b, target, sample_weight):
+            return fused_wloss.linear_cross_entropy(
+                x, w, target, linear_bias=b, reduction=reduction, class_weighting=weighting,
+                sample_weight=sample_weight, return_stats=True, chunk_size=7, **extra)
+
+        if opts.get("compile") and sync:  # the loss inside DDP's forward, which itself is not traced
+            torch._dynamo.reset()
+            head_loss = torch.compile(head_loss, fullgraph=True, backend="aot_eager")
+        return lambda run_model, target, sample_weight, _learned=None: run_model(
+            lambda x, w, b: head_loss(x, w, b, target, sample_weight))
 
     def loss_fn(logits, target, sample_weight, learned_weight=None):
         kwargs = dict(extra) if learned_weight is None else {**extra, "weight": learned_weight}

@@ -1,0 +1,616 @@
+"""Fused linear + weighted cross-entropy: the classifier head and the loss without the N x C logits.
+
+``linear_cross_entropy(input, linear_weight, target, ...)`` equals
+``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` (torch's
+``F.linear_cross_entropy`` semantics, plus fused_wloss's weighting), but the logits exist only one
+chunk of rows at a time:
+
+1. Everything that depends on the targets alone is formed first, from the N integers: the class
+   counts, the dynamic class weights and the normaliser of ``"mean"``/``"sample_mean"`` (the same
+   code as :func:`fused_wloss.cross_entropy`'s ``return_stats``; with ``BatchWeighting(sync=True)``
+   summed over the process group). No pass over the logits, no host synchronisation.
+2. Per chunk of rows (by default as many as keep the chunk's logits within 8 MiB), the logits come
+   from one matmul (BLAS or cuBLAS through ATen), the cross-entropy kernels give the chunk's loss
+   and, when a gradient is wanted, the gradient of the logits, written over the logits themselves
+   (``cross_entropy_grad_``: no second chunk-sized buffer), which is multiplied straight back
+   into the gradients of the input, the linear weight and the bias.
+3. For a reduced loss those gradients are complete at the end of the forward (the normaliser is
+   known up front) and the backward only scales them by ``grad_output``, a device tensor. For
+   ``reduction="none"`` the backward needs a gradient per row, so it recomputes each chunk's logits
+   from the saved per-row log-sum-exp instead.
+
+Both steps are registered operators (``fused_wloss::linear_cross_entropy_forward`` /
+``_backward``) with fake kernels and autograd formulas, so ``torch.compile(fullgraph=True)`` traces
+the call without a graph break. Probability targets and a K-dimensional ``linear_weight``
+(``(C, d1, ..., dk, H)``) are computed by the unfused composition (``F.linear`` then
+:func:`fused_wloss.cross_entropy`), which holds the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _autocast, _checks, distributed, functional
+from ._backend import use_extension
+from ._weighting import CrossEntropyStats
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "LinearCrossEntropyLoss", "linear_cross_entropy"]
+
+# The logits of one chunk take at most this much (or one row). 8 MiB: peak memory near torch's chunked
+# path, and matmuls of 64 rows or more for vocabularies up to 32k in float32 (measured here: 4 and 32 MiB
+# chunks were within 7% of it at (4096, 256, 32000) and (16384, 128, 1000)).
+DEFAULT_CHUNK_BYTES = 8 << 20
+
+_LOSS = "linear_cross_entropy"
+
+
+# ---- argument checks ------------------------------------------------------------------------------
+
+def _check_tensor(value, name: str, device: Optional[torch.device] = None, floating: bool = True):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{_LOSS}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and not value.dtype.is_floating_point:
+        raise TypeError(f"{_LOSS}: {name} must be a floating-point tensor, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{_LOSS}: {name} must be on the input's device {device}, got {value.device}")
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _check_args(input, linear_weight, linear_bias, target, weight, sample_weight, ignore_index,
+                label_smoothing, chunk_size):
+    """Shapes, dtypes and devices (never tensor data). Returns (num_classes, prob_target)."""
+    _check_tensor(input, "input")
+    if input.dim() < 1:
+        raise ValueError(f"{_LOSS}: input must have shape (H,), (N, H) or (B, T, ..., H), got a 0-d tensor")
+    device = input.device
+    _check_tensor(linear_weight, "linear_weight", device)
+    if linear_weight.dim() < 2:
+        raise ValueError(
+            f"{_LOSS}: linear_weight must have shape (C, H) or (C, d1, ..., dk, H), got {_shape(linear_weight.shape)}"
+        )
+    hidden = input.shape[-1]
+    if linear_weight.shape[-1] != hidden:
+        raise ValueError(
+            f"{_LOSS}: linear_weight's last dimension must be the input's last dimension (in_features) "
+            f"{hidden}, got linear_weight of shape {_shape(linear_weight.shape)}"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"{_LOSS}: linear_weight must have the input's dtype {input.dtype}, got {linear_weight.dtype}")
+    num_classes = linear_weight.shape[0]
+    out_features = tuple(linear_weight.shape[1:-1])
+    if linear_bias is not None:
+        _check_tensor(linear_bias, "linear_bias", device)
+        if tuple(linear_bias.shape) != (num_classes, *out_features):
+            raise ValueError(
+                f"{_LOSS}: linear_bias must have shape {_shape((num_classes, *out_features))} "
+                f"(linear_weight's without in_features), got {_shape(linear_bias.shape)}"
+            )
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"{_LOSS}: linear_bias must have the input's dtype {input.dtype}, got {linear_bias.dtype}")
+    if out_features and input.dim() != 2:
+        raise ValueError(
+            f"{_LOSS}: a K-dimensional linear_weight {_shape(linear_weight.shape)} needs input of shape (N, H), "
+            f"got {_shape(input.shape)}"
+        )
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{_LOSS}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.device != device:
+        raise ValueError(f"{_LOSS}: target must be on the input's device {device}, got {target.device}")
+    lead = tuple(input.shape[:-1])
+    index_shape = lead + out_features
+    prob_shape = lead + (num_classes,) + out_features
+    if target.dtype.is_floating_point:
+        if tuple(target.shape) != prob_shape:
+            raise ValueError(
+                f"{_LOSS}: probability targets must have the logits' shape {_shape(prob_shape)}, "
+                f"got {_shape(target.shape)}"
+            )
+        if ignore_index is not None:
+            raise ValueError(f"{_LOSS}: ignore_index cannot be given with probability targets")
+        prob_target = True
+    else:
+        if target.dtype not in (torch.int64, torch.int32):
+            raise TypeError(
+                f"{_LOSS}: class-index target must be int64 (or int32), or probabilities of a floating dtype, "
+                f"got {target.dtype}"
+            )
+        if tuple(target.shape) != index_shape:
+            raise ValueError(
+                f"{_LOSS}: class-index target must have shape {_shape(index_shape)} (the input's without "
+                f"in_features), got {_shape(target.shape)}"
+            )
+        prob_target = False
+    if weight is not None:
+        _check_tensor(weight, "weight", device)
+        if tuple(weight.shape) != (num_classes,):
+            raise ValueError(f"{_LOSS}: weight must have shape ({num_classes},), got {_shape(weight.shape)}")
+    if sample_weight is not None:
+        _check_tensor(sample_weight, "sample_weight", device)
+        if tuple(sample_weight.shape) != index_shape:
+            raise ValueError(
+                f"{_LOSS}: sample_weight must have the shape of the unreduced loss {_shape(index_shape)}, "
+                f"got {_shape(sample_weight.shape)}"
+            )
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"{_LOSS}: ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
+        0.0 <= label_smoothing <= 1.0
+    ):
+        raise ValueError(f"{_LOSS}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"{_LOSS}: chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
+    return num_classes, prob_target
+
+
+def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size: Optional[int] = None) -> int:
+    """Rows per chunk: ``chunk_size`` when given, else as many as keep one chunk's logits within
+    :data:`DEFAULT_CHUNK_BYTES` (at least one row)."""
+    if chunk_size is not None:
+        return max(1, min(chunk_size, max(num_rows, 1)))
+    row_bytes = max(1, num_classes * torch.empty((), dtype=dtype).element_size())
+    return max(1, min(max(num_rows, 1), DEFAULT_CHUNK_BYTES // row_bytes))
+
+
+# ---- the operators --------------------------------------------------------------------------------
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(x, linear_weight, linear_bias):
+    if linear_bias is None:
+        return torch.mm(x, linear_weight.t())
+    return torch.addmm(linear_bias, x, linear_weight.t())
+
+
+class _GradSink:
+    """The gradients of input, linear weight and bias, filled chunk by chunk from the gradient of
+    each chunk's logits. The weight's and bias's sums over chunks are kept in the accumulation
+    dtype (float32 for half inputs: each chunk's matmul rounds once, their sum does not)."""
+
+    def __init__(self, input, linear_weight, linear_bias, needs: List[bool]):
+        acc = _acc_dtype(input.dtype)
+        self.want_input, self.want_weight, self.want_bias = (
+            needs[0], needs[1], needs[2] and linear_bias is not None)
+        self.linear_weight = linear_weight
+        self.half = acc != input.dtype
+        # (a distinct empty tensor for each gradient not formed: an operator's outputs may not alias)
+        self.input = torch.empty_like(input) if self.want_input else input.new_empty(0)
+        self.weight = (torch.zeros(linear_weight.shape, dtype=acc, device=input.device)
+                       if self.want_weight else input.new_empty(0))
+        self.bias = (torch.zeros(linear_weight.shape[0], dtype=acc, device=input.device)
+                     if self.want_bias else input.new_empty(0))
+        self.out_dtype = input.dtype
+
+    def any(self) -> bool:
+        return self.want_input or self.want_weight or self.want_bias
+
+    def add(self, r0: int, r1: int, x, grad_logits) -> None:
+        if self.want_input:
+            torch.mm(grad_logits, self.linear_weight, out=self.input[r0:r1])
+        if self.want_weight:
+            if self.half:
+                self.weight.add_(torch.mm(grad_logits.t(), x))
+            else:
+                self.weight.addmm_(grad_logits.t(), x)
+        if self.want_bias:
+            self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
+
+    def result(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weight = self.weight.to(self.out_dtype) if self.want_weight else self.weight
+        bias = self.bias.to(self.out_dtype) if self.want_bias else self.bias
+        return self.input, weight, bias
+
+
+def _chunks(input, linear_weight, linear_bias, target, sample_weight, chunk_rows):
+    """Per chunk of rows: (r0, r1, input rows, targets, sample weights, logits), autocast off (the
+    matmuls run in the dtype the caller chose; autocast would also refuse mm's out=)."""
+    with torch.autocast(input.device.type, enabled=False):
+        for r0 in range(0, input.shape[0], chunk_rows):
+            r1 = min(input.shape[0], r0 + chunk_rows)
+            x = input[r0:r1]
+            sw = None if sample_weight is None else sample_weight[r0:r1]
+            yield r0, r1, x, target[r0:r1], sw, _chunk_logits(x, linear_weight, linear_bias)
+
+
+def _ce_ops():
+    from . import ops
+
+    return ops._ops  # the namespace the wrappers use (the tests may point it at the emulation)
+
+
+@torch.library.custom_op("fused_wloss::linear_cross_entropy_forward", mutates_args=())
+def _forward_op(
+    input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+    target: torch.Tensor, class_weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
+    scale: torch.Tensor, ignore_index: int, label_smoothing: float, reduce: bool, gamma: float,
+    chunk_rows: int, needs_grad: List[bool], loss_dtype: Optional[torch.dtype],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input (N, H), linear_weight (C, H), target (N,). ``reduce``: returns ``scale`` times the
+    weighted sum of the row losses (in the accumulation dtype) and, where ``needs_grad`` asks,
+    its gradients with respect to input, linear_weight and linear_bias; else the row losses
+    (``loss_dtype``) and their log-sum-exp, shape (2, N), for the backward."""
+    ops = _ce_ops()
+    acc = _acc_dtype(input.dtype)
+    n = input.shape[0]
+    sink = _GradSink(input, linear_weight, linear_bias, needs_grad if reduce else [False] * 3)
+    reduction = 1 if reduce else 0
+    row_loss_dtype = acc if reduce else loss_dtype
+    total = torch.zeros((), dtype=acc, device=input.device)
+    losses, lse = input.new_empty(0), input.new_empty(0)
+    if not reduce:
+        losses = input.new_empty(n, dtype=loss_dtype or input.dtype)
+        lse = input.new_empty((2, n), dtype=acc)
+    for r0, r1, x, t, sw, logits in _chunks(input, linear_weight, linear_bias, target, sample_weight, chunk_rows):
+        loss, chunk_lse, cw, norm = ops.cross_entropy_forward(
+            logits, t, class_weight, sw, ignore_index, label_smoothing, reduction, 0, 1.0, 0.999, gamma,
+            row_loss_dtype)
+        if not reduce:
+            losses[r0:r1] = loss
+            lse[:, r0:r1] = chunk_lse
+            del logits
+            continue
+        total += loss
+        if sink.any():  # the logits' gradient, written over them
+            grad_logits = ops.cross_entropy_grad_(
+                logits, scale, t, cw, sw, chunk_lse, norm, ignore_index, label_smoothing, 1, gamma)
+            sink.add(r0, r1, x, grad_logits)
+            del grad_logits
+        del logits  # before the next chunk's: one chunk alive at a time
+    if reduce:
+        return (total * scale, *sink.result(), lse)
+    return (losses, *sink.result(), lse)
+
+
+@_forward_op.register_fake
+def _forward_fake(input, linear_weight, linear_bias, target, class_weight, sample_weight, scale, ignore_index,
+                  label_smoothing, reduce, gamma, chunk_rows, needs_grad, loss_dtype):
+    torch._check(input.dim() == 2 and linear_weight.dim() == 2,
+                 lambda: "linear_cross_entropy_forward: input (N, H) and linear_weight (C, H)")
+    acc = _acc_dtype(input.dtype)
+    n = input.shape[0]
+    if not reduce:
+        return (input.new_empty(n, dtype=loss_dtype or input.dtype), input.new_empty(0), input.new_empty(0),
+                input.new_empty(0), input.new_empty((2, n), dtype=acc))
+    return (input.new_empty((), dtype=acc), *_grads_fake(input, linear_weight, linear_bias, needs_grad),
+            input.new_empty(0))
+
+
+def _grads_fake(input, linear_weight, linear_bias, needs_grad):
+    return (torch.empty_like(input) if needs_grad[0] else input.new_empty(0),
+            torch.empty_like(linear_weight) if needs_grad[1] else input.new_empty(0),
+            torch.empty_like(linear_bias) if needs_grad[2] and linear_bias is not None else input.new_empty(0))
+
+
+@torch.library.custom_op("fused_wloss::linear_cross_entropy_backward", mutates_args=())
+def _backward_op(
+    grad_loss: torch.Tensor, input: torch.Tensor, linear_weight: torch.Tensor,
+    linear_bias: Optional[torch.Tensor], target: torch.Tensor, class_weight: Optional[torch.Tensor],
+    sample_weight: Optional[torch.Tensor], lse: torch.Tensor, ignore_index: int, label_smoothing: float,
+    gamma: float, chunk_rows: int, needs_grad: List[bool],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``reduction="none"``'s row losses weighted by ``grad_loss`` (N,): each
+    chunk's logits recomputed, their gradient from the saved log-sum-exp."""
+    ops = _ce_ops()
+    sink = _GradSink(input, linear_weight, linear_bias, needs_grad)
+    norm = torch.ones((), dtype=lse.dtype, device=input.device)
+    empty_cw = lse.new_empty(0)
+    for r0, r1, x, t, sw, logits in _chunks(input, linear_weight, linear_bias, target, sample_weight, chunk_rows):
+        grad_logits = ops.cross_entropy_grad_(
+            logits, grad_loss[r0:r1], t, empty_cw if class_weight is None else class_weight, sw,
+            lse[:, r0:r1].contiguous(), norm, ignore_index, label_smoothing, 0, gamma)
+        sink.add(r0, r1, x, grad_logits)
+        del logits, grad_logits  # before the next chunk's
+    return sink.result()
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight, lse,
+                   ignore_index, label_smoothing, gamma, chunk_rows, needs_grad):
+    return _grads_fake(input, linear_weight, linear_bias, needs_grad)
+
+
+def _setup_forward(ctx, inputs, output):
+    (input, linear_weight, linear_bias, target, class_weight, sample_weight, _scale, ignore_index,
+     label_smoothing, reduce, gamma, chunk_rows, needs_grad, _loss_dtype) = inputs
+    _loss, grad_input, grad_weight, grad_bias, lse = output
+    ctx.reduce = reduce
+    ctx.needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                 linear_bias is not None and ctx.needs_input_grad[2]]
+    ctx.told = list(needs_grad)
+    ctx.consumed = False
+    ctx.refused = any(ctx.needs_input_grad[3:7])
+    if reduce:
+        ctx.save_for_backward(grad_input, grad_weight, grad_bias)
+    else:
+        ctx.options = (ignore_index, label_smoothing, gamma, chunk_rows)
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, sample_weight, lse)
+
+
+def _backward_formula(ctx, grad_loss, *_unused):
+    if ctx.refused:
+        raise RuntimeError(
+            "fused_wloss.linear_cross_entropy_forward: gradients with respect to target, weight, "
+            "sample_weight or scale are not computed by the fused path; "
+            "fused_wloss.linear_cross_entropy sends such calls to the unfused composition"
+        )
+    grads = [None, None, None]
+    if ctx.reduce:
+        if any(need and not told for need, told in zip(ctx.needs, ctx.told)):
+            raise RuntimeError(
+                "fused_wloss.linear_cross_entropy_forward: a gradient is needed that the forward's "
+                "needs_grad did not ask it to form")
+        # Eagerly the gradients formed in the forward are scaled in place and handed over, so the
+        # backward allocates nothing (as torch's chunked path); they can be handed over once.
+        # Traced (torch.compile, opcheck: fake or functional tensors), the product is out of place
+        # and the graph owns the buffers.
+        in_place = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+        if in_place:
+            if ctx.consumed:  # checked before saved_tensors, whose version check would say less
+                raise RuntimeError(
+                    "fused_wloss.linear_cross_entropy: the backward of a reduced loss hands over the "
+                    "gradients its forward formed, so it runs once; for retain_graph=True and a second "
+                    "backward, use reduction='none' and reduce it yourself (its backward recomputes the logits), "
+                    "or fused_wloss.cross_entropy(F.linear(...))")
+            ctx.consumed = True
+        saved = ctx.saved_tensors
+        for k in range(3):
+            if ctx.needs[k]:
+                scale = grad_loss.to(saved[k].dtype)
+                grads[k] = saved[k].mul_(scale) if in_place else saved[k] * scale
+    elif any(ctx.needs):
+        input, linear_weight, linear_bias, target, class_weight, sample_weight, lse = ctx.saved_tensors
+        out = torch.ops.fused_wloss.linear_cross_entropy_backward(
+            grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight, lse,
+            *ctx.options, ctx.needs)
+        grads = [g if need else None for g, need in zip(out, ctx.needs)]
+    return (*grads,) + (None,) * 11
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fused_wloss: double backward through linear_cross_entropy is not supported by the fused path; "
+        "use fused_wloss.cross_entropy(F.linear(...)) for higher-order derivatives"
+    )
+
+
+_forward_op.register_autograd(_backward_formula, setup_context=_setup_forward)
+_backward_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# ---- the public function --------------------------------------------------------------------------
+
+def _autocast_cast(*tensors):
+    """What torch.autocast does to F.linear's arguments: float32/float16/bfloat16 tensors to the
+    autocast dtype (float64 stays); None stays None. The casts are differentiable."""
+    device_type = tensors[0].device.type
+    if not _autocast._autocast_on(device_type):
+        return tensors, False
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = tuple(
+        t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+        for t in tensors
+    )
+    return cast, True
+
+
+def _fused_supported(input, linear_weight, weight, sample_weight, target, prob_target) -> bool:
+    from . import ops
+
+    return (
+        not prob_target
+        and linear_weight.dim() == 2
+        and use_extension(input.device)
+        and input.dtype in ops.KERNEL_DTYPES
+        and not ops._wants_grad(weight)
+        and not ops._wants_grad(sample_weight)
+    )
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    sample_weight: Optional[torch.Tensor] = None,
+    class_weighting=None,
+    gamma: float = 0.0,
+    return_stats: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    r"""``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without holding the
+    logits: :func:`torch.nn.functional.linear_cross_entropy` plus fused_wloss's weighting.
+
+    Args:
+        input: ``(H,)``, ``(N, H)`` or ``(B, T, ..., H)``: any leading dimensions (the language-model
+            layout); they are the loss's dimensions.
+        linear_weight: ``(C, H)``, or torch's K-dimensional ``(C, d1, ..., dk, H)`` (unfused).
+        target: class indices with the input's leading shape (``(N, d1, ..., dk)`` for a
+            K-dimensional weight), or class probabilities of the logits' shape (unfused).
+        linear_bias: ``(C,)`` (``(C, d1, ..., dk)``) or None.
+        weight, reduction, label_smoothing: as in :func:`fused_wloss.cross_entropy` (which adds
+            ``"sample_mean"`` to torch's reductions).
+        ignore_index: as torch's: ``None`` is -100 for class-index targets and must stay ``None``
+            with probability targets.
+        sample_weight, class_weighting, gamma, return_stats: as in :func:`fused_wloss.cross_entropy`:
+            a weight per element of the unreduced loss (the target's shape), class weights from this
+            call's targets (``BatchWeighting(sync=True)`` sums the counts over the process group),
+            focal loss, and ``(loss, CrossEntropyStats)`` as the result.
+        chunk_size: rows per chunk of the fused path; default: as many as keep one chunk's logits
+            within 8 MiB (:data:`DEFAULT_CHUNK_BYTES`).
+
+    The fused path (class-index targets, a 2-D ``linear_weight``, a device the kernels serve) never
+    holds more than one chunk of logits and its gradient; see the module docstring for how. Under
+    ``torch.autocast`` the matmuls run in the autocast dtype, as ``F.linear``'s would, and the loss
+    comes back in float32.
+    """
+    reduction = _checks.reduction_mode(None, None, reduction, loss=_LOSS)
+    weighting = _checks.resolve_class_weighting(class_weighting, loss=_LOSS)
+    num_classes, prob_target = _check_args(input, linear_weight, linear_bias, target, weight, sample_weight,
+                                           ignore_index, label_smoothing, chunk_size)
+    gamma = _checks.check_focal_ce(gamma, label_smoothing, prob_target)
+    label_smoothing = float(label_smoothing)
+    if not prob_target and ignore_index is None:
+        ignore_index = -100
+    if not _fused_supported(input, linear_weight, weight, sample_weight, target, prob_target) or (
+        weighting is not None and distributed.sync_active(weighting) and reduction == "none"
+    ):
+        return _unfused(input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
+                        label_smoothing, sample_weight, class_weighting, gamma, return_stats)
+    return _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
+                  sample_weight, weighting, gamma, return_stats, chunk_size)
+
+
+def _unfused(input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
+             sample_weight, class_weighting, gamma, return_stats):
+    """The composition itself: the logits in full, then fused_wloss.cross_entropy."""
+    if linear_weight.dim() > 2:  # torch's K-dim head: F.linear on the flattened weight
+        shape = linear_weight.shape
+        logits = F.linear(input, linear_weight.reshape(-1, shape[-1]),
+                          None if linear_bias is None else linear_bias.reshape(-1)).reshape(-1, *shape[:-1])
+    else:
+        logits = F.linear(input, linear_weight, linear_bias)
+    kwargs = dict(weight=weight, reduction=reduction, label_smoothing=label_smoothing,
+                  sample_weight=sample_weight, class_weighting=class_weighting, gamma=gamma,
+                  return_stats=return_stats)
+    if ignore_index is not None:
+        kwargs["ignore_index"] = ignore_index
+    if linear_weight.dim() > 2 or input.dim() <= 2:  # cross_entropy's own layouts: (C,), (N, C, d1, ...)
+        return functional.cross_entropy(logits, target, **kwargs)
+    # (B, T, ..., C): rows of C, flattened, and the loss back in the leading shape
+    lead = input.shape[:-1]
+    num_classes = linear_weight.shape[0]
+    flat_target = target.reshape(-1, num_classes) if target.dtype.is_floating_point else target.reshape(-1)
+    if sample_weight is not None:
+        kwargs["sample_weight"] = sample_weight.reshape(-1)
+    out = functional.cross_entropy(logits.reshape(-1, num_classes), flat_target, **kwargs)
+    if reduction != "none":
+        return out
+    if return_stats:
+        return out[0].reshape(lead), out[1]
+    return out.reshape(lead)
+
+
+def _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
+           sample_weight, weighting, gamma, return_stats, chunk_size):
+    lead = input.shape[:-1]
+    hidden = input.shape[-1]
+    num_classes = linear_weight.shape[0]
+    (x, lw, lb), autocast = _autocast_cast(input.reshape(-1, hidden), linear_weight, linear_bias)
+    loss_dtype = torch.float32 if autocast and x.dtype in (torch.float16, torch.bfloat16) else None
+    result_dtype = loss_dtype or x.dtype
+    acc = _acc_dtype(x.dtype)
+    t = target.reshape(-1)
+    sw = None if sample_weight is None else sample_weight.reshape(-1)
+    n = t.shape[0]
+    rows = chunk_rows(n, num_classes, x.dtype, chunk_size)
+
+    # What depends on the targets alone, before the first chunk (no pass over logits, no host sync).
+    synced = weighting is not None and distributed.sync_active(weighting)
+    stats = None
+    world = 1
+    if weighting is not None or reduction in ("mean", "sample_mean") or return_stats:
+        sums = functional._class_sums(t, num_classes, ignore_index, sw, reduction, x.device)
+        if synced:
+            if sw is not None:
+                functional._refuse_sample_weight_grad(sample_weight, _LOSS)
+            sums, world = distributed.all_reduce_sum(sums, weighting.process_group)
+        counts, class_weight, norm = functional._ce_weights_and_norm(
+            sums, num_classes, weight, weighting, reduction, False, sw is not None, acc)
+        stats = CrossEntropyStats(counts, class_weight.detach(), norm.detach())
+    else:
+        class_weight = None if weight is None else weight.to(acc)
+        norm = torch.ones((), dtype=acc, device=x.device)
+    applied = class_weight if (weight is not None or weighting is not None) else None
+    if applied is not None:
+        applied = applied.detach().to(acc).contiguous()
+    if reduction in ("mean", "sample_mean"):
+        scale = (world / norm).detach().to(acc)
+    else:
+        scale = torch.full((), float(world), dtype=acc, device=x.device)
+    needs = [x.requires_grad, lw.requires_grad, lb is not None and lb.requires_grad]
+    loss, *_ = torch.ops.fused_wloss.linear_cross_entropy_forward(
+        x.contiguous(), lw.contiguous(), None if lb is None else lb.contiguous(), t,
+        applied, None if sw is None else sw.detach().to(acc),
+        scale, ignore_index, label_smoothing, reduction != "none", gamma, rows, needs, loss_dtype)
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    else:
+        if synced and reduction in ("mean", "sample_mean"):
+            loss = loss + functional._nan_where_zero(norm.detach()).to(loss.dtype)
+        loss = loss.to(result_dtype)
+    return (loss, stats) if return_stats else loss
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """The classifier head and the loss in one module, on :func:`linear_cross_entropy`.
+
+    :class:`torch.nn.LinearCrossEntropyLoss`'s constructor and layout: it owns a
+    ``torch.nn.Linear(in_features, num_classes * prod(out_features))`` as ``self.linear`` and the
+    class weight as the buffer ``weight``, so the ``state_dict`` keys are torch's (``weight``,
+    ``linear.weight``, ``linear.bias``) and a model can swap one module for the other. torch's
+    ``options`` (its chunking strategy) is accepted and has no effect: the fused path always
+    chunks (``chunk_size``). Extra keyword-only arguments: ``class_weighting``, ``gamma`` and
+    ``chunk_size``; ``forward(input, target, *, sample_weight=None, return_stats=False)``;
+    ``reduction`` also accepts ``"sample_mean"``.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: Tuple[int, ...] = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: Optional[torch.Tensor] = None, ignore_index: Optional[int] = None,
+                 label_smoothing: float = 0.0, options=None, class_weighting=None, gamma: float = 0.0,
+                 chunk_size: Optional[int] = None) -> None:
+        super().__init__()
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ValueError(f"{_LOSS}: weight must have shape ({num_classes},), got {_shape(weight.shape)}")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
+            0.0 <= label_smoothing <= 1.0
+        ):
+            raise ValueError(f"{_LOSS}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"{_LOSS}: chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
+        self.register_buffer("weight", weight)
+        self.reduction = _checks.reduction_mode(None, None, reduction, loss=_LOSS)
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.options = options
+        _checks.resolve_class_weighting(class_weighting, loss=_LOSS)  # fail at construction
+        self.class_weighting = class_weighting
+        self.gamma = _checks.check_focal_ce(gamma, label_smoothing, prob_target=False)
+        self.chunk_size = chunk_size
+        self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,
+                                      device=device, dtype=dtype)
+
+    def forward(self, input, target, *, sample_weight: Optional[torch.Tensor] = None, return_stats: bool = False):
+        linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+        linear_bias = None if self.linear.bias is None else self.linear.bias.reshape(
+            (self.num_classes, *self.out_features))
+        return linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            sample_weight=sample_weight, class_weighting=self.class_weighting, gamma=self.gamma,
+            return_stats=return_stats, chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        focal = f", gamma={self.gamma}" if self.gamma else ""
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"reduction={self.reduction!r}, class_weighting={self.class_weighting!r}{focal}")
