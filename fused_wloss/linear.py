@@ -323,6 +323,10 @@ def _setup_forward(ctx, inputs, output):
     (input, linear_weight, linear_bias, target, class_weight, sample_weight, _scale, ignore_index,
      label_smoothing, reduce, gamma, chunk_rows, needs_grad, _loss_dtype) = inputs
     _loss, grad_input, grad_weight, grad_bias, lse = output
+    # only the loss is differentiable; no zero gradients materialised for the other outputs (one
+    # would be a tensor of the linear weight's size)
+    ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias, lse)
+    ctx.set_materialize_grads(False)
     ctx.reduce = reduce
     ctx.needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                  linear_bias is not None and ctx.needs_input_grad[2]]
@@ -337,6 +341,8 @@ def _setup_forward(ctx, inputs, output):
 
 
 def _backward_formula(ctx, grad_loss, *_unused):
+    if grad_loss is None:  # (materialize_grads off) nothing flows into the loss
+        return (None,) * 14
     if ctx.refused:
         raise RuntimeError(
             "fused_wloss.linear_cross_entropy_forward: gradients with respect to target, weight, "
@@ -542,7 +548,10 @@ def _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_
         scale = (world / norm).detach().to(acc)
     else:
         scale = torch.full((), float(world), dtype=acc, device=x.device)
-    needs = [x.requires_grad, lw.requires_grad, lb is not None and lb.requires_grad]
+    # the gradients the forward forms: none under no_grad / inference
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and x.requires_grad, grad_on and lw.requires_grad,
+             grad_on and lb is not None and lb.requires_grad]
     loss, *_ = torch.ops.fused_wloss.linear_cross_entropy_forward(
         x.contiguous(), lw.contiguous(), None if lb is None else lb.contiguous(), t,
         applied, None if sw is None else sw.detach().to(acc),

@@ -314,6 +314,18 @@ def test_only_requested_gradients(fused_only):
     assert not out.requires_grad
 
 
+def test_no_gradient_work_without_grad_mode(fused_only, monkeypatch):
+    """Under no_grad (evaluation) the forward forms no gradient, also for leaves that require one."""
+    x, w, b, t, _ = _case((10,), 6, 7, {})
+    calls = []
+    monkeypatch.setattr(linear._GradSink, "add", lambda *args: calls.append(args))
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    with torch.no_grad():
+        out = fused_wloss.linear_cross_entropy(xg, wg, t, linear_bias=b, chunk_size=3)
+    assert not calls and not out.requires_grad
+    _assert_close(out, _composition(x, w, b, t, "mean", {}), torch.float64, "loss under no_grad")
+
+
 def test_grad_of_weight_or_sample_weight_takes_the_unfused_path():
     x, w, b, t, kw = _case((9,), 5, 6, {"weight": "class", "sample_weight": "sample"})
     cw = kw["weight"].clone().requires_grad_(True)
