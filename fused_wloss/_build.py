@@ -4,7 +4,7 @@
   kernel table.
   When a CUDA toolkit is found and torch has CUDA (see :func:`cuda_build_reason`), ``_C`` is a
   CUDA extension that also holds the CUDA operators (csrc/cuda), for the architectures of
-  ``TORCH_CUDA_ARCH_LIST`` (default ``DEFAULT_CUDA_ARCH_LIST``).
+  ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs', else ``DEFAULT_CUDA_ARCH_LIST``).
 - ``_cuda_emu`` (tests only, with ``FUSED_WLOSS_BUILD_EMU=1``, which ``make setup`` sets): the CUDA
   operators compiled by the C++ compiler under the emulation layer (csrc/emu), run on CPU tensors.
 - ``_cpu_<isa>``: the vectorised CPU kernels, one module per instruction set (default, AVX2,
@@ -51,8 +51,9 @@ def isa_sources(isa: str) -> List[str]:
 PARALLEL_FLAGS = ["-fopenmp"]
 
 
-# sm_80 (A100) and sm_90 (H100/H200): what CI compiles when no GPU is visible to pick from.
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+# sm_80 (A100) and sm_90 (H100/H200), with PTX for 9.0 that newer GPUs (Blackwell) JIT-compile:
+# what a build compiles when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible to pick from.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 # -lineinfo: compute-sanitizer and ncu reports point at source lines.
 # --expt-relaxed-constexpr: std::numeric_limits in the shared math header, on the device.
@@ -78,10 +79,29 @@ def cuda_build_reason() -> Optional[str]:
     return None
 
 
+def visible_cuda_archs() -> Optional[str]:
+    """The compute capabilities of the GPUs this build can see, as a TORCH_CUDA_ARCH_LIST with
+    PTX for the highest (as torch's own extension builds pick them), or None without a GPU."""
+    import torch
+
+    try:
+        if not torch.cuda.is_available():
+            return None
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    except Exception:  # a broken driver: build for the defaults rather than fail here
+        return None
+    if not caps:
+        return None
+    archs = [f"{major}.{minor}" for major, minor in caps]
+    archs[-1] += "+PTX"
+    return ";".join(archs)
+
+
 def cuda_arch_list() -> str:
-    """The architectures to compile for; sets TORCH_CUDA_ARCH_LIST, which torch's build reads,
-    when the user has not."""
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH_LIST
+    """The architectures to compile for: TORCH_CUDA_ARCH_LIST when set, else the visible GPUs'
+    (a T4, V100 or Blackwell GPU gets its own kernel image), else DEFAULT_CUDA_ARCH_LIST. Sets
+    TORCH_CUDA_ARCH_LIST, which torch's build reads."""
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or visible_cuda_archs() or DEFAULT_CUDA_ARCH_LIST
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     return arch
 

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import fused_wloss
 
@@ -85,3 +86,23 @@ def test_best_instruction_set_is_installed_and_really_vectorised():
     register = {"avx512": "zmm", "avx2": "ymm"}[best]
     code = subprocess.run([objdump, "-d", _extension._isa_modules[best].__file__], capture_output=True, text=True).stdout
     assert code.count(register) > 100, f"the {best} build uses few {register} registers"
+
+
+def test_cuda_arch_list_follows_the_visible_gpus(monkeypatch):
+    """TORCH_CUDA_ARCH_LIST wins; unset, the visible GPUs' capabilities (PTX for the highest, as
+    torch's own extension builds); with no GPU, the defaults, PTX on the highest."""
+    from fused_wloss import _build
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")
+    assert _build.cuda_arch_list() == "7.5"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    caps = {0: (9, 0), 1: (7, 5), 2: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    assert _build.cuda_arch_list() == "7.5;9.0+PTX"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "7.5;9.0+PTX"  # what torch's build then reads
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _build.cuda_arch_list() == _build.DEFAULT_CUDA_ARCH_LIST
+    assert _build.DEFAULT_CUDA_ARCH_LIST.endswith("+PTX")

@@ -108,3 +108,69 @@ def test_invalid_launches_are_refused():
         run("reverse", 2048)
     with pytest.raises(RuntimeError, match="no kernel named"):
         run("nope", 32)
+
+
+def test_misaligned_vector_access_is_reported():
+    """A 16-byte load_pack/store_pack at an address that is not 16-byte aligned faults on a GPU;
+    the emulation reports it where the kernels' own alignment logic would have let one through."""
+    with pytest.raises(RuntimeError, match="misaligned 16-byte vector access"):
+        run("misaligned_pack", 32)
+
+
+def test_dynamic_shared_memory_beyond_48k_is_refused():
+    with pytest.raises(RuntimeError, match="more than the 49152 a kernel gets without opting in"):
+        run("dynamic_smem_over_48k", 32)
+
+
+def test_shuffled_block_order(monkeypatch):
+    """FWL_EMU_BLOCK_ORDER=shuffle[:seed] runs every block once, in an order of its own per seed."""
+    blocks = 37
+    monkeypatch.delenv("FWL_EMU_BLOCK_ORDER", raising=False)
+    out = run("block_order", 32, blocks)
+    assert out[0].item() == blocks and torch.equal(out[1:], torch.arange(blocks))
+    orders = []
+    for seed in ("1", "2"):
+        monkeypatch.setenv("FWL_EMU_BLOCK_ORDER", f"shuffle:{seed}")
+        out = run("block_order", 32, blocks)
+        assert torch.equal(out[1:].sort().values, torch.arange(blocks))  # a permutation
+        assert not torch.equal(out[1:], torch.arange(blocks))
+        orders.append(out[1:])
+    assert not torch.equal(orders[0], orders[1])
+
+
+def test_kernels_give_the_same_bits_in_any_block_order(monkeypatch):
+    """The loss kernels' results do not depend on the order blocks run in (fixed-order
+    reductions, no order-dependent atomics on floats): every operator, in index order and two
+    shuffled orders, bitwise."""
+    import fused_wloss
+    from fused_wloss import BatchWeighting
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 37, generator=gen)
+    t = torch.randint(0, 37, (300,), generator=gen)
+    q = torch.softmax(torch.randn(300, 37, generator=gen), -1)
+    y = (torch.rand(300, 37, generator=gen) < 0.3).float()
+    wide = torch.randn(6, 5000, generator=gen)
+    tw = torch.randint(0, 5000, (6,), generator=gen)
+
+    def everything():
+        out = []
+        for fn, args, kw in [
+            (fused_wloss.cross_entropy, (x, t), {"class_weighting": "inverse", "label_smoothing": 0.1}),
+            (fused_wloss.cross_entropy, (wide, tw), {"class_weighting": BatchWeighting("inverse_sqrt")}),
+            (fused_wloss.cross_entropy, (x, q), {"class_weighting": "inverse"}),
+            (fused_wloss.binary_cross_entropy_with_logits, (x, y), {"class_weighting": "balanced"}),
+        ]:
+            leaf = args[0].clone().requires_grad_(True)
+            loss = fn(leaf, *args[1:], **kw)
+            loss.backward()
+            out += [loss.detach(), leaf.grad]
+        return out
+
+    with ops.use_namespace("fused_wloss_emu"):
+        monkeypatch.delenv("FWL_EMU_BLOCK_ORDER", raising=False)
+        base = everything()
+        for seed in ("3", "11"):
+            monkeypatch.setenv("FWL_EMU_BLOCK_ORDER", f"shuffle:{seed}")
+            for a, b in zip(everything(), base):
+                assert torch.equal(a, b)

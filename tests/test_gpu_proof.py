@@ -203,6 +203,28 @@ def test_compile_reduce_overhead_on_new_data():
         torch.testing.assert_close(g, ge, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("op", ["ce", "bce"])
+def test_backward_operators_refuse_host_tensors(op):
+    """A host tensor among a backward operator's arguments would be read by the kernel as a device
+    address (an illegal-address fault that ends the process's CUDA context): a clear error instead."""
+    requires_real_gpu()
+    x = torch.randn(8, 5, device="cuda")
+    if op == "ce":
+        t = torch.randint(0, 5, (8,), device="cuda")
+        _, lse, cw, norm = torch.ops.fused_wloss.cross_entropy_forward(x, t, None, None, -100, 0.0, 2, 0, 1.0, 0.999)
+        with pytest.raises(RuntimeError, match="lse must be on the input's device"):
+            torch.ops.fused_wloss.cross_entropy_backward(torch.ones((), device="cuda"), x, t, cw, None, lse.cpu(),
+                                                         norm, -100, 0.0, 2)
+        with pytest.raises(RuntimeError, match="grad_loss must be on the input's device"):
+            torch.ops.fused_wloss.cross_entropy_backward(torch.ones(()), x, t, cw, None, lse, norm, -100, 0.0, 2)
+    else:
+        y = (torch.rand(8, 5, device="cuda") < 0.5).float()
+        _, neg, pos = torch.ops.fused_wloss.bce_forward(x, y, None, None, None, 2, 1, 1.0, 0.999, False)
+        with pytest.raises(RuntimeError, match="pos_label_weight must be on the input's device"):
+            torch.ops.fused_wloss.bce_backward(torch.ones((), device="cuda"), x, y, None, None, None, neg, pos.cpu(), 2)
+    torch.cuda.synchronize()  # the context is still usable
+
+
 @pytest.mark.parametrize("kind", ["soft", "bce"])
 def test_bitwise_repeatable(gpu, kind):
     gen = torch.Generator().manual_seed(7)

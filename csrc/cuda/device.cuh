@@ -54,6 +54,14 @@ inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
 #endif
 }
 
+// A one-dimensional grid of `blocks` blocks, checked before the cast: gridDim.x is unsigned and
+// holds at most 2^31 - 1 blocks; a larger or empty grid is a host error, not a wrapped launch.
+inline dim3 grid_of(int64_t blocks) {
+  TORCH_CHECK(blocks >= 1 && blocks <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()),
+              "fused_wloss: a launch of ", blocks, " blocks (a grid holds 1 to 2^31 - 1)");
+  return dim3(static_cast<unsigned>(blocks));
+}
+
 // A failed device-side check stops the kernel, as torch's own index checks do: on the GPU the
 // next CUDA call reports "device-side assert triggered"; in the emulation the launch throws.
 #if defined(FWL_EMULATE_CUDA)
@@ -88,8 +96,17 @@ struct alignas(16) Pack {
 
 // Through uint4, so that nvcc emits one 128-bit access (a Pack of c10::Half or c10::BFloat16
 // copied as a struct becomes eight 16-bit stores).
+// The emulation checks what the GPU would fault on (a misaligned address); on the GPU no check.
+#if defined(FWL_EMULATE_CUDA)
+#define FWL_CHECK_PACK_ALIGNED(p) \
+  FWL_EMU_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(p) % 16 == 0, "misaligned 16-byte vector access")
+#else
+#define FWL_CHECK_PACK_ALIGNED(p)
+#endif
+
 template <typename T>
 __device__ __forceinline__ Pack<T> load_pack(const T* p) {
+  FWL_CHECK_PACK_ALIGNED(p);
   const uint4 u = *reinterpret_cast<const uint4*>(p);
   Pack<T> v;
   memcpy(&v, &u, sizeof(v));
@@ -98,6 +115,7 @@ __device__ __forceinline__ Pack<T> load_pack(const T* p) {
 
 template <typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T>& v) {
+  FWL_CHECK_PACK_ALIGNED(p);
   uint4 u;
   memcpy(&u, &v, sizeof(u));
   *reinterpret_cast<uint4*>(p) = u;

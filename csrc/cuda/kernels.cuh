@@ -62,6 +62,11 @@ struct CeKernelArgs {
 };
 
 constexpr int kRowsBlock = 256;  // threads of the grouped kernels
+// The most threads a block of the cross-entropy kernels has (a block per row): their
+// __launch_bounds__, so that ptxas keeps the registers a thread uses within what such a block can
+// have, and the bound the launch configuration (ce_launch) stays under.
+constexpr int kMaxRowBlock = 512;
+constexpr int kClassWeightThreads = 1024;  // class_weight_kernel's single block
 
 __device__ __forceinline__ int64_t load_target(const void* t, bool is_int32, int64_t row) {
   return is_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(t)[row])
@@ -198,7 +203,7 @@ __device__ __forceinline__ void write_block_partial(CePartialSums* rows_sums, in
 }
 
 template <typename scalar_t, bool kBlockPerRow>
-__global__ void ce_forward_kernel(CeKernelArgs<scalar_t> a) {
+__global__ void __launch_bounds__(kMaxRowBlock) ce_forward_kernel(CeKernelArgs<scalar_t> a) {
   using acc_t = acc_t_of<scalar_t>;
   __shared__ CePartialSums row_sums[kRowsBlock];
   __shared__ RowStats<acc_t> scratch[kWarpSize];
@@ -239,7 +244,7 @@ __device__ __forceinline__ acc_t_of<scalar_t> ce_upstream_grad(const CeKernelArg
 }
 
 template <typename scalar_t, bool kBlockPerRow>
-__global__ void ce_backward_kernel(CeKernelArgs<scalar_t> a) {
+__global__ void __launch_bounds__(kMaxRowBlock) ce_backward_kernel(CeKernelArgs<scalar_t> a) {
   using acc_t = acc_t_of<scalar_t>;
   constexpr int K = Pack<scalar_t>::kSize;
   const int group = kBlockPerRow ? static_cast<int>(blockDim.x) : a.group;
@@ -339,7 +344,7 @@ __global__ void class_count_kernel(const void* target, bool target_int32, int64_
 // One block: class_w[c] *= scheme(counts[c]) (counts may be nullptr: static weights only), and
 // *sum_w = sum_c class_w[c], reduced in a fixed order.
 template <typename acc_t>
-__global__ void class_weight_kernel(const unsigned long long* counts, int64_t C, int scheme,
+__global__ void __launch_bounds__(kClassWeightThreads) class_weight_kernel(const unsigned long long* counts, int64_t C, int scheme,
                                     acc_t smoothing, acc_t beta, acc_t* class_w, acc_t* sum_w) {
   __shared__ acc_t scratch[kWarpSize];
   acc_t local = 0;

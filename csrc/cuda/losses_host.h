@@ -69,10 +69,10 @@ inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes
     l.group = static_cast<int>(threads_per_row(C, per_vec, 2, kWarpSize));
     l.threads = kRowsBlock;
     l.blocks = ceil_div(rows, kRowsBlock / l.group);
-  } else {  // a block per row, about four vectors a thread; at most 512 threads, so that two
-            // blocks fit on an SM at the kernels' register count
+  } else {  // a block per row, about four vectors a thread; at most kMaxRowBlock (512) threads, so
+            // that two blocks fit on an SM at the kernels' register count
     l.block_per_row = true;
-    l.group = static_cast<int>(threads_per_row(C, per_vec, 4, 512));
+    l.group = static_cast<int>(threads_per_row(C, per_vec, 4, kMaxRowBlock));
     l.group = std::max(l.group, 128);
     l.threads = l.group;
     l.blocks = rows;
@@ -122,18 +122,18 @@ CeKernelArgs<scalar_t> ce_kernel_args(const CeShape& s, const CeLaunch& l, const
 template <typename scalar_t>
 void launch_ce_forward(const CeLaunch& l, const CeKernelArgs<scalar_t>& a, cudaStream_t stream) {
   if (l.block_per_row) {
-    launch_kernel(ce_forward_kernel<scalar_t, true>, dim3(l.blocks), dim3(l.threads), 0, stream, a);
+    launch_kernel(ce_forward_kernel<scalar_t, true>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
   } else {
-    launch_kernel(ce_forward_kernel<scalar_t, false>, dim3(l.blocks), dim3(l.threads), 0, stream, a);
+    launch_kernel(ce_forward_kernel<scalar_t, false>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
   }
 }
 
 template <typename scalar_t>
 void launch_ce_backward(const CeLaunch& l, const CeKernelArgs<scalar_t>& a, cudaStream_t stream) {
   if (l.block_per_row) {
-    launch_kernel(ce_backward_kernel<scalar_t, true>, dim3(l.blocks), dim3(l.threads), 0, stream, a);
+    launch_kernel(ce_backward_kernel<scalar_t, true>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
   } else {
-    launch_kernel(ce_backward_kernel<scalar_t, false>, dim3(l.blocks), dim3(l.threads), 0, stream, a);
+    launch_kernel(ce_backward_kernel<scalar_t, false>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
   }
 }
 
@@ -156,7 +156,7 @@ inline std::pair<at::Tensor, at::Tensor> ce_class_weights(const at::Tensor& targ
       constexpr int kThreads = 256;
       const bool shared_hist = C <= 8192;  // 32 KB of counters a block
       const int64_t blocks = std::min<int64_t>(ceil_div(rows, kThreads), 1024);
-      launch_kernel(class_count_kernel, dim3(blocks), dim3(kThreads),
+      launch_kernel(class_count_kernel, grid_of(blocks), dim3(kThreads),
                     shared_hist ? static_cast<size_t>(C) * sizeof(unsigned) : 0, stream, target.data_ptr(),
                     target.scalar_type() == at::kInt, rows, C, ignore_index,
                     reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), shared_hist);
@@ -166,7 +166,7 @@ inline std::pair<at::Tensor, at::Tensor> ce_class_weights(const at::Tensor& targ
   if (C > 0 && (scheme != kNoScheme || need_sum)) {
     sum_w = at::empty({}, target.options().dtype(acc));
     AT_DISPATCH_FLOATING_TYPES(acc, "fused_wloss_class_weight", [&] {
-      launch_kernel(class_weight_kernel<scalar_t>, dim3(1), dim3(1024), 0, stream,
+      launch_kernel(class_weight_kernel<scalar_t>, dim3(1), dim3(kClassWeightThreads), 0, stream,
                     counts.defined() ? reinterpret_cast<const unsigned long long*>(counts.data_ptr<int64_t>())
                                      : nullptr,
                     C, static_cast<int>(scheme), static_cast<scalar_t>(smoothing), static_cast<scalar_t>(beta),
@@ -250,6 +250,13 @@ inline void ce_backward_into(const at::Tensor& grad_input, const at::Tensor& gra
                              const at::Tensor& norm, int64_t ignore_index, double label_smoothing,
                              int64_t reduction, double gamma) {
   check_kernel_dtype(input.scalar_type());
+  // a host tensor here would be read by the kernel as a device address: an illegal-address fault
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_loss, "grad_loss"},
+                                {&target, "target"}, {&lse, "lse"}, {&norm, "norm"},
+                                {&class_weight, "class_weight"}}) {
+    check_same_device(input, *t, name);
+  }
+  check_same_device(input, sample_weight, "sample_weight");
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
   const CeShape s = ce_shape(input, target);
   const CallContext call(input);
@@ -269,7 +276,7 @@ inline void ce_backward_into(const at::Tensor& grad_input, const at::Tensor& gra
     sum_w = at::empty({}, x.options().dtype(acc));
     at::Tensor w_copy = class_w.clone();  // the kernel writes its input back
     AT_DISPATCH_FLOATING_TYPES(acc, "fused_wloss_class_weight_sum", [&] {
-      launch_kernel(class_weight_kernel<scalar_t>, dim3(1), dim3(1024), 0, stream,
+      launch_kernel(class_weight_kernel<scalar_t>, dim3(1), dim3(kClassWeightThreads), 0, stream,
                     static_cast<const unsigned long long*>(nullptr), s.C, 0, scalar_t(1), scalar_t(0),
                     w_copy.data_ptr<scalar_t>(), sum_w.data_ptr<scalar_t>());
     });
@@ -417,9 +424,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
     }
     a.partials = reinterpret_cast<CePartialSums*>(partials.data_ptr());
     if (block_per_row) {
-      launch_kernel(ce_prob_forward_kernel<scalar_t, true>, dim3(blocks), dim3(threads), 0, stream, a);
+      launch_kernel(ce_prob_forward_kernel<scalar_t, true>, grid_of(blocks), dim3(threads), 0, stream, a);
     } else {
-      launch_kernel(ce_prob_forward_kernel<scalar_t, false>, dim3(blocks), dim3(threads), 0, stream, a);
+      launch_kernel(ce_prob_forward_kernel<scalar_t, false>, grid_of(blocks), dim3(threads), 0, stream, a);
     }
     launch_ce_finalize<scalar_t>(a.partials, blocks, finalize_reduction, loss_acc, loss, norm_out, stream);
   });
@@ -464,7 +471,7 @@ inline at::Tensor cross_entropy_prob_backward(const at::Tensor& grad_loss, const
     a.norm = ptr_or_null<acc_t>(n);
     a.reduction = static_cast<int>(reduction);
     a.grad_x = grad_input.data_ptr<scalar_t>();
-    launch_kernel(ce_prob_backward_kernel<scalar_t>, dim3(blocks), dim3(256), 0, stream, a);
+    launch_kernel(ce_prob_backward_kernel<scalar_t>, grid_of(blocks), dim3(256), 0, stream, a);
   });
   return grad_input;
 }
@@ -526,11 +533,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
       const int64_t per = ceil_div(std::max<int64_t>(s.rows, 1), segments);
       at::Tensor part = at::empty({segments * s.L}, input.options().dtype(at::kDouble));
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tc.scalar_type(), "fused_wloss_bce_counts", [&] {
-        launch_kernel(bce_label_sum_kernel<scalar_t>, dim3(segments), dim3(256), 0, stream,
+        launch_kernel(bce_label_sum_kernel<scalar_t>, grid_of(segments), dim3(256), 0, stream,
                       tc.data_ptr<scalar_t>(), s.rows, s.L, per, part.data_ptr<double>());
       });
       AT_DISPATCH_FLOATING_TYPES(acc, "fused_wloss_bce_label_weights", [&] {
-        launch_kernel(bce_label_weight_kernel<scalar_t>, dim3(ceil_div(s.L, 256)), dim3(256), 0, stream,
+        launch_kernel(bce_label_weight_kernel<scalar_t>, grid_of(ceil_div(s.L, 256)), dim3(256), 0, stream,
                       static_cast<const double*>(part.data_ptr<double>()), segments, s.rows, s.L, per,
                       static_cast<int>(scheme), static_cast<scalar_t>(smoothing), static_cast<scalar_t>(beta),
                       balanced, neg_dyn.data_ptr<scalar_t>(), pos_dyn.data_ptr<scalar_t>());
@@ -556,7 +563,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
       a.loss_elems = ptr_or_null<scalar_t>(loss_elems);
     }
     a.partials = partials.data_ptr<double>();
-    launch_kernel(bce_forward_kernel<scalar_t>, dim3(blocks), dim3(kBceThreads), 0, stream, a);
+    launch_kernel(bce_forward_kernel<scalar_t>, grid_of(blocks), dim3(kBceThreads), 0, stream, a);
     if (reduction != kNone) {
       const double divisor = reduction == kSum ? 1.0 : static_cast<double>(numel);
       const auto* sums = static_cast<const double*>(a.partials);
@@ -578,6 +585,14 @@ inline at::Tensor bce_backward(const at::Tensor& grad_loss, const at::Tensor& in
                                const at::Tensor& pos_label_weight, int64_t reduction, double gamma,
                                double alpha) {
   check_kernel_dtype(input.scalar_type());
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_loss, "grad_loss"},
+                                {&target, "target"}, {&neg_label_weight, "neg_label_weight"},
+                                {&pos_label_weight, "pos_label_weight"}}) {
+    check_same_device(input, *t, name);
+  }
+  check_same_device(input, weight, "weight");
+  check_same_device(input, pos_weight, "pos_weight");
+  check_same_device(input, sample_weight, "sample_weight");
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
   const CallContext call(input);
   const cudaStream_t stream = call.stream();
@@ -595,7 +610,7 @@ inline at::Tensor bce_backward(const at::Tensor& grad_loss, const at::Tensor& in
     a.grad_out = g.data_ptr<acc_t_of<scalar_t>>();
     a.reduction = static_cast<int>(reduction);
     a.grad_x = grad_input.data_ptr<scalar_t>();
-    launch_kernel(bce_backward_kernel<scalar_t>, dim3(blocks), dim3(kBceThreads), 0, stream, a, divisor);
+    launch_kernel(bce_backward_kernel<scalar_t>, grid_of(blocks), dim3(kBceThreads), 0, stream, a, divisor);
   });
   return grad_input;
 }

@@ -22,6 +22,9 @@
 // (fibers switch only at meeting points, so a race between threads of one warp, or one that the
 // two warp orders above do not expose, goes unseen), independent thread scheduling inside a warp,
 // and several blocks in flight at once. Static __shared__ memory is not refilled between blocks.
+// Blocks run in index order unless FWL_EMU_BLOCK_ORDER=shuffle (see block_order_seed); dynamic
+// shared memory is limited to the 48 KB a kernel has without opting in; 16-byte vector accesses
+// (load_pack / store_pack in device.cuh) must be 16-byte aligned, as on the GPU.
 //
 // Memory: __shared__ variables are function-local statics per host thread (one block runs at a
 // time per host thread, as on one SM with one resident block); dynamic shared memory
@@ -34,6 +37,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -434,6 +438,34 @@ class BlockScheduler {
 
 inline const uint3& thread_idx() { return ctx().self->tid; }
 
+// Dynamic shared memory a kernel may use without cudaFuncSetAttribute's opt-in.
+constexpr size_t kDynamicSharedLimit = 48 * 1024;
+
+// FWL_EMU_BLOCK_ORDER=shuffle[:SEED] runs the blocks of every launch in a pseudo-random order
+// (SEED, default 1, picks it): a GPU runs blocks in no fixed order, so a result that depends on
+// it (a race between blocks, an order-dependent float sum through atomics) changes. 0 when unset:
+// blocks in index order. Read at every launch, so a test can switch it.
+inline uint64_t block_order_seed() {
+  const char* v = std::getenv("FWL_EMU_BLOCK_ORDER");
+  if (v == nullptr || std::strncmp(v, "shuffle", 7) != 0) return 0;
+  const uint64_t seed = v[7] == ':' ? std::strtoull(v + 8, nullptr, 10) : 1;
+  return seed == 0 ? 1 : seed;
+}
+
+// A bijection of [0, n): a cycle-walking affine permutation k -> (a k + b) mod m over the next
+// power of two m >= n, with a odd (so invertible mod m), repeated until the value falls below n.
+inline uint64_t permuted(uint64_t k, uint64_t n, uint64_t seed) {
+  uint64_t m = 1;
+  while (m < n) m <<= 1;
+  const uint64_t a = ((seed * 0x9E3779B97F4A7C15ull) | 1ull) & (m - 1);
+  const uint64_t b = (seed * 0xBF58476D1CE4E5B9ull) & (m - 1);
+  uint64_t v = k;
+  do {
+    v = (a * v + b) & (m - 1);
+  } while (v >= n);
+  return v;
+}
+
 // Runs `body` as a kernel over `grid` x `block` threads with `smem` bytes of dynamic shared
 // memory.
 inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
@@ -446,9 +478,10 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
     throw Error("fused_wloss CUDA emulation: invalid grid size (" + std::to_string(grid.x) + "," +
                 std::to_string(grid.y) + "," + std::to_string(grid.z) + ")");
   }
-  if (smem > 227 * 1024) {
+  if (smem > kDynamicSharedLimit) {
+    // beyond 48 KB a kernel must opt in (cudaFuncSetAttribute), which none of ours does
     throw Error("fused_wloss CUDA emulation: " + std::to_string(smem) +
-                " bytes of dynamic shared memory, more than a block can have");
+                " bytes of dynamic shared memory, more than the 49152 a kernel gets without opting in");
   }
   Context& c = ctx();
   if (c.sched != nullptr) throw Error("fused_wloss CUDA emulation: a kernel launched from a kernel");
@@ -460,13 +493,17 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
   struct Reset {
     ~Reset() { ctx().sched = nullptr; }
   } reset;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        c.block_idx = {x, y, z};
-        std::fill(c.dynamic_smem.begin(), c.dynamic_smem.end(), 0xFF);
-        sched.run(body, block, ((x + y + z) & 1u) != 0);
-      }
+  const uint64_t blocks = 1ull * grid.x * grid.y * grid.z;
+  const uint64_t seed = block_order_seed();
+  for (uint64_t k = 0; k < blocks; ++k) {
+    const uint64_t b = seed == 0 ? k : permuted(k, blocks, seed);
+    const unsigned x = static_cast<unsigned>(b % grid.x);
+    const unsigned y = static_cast<unsigned>((b / grid.x) % grid.y);
+    const unsigned z = static_cast<unsigned>(b / (1ull * grid.x * grid.y));
+    c.block_idx = {x, y, z};
+    std::fill(c.dynamic_smem.begin(), c.dynamic_smem.end(), 0xFF);
+    sched.run(body, block, ((x + y + z) & 1u) != 0);
+  }
 }
 
 template <typename T>

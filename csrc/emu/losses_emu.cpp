@@ -141,10 +141,25 @@ __global__ void device_assert_kernel(int64_t* out) {
   out[threadIdx.x] = 1;
 }
 
+// Misuse: a 16-byte vector load from an address 8 bytes past an aligned one.
+__global__ void misaligned_pack_kernel(int64_t* out) {
+  alignas(16) float buf[8] = {};
+  const cuda::Pack<float> v = cuda::load_pack(buf + 2);
+  out[threadIdx.x] = static_cast<int64_t>(v.v[0]);
+}
+
+// The block index of every block, in the order the blocks ran: out[k] = block run k-th.
+__global__ void block_order_kernel(int64_t* out) {
+  if (threadIdx.x == 0) {
+    const unsigned long long k = atomicAdd(reinterpret_cast<unsigned long long*>(out), 1ull);
+    out[1 + k] = blockIdx.x;
+  }
+}
+
 at::Tensor selftest(const std::string& name, int64_t threads, int64_t blocks) {
   TORCH_CHECK(threads > 0 && threads <= 1024 && blocks > 0, "selftest: bad launch ", threads, "x", blocks);
   const int64_t n = threads * blocks;
-  at::Tensor out = at::zeros({name == "shuffles" ? 4 * n : n}, at::kLong);
+  at::Tensor out = at::zeros({name == "shuffles" ? 4 * n : name == "block_order" ? blocks + 1 : n}, at::kLong);
   int64_t* p = out.data_ptr<int64_t>();
   const dim3 g(static_cast<unsigned>(blocks)), b(static_cast<unsigned>(threads));
   using cuda::launch_kernel;
@@ -174,6 +189,12 @@ at::Tensor selftest(const std::string& name, int64_t threads, int64_t blocks) {
     launch_kernel(missing_lane_kernel, g, b, 0, nullptr, p);
   } else if (name == "read_outside_mask") {
     launch_kernel(read_outside_mask_kernel, g, b, 0, nullptr, p);
+  } else if (name == "misaligned_pack") {
+    launch_kernel(misaligned_pack_kernel, g, b, 0, nullptr, p);
+  } else if (name == "dynamic_smem_over_48k") {
+    launch_kernel(dynamic_reverse_kernel, g, b, 48 * 1024 + 16, nullptr, p);
+  } else if (name == "block_order") {
+    launch_kernel(block_order_kernel, g, b, 0, nullptr, p);
   } else if (name == "device_assert") {
     launch_kernel(device_assert_kernel, g, b, 0, nullptr, p);
   } else {
