@@ -221,9 +221,12 @@ def _case_by_name(name: str) -> "LinearCase":
     raise ValueError(f"no linear case named {name!r}")
 
 
-def run_case(case: LinearCase, device, timer: Timer, with_memory: bool) -> dict:
+def run_case(case: LinearCase, device, timer: Timer, with_memory: bool, only: str = "") -> dict:
+    """``only``: a regular expression; implementations whose name it does not match are skipped
+    (fused_wloss always runs)."""
     x, w, y, static = _inputs(case, device)
-    impls = implementations(case, device, static)
+    impls = {k: v for k, v in implementations(case, device, static).items()
+             if k == "fused_wloss" or re.search(only, k)}
     errors = _check({**impls, "_static": static}, x, w, y, case)
     row = {"case": case.name, "shape": list(case.shape), "weighting": case.weighting, "dtype": case.dtype,
            "amp": case.amp, "errors": errors, "impls": {}}

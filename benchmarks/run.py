@@ -311,6 +311,9 @@ def parse_args(argv=None):
                    "1 gives steadier times on a machine that other jobs share")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory and saved-bytes measurements")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--impl", default="",
+                   help="--linear only: a regular expression picking the baselines to run besides fused_wloss, "
+                   "e.g. 'chunked' (the large heads of --full take tens of seconds a call)")
     p.add_argument("--linear", action="store_true",
                    help="the fused linear + cross-entropy section (benchmarks/linear.py): heads of (N, H, C) against "
                    "torch's composition, F.linear_cross_entropy (chunked and not) and Liger; --quick/--full, "
@@ -462,7 +465,7 @@ def _main_linear(args, argv, device, effort) -> int:
     t0 = time.perf_counter()
     for case in cases:
         print(f"  {case.name} ...", flush=True)
-        rows.append(linear.run_case(case, device, timer, not args.no_memory))
+        rows.append(linear.run_case(case, device, timer, not args.no_memory, args.impl))
         _release(device)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info["load_average_end"] = _load()

@@ -29,6 +29,7 @@ the call without a graph break. Probability targets and a K-dimensional ``linear
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -151,6 +152,13 @@ def _check_args(input, linear_weight, linear_bias, target, weight, sample_weight
     return num_classes, prob_target
 
 
+def _as_int_or_none(value, name: str):
+    """An int (Python's or NumPy's) as int; None as None; anything else is refused by the checks."""
+    if value is None or isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return value
+    return int(value)
+
+
 def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size: Optional[int] = None) -> int:
     """Rows per chunk: ``chunk_size`` when given, else as many as keep one chunk's logits within
     :data:`DEFAULT_CHUNK_BYTES` (at least one row)."""
@@ -211,6 +219,14 @@ class _GradSink:
         return self.input, weight, bias
 
 
+def _recomputes(reduce: bool, dtype: torch.dtype) -> bool:
+    """Whether the backward recomputes each chunk's logits instead of scaling gradients the
+    forward formed: for reduction="none" (a gradient per row), and for float16, whose gradients
+    formed before the loss scale of a GradScaler is known would underflow (float16 has 5 exponent
+    bits; bfloat16 has float32's range and keeps the forward-formed gradients)."""
+    return not reduce or dtype == torch.float16
+
+
 def _chunks(input, linear_weight, linear_bias, target, sample_weight, chunk_rows):
     """Per chunk of rows: (r0, r1, input rows, targets, sample weights, logits), autocast off (the
     matmuls run in the dtype the caller chose; autocast would also refuse mm's out=)."""
@@ -242,21 +258,24 @@ def _forward_op(
     ops = _ce_ops()
     acc = _acc_dtype(input.dtype)
     n = input.shape[0]
-    sink = _GradSink(input, linear_weight, linear_bias, needs_grad if reduce else [False] * 3)
+    keep_lse = _recomputes(reduce, input.dtype)
+    sink = _GradSink(input, linear_weight, linear_bias, [False] * 3 if keep_lse else needs_grad)
     reduction = 1 if reduce else 0
     row_loss_dtype = acc if reduce else loss_dtype
     total = torch.zeros((), dtype=acc, device=input.device)
     losses, lse = input.new_empty(0), input.new_empty(0)
+    if keep_lse:
+        lse = input.new_empty((2, n), dtype=acc)
     if not reduce:
         losses = input.new_empty(n, dtype=loss_dtype or input.dtype)
-        lse = input.new_empty((2, n), dtype=acc)
     for r0, r1, x, t, sw, logits in _chunks(input, linear_weight, linear_bias, target, sample_weight, chunk_rows):
         loss, chunk_lse, cw, norm = ops.cross_entropy_forward(
             logits, t, class_weight, sw, ignore_index, label_smoothing, reduction, 0, 1.0, 0.999, gamma,
             row_loss_dtype)
+        if keep_lse:
+            lse[:, r0:r1] = chunk_lse
         if not reduce:
             losses[r0:r1] = loss
-            lse[:, r0:r1] = chunk_lse
             del logits
             continue
         total += loss
@@ -281,6 +300,9 @@ def _forward_fake(input, linear_weight, linear_bias, target, class_weight, sampl
     if not reduce:
         return (input.new_empty(n, dtype=loss_dtype or input.dtype), input.new_empty(0), input.new_empty(0),
                 input.new_empty(0), input.new_empty((2, n), dtype=acc))
+    if _recomputes(reduce, input.dtype):
+        return (input.new_empty((), dtype=acc), input.new_empty(0), input.new_empty(0), input.new_empty(0),
+                input.new_empty((2, n), dtype=acc))
     return (input.new_empty((), dtype=acc), *_grads_fake(input, linear_weight, linear_bias, needs_grad),
             input.new_empty(0))
 
@@ -320,7 +342,7 @@ def _backward_fake(grad_loss, input, linear_weight, linear_bias, target, class_w
 
 
 def _setup_forward(ctx, inputs, output):
-    (input, linear_weight, linear_bias, target, class_weight, sample_weight, _scale, ignore_index,
+    (input, linear_weight, linear_bias, target, class_weight, sample_weight, scale, ignore_index,
      label_smoothing, reduce, gamma, chunk_rows, needs_grad, _loss_dtype) = inputs
     _loss, grad_input, grad_weight, grad_bias, lse = output
     # only the loss is differentiable; no zero gradients materialised for the other outputs (one
@@ -328,16 +350,17 @@ def _setup_forward(ctx, inputs, output):
     ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias, lse)
     ctx.set_materialize_grads(False)
     ctx.reduce = reduce
+    ctx.recompute = _recomputes(reduce, input.dtype)
     ctx.needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                  linear_bias is not None and ctx.needs_input_grad[2]]
     ctx.told = list(needs_grad)
     ctx.consumed = False
     ctx.refused = any(ctx.needs_input_grad[3:7])
-    if reduce:
-        ctx.save_for_backward(grad_input, grad_weight, grad_bias)
-    else:
+    if ctx.recompute:
         ctx.options = (ignore_index, label_smoothing, gamma, chunk_rows)
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, sample_weight, lse)
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, sample_weight, lse, scale)
+    else:
+        ctx.save_for_backward(grad_input, grad_weight, grad_bias)
 
 
 def _backward_formula(ctx, grad_loss, *_unused):
@@ -350,7 +373,7 @@ def _backward_formula(ctx, grad_loss, *_unused):
             "fused_wloss.linear_cross_entropy sends such calls to the unfused composition"
         )
     grads = [None, None, None]
-    if ctx.reduce:
+    if not ctx.recompute:
         if any(need and not told for need, told in zip(ctx.needs, ctx.told)):
             raise RuntimeError(
                 "fused_wloss.linear_cross_entropy_forward: a gradient is needed that the forward's "
@@ -361,6 +384,8 @@ def _backward_formula(ctx, grad_loss, *_unused):
         # and the graph owns the buffers.
         in_place = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
         if in_place:
+            if torch.is_grad_enabled():  # create_graph=True: the handed-over buffers have no graph
+                _refuse_double_backward(ctx)
             if ctx.consumed:  # checked before saved_tensors, whose version check would say less
                 raise RuntimeError(
                     "fused_wloss.linear_cross_entropy: the backward of a reduced loss hands over the "
@@ -371,15 +396,34 @@ def _backward_formula(ctx, grad_loss, *_unused):
         saved = ctx.saved_tensors
         for k in range(3):
             if ctx.needs[k]:
-                scale = grad_loss.to(saved[k].dtype)
-                grads[k] = saved[k].mul_(scale) if in_place else saved[k] * scale
+                # grad_loss stays in the accumulation dtype: a GradScaler's 2^16 is inf in float16,
+                # and bfloat16(1/3) is off by 2e-3 (the product is formed in float32 and rounded once)
+                grads[k] = _scaled(saved[k], grad_loss, in_place)
     elif any(ctx.needs):
-        input, linear_weight, linear_bias, target, class_weight, sample_weight, lse = ctx.saved_tensors
+        input, linear_weight, linear_bias, target, class_weight, sample_weight, lse, scale = ctx.saved_tensors
+        if ctx.reduce:  # each row's upstream gradient: grad_output times the reduction's scale
+            grad_loss = (grad_loss.to(scale.dtype) * scale).expand(input.shape[0])
         out = torch.ops.fused_wloss.linear_cross_entropy_backward(
             grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight, lse,
             *ctx.options, ctx.needs)
         grads = [g if need else None for g, need in zip(out, ctx.needs)]
     return (*grads,) + (None,) * 11
+
+
+def _scaled(t: torch.Tensor, g: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """t * g with the product in g's dtype (float32), rounded once to t's: a half tensor times a
+    0-d float32 tensor would first round g to half (bfloat16(1/3) is 2e-3 off). In place, a slice
+    at a time, so the float32 temporary stays small."""
+    if t.dtype == g.dtype:
+        return t.mul_(g) if in_place else t * g
+    if not in_place:
+        return (t.to(g.dtype) * g).to(t.dtype)
+    flat = t.view(-1)
+    step = 1 << 20
+    for k in range(0, flat.numel(), step):
+        part = flat[k:k + step]
+        part.copy_(part.to(g.dtype).mul_(g))
+    return t
 
 
 def _refuse_double_backward(ctx, *grads):
@@ -466,6 +510,12 @@ def linear_cross_entropy(
     """
     reduction = _checks.reduction_mode(None, None, reduction, loss=_LOSS)
     weighting = _checks.resolve_class_weighting(class_weighting, loss=_LOSS)
+    if isinstance(input, torch.Tensor) and isinstance(linear_weight, torch.Tensor):
+        # what autocast does to F.linear's arguments, before the dtype checks: bfloat16 hidden
+        # states with a float32 head are the usual mixed-precision call
+        (input, linear_weight, linear_bias), _ = _autocast_cast(input, linear_weight, linear_bias)
+    ignore_index = _as_int_or_none(ignore_index, "ignore_index")
+    chunk_size = _as_int_or_none(chunk_size, "chunk_size")
     num_classes, prob_target = _check_args(input, linear_weight, linear_bias, target, weight, sample_weight,
                                            ignore_index, label_smoothing, chunk_size)
     gamma = _checks.check_focal_ce(gamma, label_smoothing, prob_target)
@@ -516,7 +566,7 @@ def _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_
     lead = input.shape[:-1]
     hidden = input.shape[-1]
     num_classes = linear_weight.shape[0]
-    (x, lw, lb), autocast = _autocast_cast(input.reshape(-1, hidden), linear_weight, linear_bias)
+    (x, lw, lb), autocast = _autocast_cast(input.reshape(math.prod(lead), hidden), linear_weight, linear_bias)
     loss_dtype = torch.float32 if autocast and x.dtype in (torch.float16, torch.bfloat16) else None
     result_dtype = loss_dtype or x.dtype
     acc = _acc_dtype(x.dtype)

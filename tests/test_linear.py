@@ -205,6 +205,84 @@ def test_autocast_float32_loss(fused_only, path):
         torch.testing.assert_close(g.cpu(), h, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_loss_scale_reaches_half_gradients(fused_only, path, dtype):
+    """A GradScaler's 2^16 times the loss: float16 recomputes in the backward, so its gradients
+    are formed with the scale (no underflow, no inf from the scale in float16); bfloat16 scales the
+    forward's gradients in float32. Both within a few half-precision ulps of the scaled float64
+    composition, as torch's own composition in that dtype."""
+    x, w, b, t, kw = _case((64,), 16, 200, {"weight": "class"}, torch.float64)
+    scale = 2.0 ** 16
+    exact = torch.autograd.grad(_composition(x.requires_grad_(True), w.requires_grad_(True), b, t, "mean", kw),
+                                (x, w), torch.tensor(scale, dtype=torch.float64))
+    x, w = x.detach(), w.detach()
+    device = "cuda" if path == "cuda" else "cpu"
+    with serve(path):
+        xs, ws, bs, ts, kws = on_device(path, x.float(), w.float(), b.float(), t, {"weight": kw["weight"].float()})
+        xs, ws = xs.requires_grad_(True), ws.requires_grad_(True)
+        with torch.autocast(device, dtype=dtype):
+            loss = fused_wloss.linear_cross_entropy(xs, ws, ts, linear_bias=bs, chunk_size=16, **kws)
+        got = torch.autograd.grad(loss, (xs, ws), torch.tensor(scale, device=xs.device))
+    for g, e in zip(got, exact):
+        assert torch.isfinite(g).all()
+        rel = ((g.double().cpu() - e).abs().max() / e.abs().max()).item()
+        assert rel < (2e-2 if dtype == torch.bfloat16 else 4e-3), rel
+
+
+def test_bfloat16_upstream_gradient_is_not_rounded(fused_only):
+    """Under autocast the loss is float32, and so is its upstream gradient: it must reach the
+    bfloat16 gradients unrounded."""
+    x, w, b, t, _ = _case((32,), 8, 20, {}, torch.float32)
+    xb, wb = x.bfloat16().requires_grad_(True), w.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_wloss.linear_cross_entropy(xb, wb, t, chunk_size=8)
+    assert loss.dtype == torch.float32
+    (third,) = torch.autograd.grad(loss, xb, torch.tensor(1 / 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_wloss.linear_cross_entropy(xb, wb, t, chunk_size=8)
+    (one,) = torch.autograd.grad(loss, xb)
+    # elementwise the two differ by bfloat16 rounding, symmetric around 1; a grad_output rounded to
+    # bfloat16 (0.333984 for 1/3) would shift every ratio by +2e-3
+    big = one.double().abs() > one.double().abs().median()
+    ratio = ((third.double() * 3)[big] / one.double()[big]).median()
+    assert abs(ratio.item() - 1) < 5e-4, ratio
+
+
+def test_autocast_takes_mixed_dtypes_as_f_linear_does(fused_only):
+    """bfloat16 hidden states from an earlier autocast layer with a float32 head."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 4, generator=gen).bfloat16()
+    w, b = torch.randn(5, 4, generator=gen), torch.randn(5, generator=gen)
+    t = torch.randint(0, 5, (8,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = fused_wloss.cross_entropy(F.linear(x, w, b), t)
+        got = fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    with pytest.raises(TypeError, match="linear_weight must have the input's dtype"):
+        fused_wloss.linear_cross_entropy(x, w, t)  # outside autocast, as F.linear
+
+
+def test_zero_features_and_numpy_ints():
+    import numpy as np
+
+    t = torch.tensor([0, 1, 2, 3, 4, 1])
+    got = fused_wloss.linear_cross_entropy(torch.randn(6, 0), torch.randn(5, 0), t, linear_bias=torch.arange(5.0))
+    torch.testing.assert_close(got, F.cross_entropy(torch.arange(5.0).expand(6, 5), t))
+    x, w, b, t, _ = _case((9,), 4, 6, {})
+    got = fused_wloss.linear_cross_entropy(x, w, t, ignore_index=np.int64(-100), chunk_size=np.int32(4))
+    _assert_close(got, _composition(x, w, None, t, "mean", {}), torch.float64, "numpy ints")
+
+
+def test_double_backward_is_refused_clearly(fused_only):
+    x, w, b, t, _ = _case((8,), 4, 5, {})
+    x.requires_grad_(True)
+    loss = fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
 def test_all_rows_ignored_gives_nan_mean_as_torch(fused_only):
     x, w, b, t, _ = _case((5,), 4, 3, {})
     t.fill_(-100)
