@@ -9,7 +9,8 @@ chunk of rows at a time:
    counts, the dynamic class weights and the normaliser of ``"mean"``/``"sample_mean"`` (the same
    code as :func:`fused_wloss.cross_entropy`'s ``return_stats``; with ``BatchWeighting(sync=True)``
    summed over the process group). No pass over the logits, no host synchronisation.
-2. Per chunk of rows (by default as many as keep the chunk's logits within 8 MiB), the logits come
+2. Per chunk of rows (by default as many as keep the chunk's logits within 8 MiB, at least 64 while
+   that stays within 32 MiB: see chunk_rows), the logits come
    from one matmul (BLAS or cuBLAS through ATen), the cross-entropy kernels give the chunk's loss
    and, when a gradient is wanted, the gradient of the logits, written over the logits themselves
    (``cross_entropy_grad_``: no second chunk-sized buffer), which is multiplied straight back
@@ -39,12 +40,18 @@ from . import _autocast, _checks, distributed, functional
 from ._backend import use_extension
 from ._weighting import CrossEntropyStats
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "LinearCrossEntropyLoss", "linear_cross_entropy"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "LinearCrossEntropyLoss", "MAX_CHUNK_BYTES", "MIN_CHUNK_ROWS", "chunk_rows",
+           "linear_cross_entropy"]
 
-# The logits of one chunk take at most this much (or one row). 8 MiB: peak memory near torch's chunked
-# path, and matmuls of 64 rows or more for vocabularies up to 32k in float32 (measured here: 4 and 32 MiB
-# chunks were within 7% of it at (4096, 256, 32000) and (16384, 128, 1000)).
+# Rows per chunk, by default: as many as keep the chunk's logits within DEFAULT_CHUNK_BYTES (peak
+# memory near torch's chunked path), but at least MIN_CHUNK_ROWS while the chunk stays within
+# MAX_CHUNK_BYTES. Each chunk's weight gradient is a rank-(rows) update that reads and writes all
+# C x H of it, so thin chunks of a large head are bound by that traffic: at (2048, 1024, 128256)
+# float32 here, 16-row chunks (8 MiB) took 19.4 s a forward+backward, 65 rows (32 MiB) 11.9 s,
+# 256 rows 8.8 s. At (4096, 256, 32000) 8 MiB is already 65 rows (4 and 32 MiB were within 7%).
 DEFAULT_CHUNK_BYTES = 8 << 20
+MAX_CHUNK_BYTES = 32 << 20
+MIN_CHUNK_ROWS = 64
 
 _LOSS = "linear_cross_entropy"
 
@@ -161,11 +168,13 @@ def _as_int_or_none(value, name: str):
 
 def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size: Optional[int] = None) -> int:
     """Rows per chunk: ``chunk_size`` when given, else as many as keep one chunk's logits within
-    :data:`DEFAULT_CHUNK_BYTES` (at least one row)."""
+    :data:`DEFAULT_CHUNK_BYTES`, raised to :data:`MIN_CHUNK_ROWS` where that stays within
+    :data:`MAX_CHUNK_BYTES` (at least one row, at most ``num_rows``)."""
     if chunk_size is not None:
         return max(1, min(chunk_size, max(num_rows, 1)))
     row_bytes = max(1, num_classes * torch.empty((), dtype=dtype).element_size())
-    return max(1, min(max(num_rows, 1), DEFAULT_CHUNK_BYTES // row_bytes))
+    rows = max(DEFAULT_CHUNK_BYTES // row_bytes, min(MIN_CHUNK_ROWS, MAX_CHUNK_BYTES // row_bytes))
+    return max(1, min(max(num_rows, 1), rows))
 
 
 # ---- the operators --------------------------------------------------------------------------------
@@ -501,7 +510,8 @@ def linear_cross_entropy(
             call's targets (``BatchWeighting(sync=True)`` sums the counts over the process group),
             focal loss, and ``(loss, CrossEntropyStats)`` as the result.
         chunk_size: rows per chunk of the fused path; default: as many as keep one chunk's logits
-            within 8 MiB (:data:`DEFAULT_CHUNK_BYTES`).
+            within 8 MiB (:data:`DEFAULT_CHUNK_BYTES`), and at least 64 rows where that keeps them
+            within 32 MiB (large heads: each chunk updates the whole weight gradient).
 
     The fused path (class-index targets, a 2-D ``linear_weight``, a device the kernels serve) never
     holds more than one chunk of logits and its gradient; see the module docstring for how. Under

@@ -516,6 +516,18 @@ def test_gradient_over_the_logits_refuses_other_layouts():
         torch.ops.fused_wloss.cross_entropy_grad_(x, torch.ones(()), t, cw, None, lse, norm, -100, 0.0, 1)
 
 
+def test_default_chunk_rows():
+    """8 MiB of logits, at least 64 rows while a chunk stays within 32 MiB, within [1, N]."""
+    assert linear.chunk_rows(16384, 1000, torch.float32) == (8 << 20) // 4000
+    assert linear.chunk_rows(4096, 32000, torch.float32) == (8 << 20) // 128000  # 65 rows
+    assert linear.chunk_rows(2048, 128256, torch.float32) == 64  # 8 MiB would be 16 rows
+    assert linear.chunk_rows(2048, 1 << 20, torch.float32) == 8  # 64 rows would pass 32 MiB
+    assert linear.chunk_rows(10, 1000, torch.float32) == 10
+    assert linear.chunk_rows(0, 1000, torch.float32) == 1
+    assert linear.chunk_rows(100, 1 << 24, torch.float32) == 1
+    assert linear.chunk_rows(100, 1000, torch.float32, chunk_size=7) == 7
+
+
 # ---- the module ----------------------------------------------------------------------------------
 
 def test_module_layout_and_values():
