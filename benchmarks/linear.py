@@ -56,6 +56,15 @@ class LinearCase:
         return f"lce-{n}x{h}x{c}-{self.weighting}-{dt}{'-amp' if self.amp else ''}"
 
 
+def parse(name: str) -> LinearCase:
+    """``lce-NxHxC-{static,dynamic}-{f32,bf16,f16}[-amp]``, as LinearCase.name writes it."""
+    m = re.fullmatch(r"lce-(\d+)x(\d+)x(\d+)-(static|dynamic)-(f32|bf16|f16)(-amp)?", name)
+    if m is None:
+        raise ValueError(f"a linear case is named lce-NxHxC-static|dynamic-f32|bf16|f16[-amp], got {name!r}")
+    dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[m.group(5)]
+    return LinearCase((int(m.group(1)), int(m.group(2)), int(m.group(3))), m.group(4), dtype, m.group(6) is not None)
+
+
 def case_set(full: bool) -> List[LinearCase]:
     if not full:
         return [LinearCase(*c) for c in QUICK]
@@ -215,10 +224,7 @@ def cpu_peaks_in_subprocess(case: "LinearCase", names: List[str], threads: int) 
 
 
 def _case_by_name(name: str) -> "LinearCase":
-    for c in case_set(True) + case_set(False):
-        if c.name == name:
-            return c
-    raise ValueError(f"no linear case named {name!r}")
+    return parse(name)
 
 
 def run_case(case: LinearCase, device, timer: Timer, with_memory: bool, only: str = "") -> dict:
@@ -278,8 +284,10 @@ def format_rows(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def select(full: bool, pattern: str) -> List[LinearCase]:
-    return [c for c in case_set(full) if re.search(pattern, c.name)]
+def select(full: bool, pattern: str, names: List[str] = ()) -> List[LinearCase]:
+    """The cases named (``--case lce-...``), else the set's, filtered by ``pattern``."""
+    cases = [parse(n) for n in names] if names else case_set(full)
+    return [c for c in cases if re.search(pattern, c.name)]
 
 
 if __name__ == "__main__":  # python -m benchmarks.linear CASE IMPL,IMPL THREADS: CPU peaks as JSON

@@ -334,7 +334,12 @@ def parse_args(argv=None):
             p.error(f"--dtype: expected float32, bfloat16, float16 or float64 (comma-separated), got {bad}")
     for name in args.case:
         try:
-            Case.parse(name)
+            if args.linear:
+                from .linear import parse as parse_linear
+
+                parse_linear(name)
+            else:
+                Case.parse(name)
         except ValueError as e:
             p.error(f"--case: {e}")
     try:
@@ -451,7 +456,7 @@ def _main_linear(args, argv, device, effort) -> int:
 
     from . import linear
 
-    cases = linear.select(args.full, args.filter)
+    cases = linear.select(args.full, args.filter, args.case)
     if not cases:
         print(f"no linear case matches --filter {args.filter!r}", file=sys.stderr)
         return 2

@@ -139,3 +139,23 @@ def test_case_selection():
         Case.parse("ce-64x3-balanced-f32")
     with pytest.raises(SystemExit):
         run.parse_args(["--case", "ce-64xthree-static"])
+
+
+def test_linear_section_end_to_end(tmp_path, capsys):
+    """python -m benchmarks --linear on a tiny head: every implementation checked and timed, peak
+    memory from the fresh-process measurement (Linux), the JSON written."""
+    stem = tmp_path / "linear"
+    argv = ["--linear", "--case", "lce-256x16x300-dynamic-f32", "--min-time", "0.005", "--out", str(stem)]
+    assert run.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "fused linear + cross-entropy" in printed and "lce-256x16x300-dynamic-f32" in printed
+    data = json.loads(stem.with_suffix(".json").read_text())
+    (row,) = data["rows"]
+    assert row["case"] == "lce-256x16x300-dynamic-f32" and not row["errors"], row["errors"]
+    assert "fused_wloss" in row["impls"] and "torch" in row["impls"]
+    for name, m in row["impls"].items():
+        assert m["fwd+bwd"]["median_ms"] > 0 and m["fwd+bwd"]["reps"] >= 3, name
+        if sys.platform.startswith("linux"):
+            assert m["peak_bytes"] >= 0, name
+    with pytest.raises(SystemExit):
+        run.parse_args(["--linear", "--case", "ce-512x100-static-f32"])
