@@ -216,8 +216,11 @@ def cpu_peaks_in_subprocess(case: "LinearCase", names: List[str], threads: int) 
     import subprocess
     import sys
 
+    from pathlib import Path
+
     cmd = [sys.executable, "-m", "benchmarks.linear", case.name, ",".join(names), str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    root = Path(__file__).resolve().parents[1]  # the checkout, whatever the caller's directory
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=root)
     if out.returncode != 0:
         raise RuntimeError(f"memory subprocess failed: {out.stderr.strip()[-400:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

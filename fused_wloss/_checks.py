@@ -261,9 +261,8 @@ def _check_gamma(gamma, loss: str) -> float:
     return gamma
 
 
-def check_focal_ce(gamma, label_smoothing, prob_target: bool) -> float:
-    """The focal ``gamma`` of a cross-entropy call, as a float."""
-    loss = "cross_entropy"
+def check_focal_ce(gamma, label_smoothing, prob_target: bool, loss: str = "cross_entropy") -> float:
+    """The focal ``gamma`` of a cross-entropy call, as a float (``loss``: the function named in errors)."""
     gamma = _check_gamma(gamma, loss)
     if gamma > 0.0 and prob_target:
         raise ValueError(f"{loss}: gamma (focal loss) needs class-index targets, got probability targets")

@@ -10,15 +10,16 @@ chunk of rows at a time:
    code as :func:`fused_wloss.cross_entropy`'s ``return_stats``; with ``BatchWeighting(sync=True)``
    summed over the process group). No pass over the logits, no host synchronisation.
 2. Per chunk of rows (by default as many as keep the chunk's logits within 8 MiB, at least 64 while
-   that stays within 32 MiB: see chunk_rows), the logits come
-   from one matmul (BLAS or cuBLAS through ATen), the cross-entropy kernels give the chunk's loss
-   and, when a gradient is wanted, the gradient of the logits, written over the logits themselves
-   (``cross_entropy_grad_``: no second chunk-sized buffer), which is multiplied straight back
-   into the gradients of the input, the linear weight and the bias.
+   that stays within 32 MiB: see chunk_rows), the logits come from one matmul (BLAS or cuBLAS
+   through ATen), the cross-entropy kernels give the chunk's loss and, when a gradient is wanted,
+   the gradient of the logits, written over the logits themselves (``cross_entropy_grad_``: no
+   second chunk-sized buffer), which is multiplied straight back into the gradients of the input,
+   the linear weight and the bias.
 3. For a reduced loss those gradients are complete at the end of the forward (the normaliser is
-   known up front) and the backward only scales them by ``grad_output``, a device tensor. For
-   ``reduction="none"`` the backward needs a gradient per row, so it recomputes each chunk's logits
-   from the saved per-row log-sum-exp instead.
+   known up front) and the backward only scales them by ``grad_output``, a device tensor, in
+   float32 and in place (so it runs once). For ``reduction="none"`` the backward needs a gradient
+   per row, and float16 gradients formed before a GradScaler's scale is known would underflow: both
+   recompute each chunk's logits in the backward from the saved per-row log-sum-exp instead.
 
 Both steps are registered operators (``fused_wloss::linear_cross_entropy_forward`` /
 ``_backward``) with fake kernels and autograd formulas, so ``torch.compile(fullgraph=True)`` traces
@@ -528,7 +529,7 @@ def linear_cross_entropy(
     chunk_size = _as_int_or_none(chunk_size, "chunk_size")
     num_classes, prob_target = _check_args(input, linear_weight, linear_bias, target, weight, sample_weight,
                                            ignore_index, label_smoothing, chunk_size)
-    gamma = _checks.check_focal_ce(gamma, label_smoothing, prob_target)
+    gamma = _checks.check_focal_ce(gamma, label_smoothing, prob_target, loss=_LOSS)
     label_smoothing = float(label_smoothing)
     if not prob_target and ignore_index is None:
         ignore_index = -100
@@ -662,7 +663,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.options = options
         _checks.resolve_class_weighting(class_weighting, loss=_LOSS)  # fail at construction
         self.class_weighting = class_weighting
-        self.gamma = _checks.check_focal_ce(gamma, label_smoothing, prob_target=False)
+        self.gamma = _checks.check_focal_ce(gamma, label_smoothing, prob_target=False, loss=_LOSS)
         self.chunk_size = chunk_size
         self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,
                                       device=device, dtype=dtype)

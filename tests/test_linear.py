@@ -573,7 +573,8 @@ BAD = {
     "int-input": (lambda x, w, t: ((x.long(), w, t), {}), TypeError, "input must be a floating-point"),
     "0d-input": (lambda x, w, t: ((x[0, 0], w, t), {}), ValueError, "0-d"),
     "class-weighting": (lambda x, w, t: ((x, w, t), {"class_weighting": "bogus"}), ValueError, "class_weighting"),
-    "focal-smoothing": (lambda x, w, t: ((x, w, t), {"gamma": 2.0, "label_smoothing": 0.1}), ValueError, "gamma"),
+    "focal-smoothing": (lambda x, w, t: ((x, w, t), {"gamma": 2.0, "label_smoothing": 0.1}), ValueError,
+                        "linear_cross_entropy: gamma"),
 }
 
 
