@@ -190,6 +190,9 @@ def _chunk_logits(x, linear_weight, linear_bias):
     return torch.addmm(linear_bias, x, linear_weight.t())
 
 
+_HALF_PRODUCT_BYTES = 16 << 20  # the largest half-precision weight-gradient product formed at once
+
+
 class _GradSink:
     """The gradients of input, linear weight and bias, filled chunk by chunk from the gradient of
     each chunk's logits. The weight's and bias's sums over chunks are kept in the accumulation
@@ -217,7 +220,12 @@ class _GradSink:
             torch.mm(grad_logits, self.linear_weight, out=self.input[r0:r1])
         if self.want_weight:
             if self.half:
-                self.weight.add_(torch.mm(grad_logits.t(), x))
+                # the chunk's product in the input's dtype, added into the float32 sum a block of
+                # classes at a time: a whole C x H half-precision temporary per chunk was 262 MB at
+                # (2048, 1024, 128256)
+                step = max(1, _HALF_PRODUCT_BYTES // max(1, x.shape[1] * x.element_size()))
+                for c0 in range(0, self.weight.shape[0], step):
+                    self.weight[c0:c0 + step].add_(torch.mm(grad_logits[:, c0:c0 + step].t(), x))
             else:
                 self.weight.addmm_(grad_logits.t(), x)
         if self.want_bias:

@@ -516,6 +516,22 @@ def test_gradient_over_the_logits_refuses_other_layouts():
         torch.ops.fused_wloss.cross_entropy_grad_(x, torch.ones(()), t, cw, None, lse, norm, -100, 0.0, 1)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_half_weight_gradient_in_class_blocks(fused_only, path, monkeypatch):
+    """A half-precision weight gradient is added into its float32 sum a block of classes at a time:
+    blocks of 7 classes (a ragged last one) give the unblocked sum's values."""
+    x, w, b, t, _ = _case((50,), 64, 30, {}, torch.float32)
+    with serve(path):
+        x, w, b, t = on_device(path, x.bfloat16(), w.bfloat16(), b.bfloat16(), t)
+        whole = _grads(lambda x, w, b: fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=16),
+                       x, w, b)[1]
+        monkeypatch.setattr(linear, "_HALF_PRODUCT_BYTES", 64 * 2 * 7)
+        blocks = _grads(lambda x, w, b: fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=16),
+                        x, w, b)[1]
+    for g, h in zip(blocks, whole):  # (a GPU's BLAS may pick another algorithm for a block: ulps)
+        torch.testing.assert_close(g.float(), h.float(), rtol=1e-2, atol=1e-4)
+
+
 def test_default_chunk_rows():
     """8 MiB of logits, at least 64 rows while a chunk stays within 32 MiB, within [1, N]."""
     assert linear.chunk_rows(16384, 1000, torch.float32) == (8 << 20) // 4000
