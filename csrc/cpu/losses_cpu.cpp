@@ -255,6 +255,25 @@ double reduced_upstream(const at::Tensor& grad_loss, const at::Tensor& norm, int
   return g;
 }
 
+// The upstream gradient of a cross-entropy backward, checked: per element for "none" (`rows`, in
+// acc_t, held here for the kernel's pointer), else one scalar (reduced_upstream).
+struct Upstream {
+  at::Tensor rows;
+  double scalar = 0.0;
+};
+
+Upstream upstream_of(const at::Tensor& grad_loss, const at::Tensor& norm, int64_t reduction, int64_t rows,
+                     at::ScalarType acc) {
+  check_grad_loss(grad_loss, reduction, rows);
+  Upstream u;
+  if (reduction == kNone) {
+    u.rows = grad_loss.to(acc).contiguous();
+  } else {
+    u.scalar = reduced_upstream(grad_loss, norm, reduction);
+  }
+  return u;
+}
+
 CeInputs ce_inputs(const CeShape& s, const at::Tensor& x, const at::Tensor& t,
                    const at::Tensor& class_w, const at::Tensor& sw, int64_t ignore_index,
                    double label_smoothing, double gamma) {
@@ -353,14 +372,9 @@ void ce_backward_into(const at::Tensor& grad_input, const at::Tensor& grad_loss,
   args.in = ce_inputs(s, x, t, class_w, sw, ignore_index, label_smoothing, gamma);
   args.lse_hi = lse_acc.data_ptr();
   args.lse_lo = static_cast<const char*>(lse_acc.data_ptr()) + rows * lse_acc.element_size();
-  at::Tensor grad_rows;
-  check_grad_loss(grad_loss, reduction, rows);
-  if (reduction == kNone) {
-    grad_rows = grad_loss.to(acc).contiguous();
-    args.grad_rows = grad_rows.data_ptr();
-  } else {
-    args.grad_scalar = reduced_upstream(grad_loss, norm, reduction);
-  }
+  const Upstream up = upstream_of(grad_loss, norm, reduction, rows, acc);
+  if (up.rows.defined()) args.grad_rows = up.rows.data_ptr();
+  args.grad_scalar = up.scalar;
   args.grad_input = grad_input.data_ptr();
   // stream a gradient too large to stay in cache (a few times the last-level cache of one core)
   args.streaming_stores = grad_input.nbytes() >= (size_t(16) << 20);
@@ -482,14 +496,9 @@ at::Tensor cross_entropy_prob_backward_cpu(const at::Tensor& grad_loss, const at
 
   CeProbArgs args = ce_prob_args(s, x, t, class_w, sw, label_smoothing);
   args.stats = stats_acc.data_ptr();
-  at::Tensor grad_rows;
-  check_grad_loss(grad_loss, reduction, rows);
-  if (reduction == kNone) {
-    grad_rows = grad_loss.to(acc).contiguous();
-    args.grad_rows = grad_rows.data_ptr();
-  } else {
-    args.grad_scalar = reduced_upstream(grad_loss, norm, reduction);
-  }
+  const Upstream up = upstream_of(grad_loss, norm, reduction, rows, acc);
+  if (up.rows.defined()) args.grad_rows = up.rows.data_ptr();
+  args.grad_scalar = up.scalar;
   args.grad_input = grad_input.data_ptr();
   if (rows > 0 && s.C > 0) {
     const CeProbBackwardFn fn = kernels().ce_prob_backward[di];
