@@ -59,10 +59,10 @@ _LOSS = "linear_cross_entropy"
 
 # ---- argument checks ------------------------------------------------------------------------------
 
-def _check_tensor(value, name: str, device: Optional[torch.device] = None, floating: bool = True):
+def _check_tensor(value, name: str, device: Optional[torch.device] = None):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{_LOSS}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if floating and not value.dtype.is_floating_point:
+    if not value.dtype.is_floating_point:
         raise TypeError(f"{_LOSS}: {name} must be a floating-point tensor, got {value.dtype}")
     if device is not None and value.device != device:
         raise ValueError(f"{_LOSS}: {name} must be on the input's device {device}, got {value.device}")
@@ -471,7 +471,7 @@ def _autocast_cast(*tensors):
     return cast, True
 
 
-def _fused_supported(input, linear_weight, weight, sample_weight, target, prob_target) -> bool:
+def _fused_supported(input, linear_weight, weight, sample_weight, prob_target) -> bool:
     from . import ops
 
     return (
@@ -541,7 +541,7 @@ def linear_cross_entropy(
     label_smoothing = float(label_smoothing)
     if not prob_target and ignore_index is None:
         ignore_index = -100
-    if not _fused_supported(input, linear_weight, weight, sample_weight, target, prob_target) or (
+    if not _fused_supported(input, linear_weight, weight, sample_weight, prob_target) or (
         weighting is not None and distributed.sync_active(weighting) and reduction == "none"
     ):
         return _unfused(input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
