@@ -1,6 +1,7 @@
 // Binary cross-entropy: forward, backward and the label sums of the dynamic weights.
 #pragma once
 
+#include <array>
 #include <vector>
 
 #include "vec_math.h"
@@ -32,6 +33,13 @@ struct Bce {
   const acc_t* elem_pos_w;
   const acc_t* sw;
 
+  // A flat position is tracked as (row r, label l); a full vector moves it by V = step_rows rows
+  // and step_labels labels, with no division in the loop.
+  int64_t step_rows, step_labels;
+  // For L < V, where a vector spans several rows: lane k of a vector that starts at label l lies
+  // row_of[l * V + k] rows further on (the sample weights' rows).
+  std::array<int8_t, V * V> row_of{};
+
   explicit Bce(const BceArgs& args)
       : a(args),
         x(static_cast<const scalar_t*>(args.input)),
@@ -40,30 +48,57 @@ struct Bce {
         pos_w(static_cast<const acc_t*>(args.pos_label_w)),
         elem_w(static_cast<const acc_t*>(args.elem_w)),
         elem_pos_w(static_cast<const acc_t*>(args.elem_pos_w)),
-        sw(static_cast<const acc_t*>(args.sample_w)) {}
+        sw(static_cast<const acc_t*>(args.sample_w)),
+        step_rows(V / args.L),
+        step_labels(V % args.L) {
+    if (sw && a.L < V) {
+      for (int64_t l = 0; l < a.L; ++l)
+        for (int64_t k = 0; k < V; ++k) row_of[l * V + k] = static_cast<int8_t>((l + k) / a.L);
+    }
+  }
 
   static Vec load_acc(const acc_t* p, int64_t n) {
     return n == V ? Vec::loadu(p) : Vec::loadu(p, n);
   }
 
-  // The weights of `n` elements starting at flat index i, the first of them of label l.
-  void weights(int64_t i, int64_t l, int64_t n, Vec* neg, Vec* pos, Vec* w) const {
+  // The sample weights of the n elements from row r, label l: two rows at most for L >= V (lanes
+  // from L - l on are in row r + 1), else a table of the lanes' rows.
+  Vec sample_weights(int64_t r, int64_t l, int64_t n) const {
+    if (a.L >= V) {
+      const Vec here(sw[r]);
+      if (l + n <= a.L) return here;
+      return Vec::blendv(here, Vec(sw[r + 1]), Vec::arange(acc_t(0), acc_t(1)) >= Vec(static_cast<acc_t>(a.L - l)));
+    }
+    alignas(64) acc_t buf[V] = {};
+    const int8_t* rows = row_of.data() + l * V;
+    for (int64_t k = 0; k < n; ++k) buf[k] = sw[r + rows[k]];
+    return Vec::loadu(buf);
+  }
+
+  // The weights of `n` elements starting at flat index i, in row r from label l on.
+  void weights(int64_t i, int64_t r, int64_t l, int64_t n, Vec* neg, Vec* pos, Vec* w) const {
     *neg = neg_w ? load_acc(neg_w + l, n) : Vec(acc_t(1));
     *pos = pos_w ? load_acc(pos_w + l, n) : Vec(acc_t(1));
     if (elem_pos_w) *pos = *pos * load_acc(elem_pos_w + i, n);
     *w = elem_w ? load_acc(elem_w + i, n) : Vec(acc_t(1));
-    if (sw) {
-      alignas(64) acc_t buf[V];
-      for (int64_t k = 0; k < n; ++k) buf[k] = sw[(i + k) / a.L];
-      for (int64_t k = n; k < V; ++k) buf[k] = acc_t(0);
-      *w = *w * Vec::loadu(buf);
-    }
+    if (sw) *w = *w * sample_weights(r, l, n);
   }
 
-  // The label of the element n after one of label l
-  int64_t next_label(int64_t l, int64_t n) const {
-    l += n;
-    return l < a.L ? l : (l < 2 * a.L ? l - a.L : l % a.L);
+  // Moves (row r, label l) on by n elements: for a full vector by the precomputed steps and at most
+  // one carry; a partial one (a chunk's first or last) divides.
+  void advance(int64_t* r, int64_t* l, int64_t n) const {
+    if (n == V) {
+      *r += step_rows;
+      *l += step_labels;
+      if (*l >= a.L) {
+        *l -= a.L;
+        *r += 1;
+      }
+      return;
+    }
+    *l += n;
+    *r += *l / a.L;
+    *l %= a.L;
   }
 
   // log1p(exp(-|x|)), the part softplus(x) and softplus(-x) share (softplus(+-x) = max(+-x, 0) +
@@ -83,7 +118,7 @@ struct Bce {
     const Vec zero(acc_t(0)), one(acc_t(1));
     Vec log1p_e;
     if constexpr (std::is_same_v<acc_t, float>) {
-      const Vec s = e / (Vec(2.0f) + e);
+      const Vec s = e * reciprocal(Vec(2.0f) + e);
       const Vec z = s * s;
       Vec q(1.408916712e-01f);
       q = at::vec::fmadd(q, z, Vec(1.398030072e-01f));
@@ -100,20 +135,24 @@ struct Bce {
   }
 
   // The plain element loss nt softplus(x) + pt softplus(-x) (nt = neg (1 - t), pt = pos t) from
-  // l = log1p(exp(-|x|)), each part without cancellation; at x = -inf alone the shorter form
-  // nt x + (nt + pt) softplus(-x), for torch's NaN and inf there (bce_loss).
+  // l = log1p(exp(-|x|)): with softplus(+-x) = max(+-x, 0) + l it is (nt + pt) l + nt x for x >= 0
+  // and (nt + pt) l - pt x below, two terms of one sign for targets in [0, 1] and weights >= 0, so
+  // no cancellation. At x = -inf alone bce_loss's shorter form nt x + (nt + pt) softplus(-x), for
+  // torch's NaN and +inf there: a lane test that a finite batch never takes.
   static Vec plain_loss(const Vec& vx, const Vec& l, const Vec& nt, const Vec& pt) {
     const Vec zero(acc_t(0));
-    const Vec sp_pos = at::vec::maximum(vx, zero) + l;
+    const Vec slope = Vec::blendv(zero - pt, nt, vx >= zero);
+    const Vec loss = at::vec::fmadd(nt + pt, l, slope * vx);
+    const Vec neg_inf = vx == Vec(-std::numeric_limits<acc_t>::infinity());
+    if (C10_LIKELY(!any_lane(neg_inf))) return loss;
     const Vec sp_neg = at::vec::maximum(zero - vx, zero) + l;
-    return Vec::blendv(nt * sp_pos + pt * sp_neg, at::vec::fmadd(nt + pt, sp_neg, nt * vx),
-                       vx == Vec(-std::numeric_limits<acc_t>::infinity()));
+    return Vec::blendv(loss, at::vec::fmadd(nt + pt, sp_neg, nt * vx), neg_inf);
   }
 
   // sigmoid(x) and sigmoid(-x) from e = exp(-|x|), exact in both tails
   static void sigmoids(const Vec& vx, const Vec& e, Vec* sig, Vec* sig_neg) {
     const Vec one(acc_t(1)), zero(acc_t(0));
-    const Vec inv = one / (one + e);
+    const Vec inv = reciprocal(one + e);
     const Vec nonneg = vx >= zero;  // all-ones lanes where x >= 0
     *sig = Vec::blendv(e * inv, inv, nonneg);
     *sig_neg = Vec::blendv(inv, e * inv, nonneg);
@@ -187,13 +226,13 @@ struct Bce {
     double total = 0;
     Vec block(acc_t(0));
     int64_t in_block = 0;
-    for (int64_t j = 0, l = 0; j < count; j += V, l = next_label(l, V)) {  // a chunk starts a row
+    for (int64_t j = 0, r = r0, l = 0; j < count; j += V, advance(&r, &l, V)) {  // a chunk starts a row
       const int64_t n = std::min<int64_t>(V, count - j);
       const int64_t i = begin + j;
       const Vec vx = n == V ? IO::load(x + i) : IO::load(x + i, n);
       const Vec vt = n == V ? TIO::load(t + i) : TIO::load(t + i, n);
       Vec neg, pos, w;
-      weights(i, l, n, &neg, &pos, &w);
+      weights(i, r, l, n, &neg, &pos, &w);
       const Vec e = exp_neg_abs(vx);
       Vec loss = w * plain_loss(vx, log1p_of(e), neg * (one - vt), pos * vt);
       if constexpr (kFocal) {
@@ -237,13 +276,13 @@ struct Bce {
       stream = a.streaming_stores;
       if (stream) head = vector_split(reinterpret_cast<uintptr_t>(gx + begin), count, sizeof(float), V * sizeof(float)).head;
     }
-    for (int64_t j = 0, n = 0, l = 0; j < count; j += n, l = next_label(l, n)) {
+    for (int64_t j = 0, n = 0, r = r0, l = 0; j < count; j += n, advance(&r, &l, n)) {
       n = j == 0 && head > 0 ? head : std::min<int64_t>(V, count - j);
       const int64_t i = begin + j;
       const Vec vx = n == V ? IO::load(x + i) : IO::load(x + i, n);
       const Vec vt = n == V ? TIO::load(t + i) : TIO::load(t + i, n);
       Vec neg, pos, w;
-      weights(i, l, n, &neg, &pos, &w);
+      weights(i, r, l, n, &neg, &pos, &w);
       const Vec e = exp_neg_abs(vx);
       Vec sig, sig_neg;
       sigmoids(vx, e, &sig, &sig_neg);
