@@ -7,7 +7,9 @@ A case is a loss ("ce" or "bce"), a logits shape, a weighting and a dtype:
   (the seed recipe; for BCE, per-label counts over the batch);
 - ``sample``: one weight per sample (per element of the unreduced loss), then the sample mean;
 - ``soft`` (cross-entropy only): probability targets (a softmax of random logits, as distillation
-  gives them), with static class weights and label smoothing 0.1.
+  gives them), with static class weights and label smoothing 0.1;
+- ``focal``: the focal loss with gamma 2 (for BCE the sigmoid focal loss with alpha 0.25, as
+  ``torchvision.ops.sigmoid_focal_loss`` defines it), against the torch code that computes it.
 
 A ``-amp`` case (float16/bfloat16 only) runs every implementation under ``torch.autocast``, as a
 mixed-precision training step does: torch then computes its losses from a float32 copy of the
@@ -31,8 +33,10 @@ import torch.nn.functional as F
 import fused_wloss
 from fused_wloss import reference
 
-WEIGHTINGS = ("static", "dynamic", "sample", "soft")
+WEIGHTINGS = ("static", "dynamic", "sample", "soft", "focal")
 SOFT_SMOOTHING = 0.1
+FOCAL_GAMMA = 2.0
+FOCAL_ALPHA = 0.25  # BCE only
 DTYPE_TAGS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
 
 
@@ -165,6 +169,8 @@ def _ce_torch(weighting, count):
         return lambda x, y, w, s: F.cross_entropy(x, y, weight=w, label_smoothing=SOFT_SMOOTHING)
     if weighting == "static":
         return lambda x, y, w, s: F.cross_entropy(x, y, weight=w)
+    if weighting == "focal":
+        return None  # torch has no focal cross-entropy: the recipe is what users write
     if weighting == "dynamic":
         def ce_dynamic_torch(x, y, w, s):
             cw = 1.0 / (count(y, x.shape[1]) + 1.0)
@@ -185,6 +191,11 @@ def _ce_recipe(weighting, count):
             wy = w[y]
             return (F.cross_entropy(x, y, reduction="none") * wy).sum() / wy.sum()
         return ce_static_recipe
+    if weighting == "focal":
+        def ce_focal_recipe(x, y, w, s):
+            logp_t = F.log_softmax(x, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+            return (-(1.0 - logp_t.exp()) ** FOCAL_GAMMA * logp_t).mean()
+        return ce_focal_recipe
     if weighting == "dynamic":
         def ce_dynamic_recipe(x, y, w, s):
             cw = 1.0 / (count(y, x.shape[1]) + 1.0)
@@ -200,7 +211,18 @@ def _label_counts(y):
     return y.flatten(0, -2).sum(0, dtype=torch.float32) if y.dim() > 1 else y.sum(dtype=torch.float32)
 
 
+def _bce_focal(x, y):
+    """torchvision.ops.sigmoid_focal_loss's computation (reduction="mean"), in torch ops."""
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    p_t = p * y + (1 - p) * (1 - y)
+    loss = ce * (1 - p_t) ** FOCAL_GAMMA
+    return ((FOCAL_ALPHA * y + (1 - FOCAL_ALPHA) * (1 - y)) * loss).mean()
+
+
 def _bce_torch(weighting):
+    if weighting == "focal":
+        return lambda x, y, w, s: _bce_focal(x, y)
     if weighting == "static":
         return lambda x, y, w, s: F.binary_cross_entropy_with_logits(x, y, weight=w)
     if weighting == "dynamic":
@@ -210,6 +232,8 @@ def _bce_torch(weighting):
 
 
 def _bce_recipe(weighting):
+    if weighting == "focal":
+        return None  # torch's code (torchvision's) is the recipe
     def bce_recipe(x, y, w, s):
         loss = F.binary_cross_entropy_with_logits(x, y, reduction="none")
         if weighting == "static":
@@ -231,11 +255,13 @@ def _fused(lib, loss, weighting):
                 x, y, class_weighting="inverse", reduction="sample_mean"),
             "sample": lambda x, y, w, s: lib.cross_entropy(x, y, sample_weight=s, reduction="sample_mean"),
             "soft": lambda x, y, w, s: lib.cross_entropy(x, y, weight=w, label_smoothing=SOFT_SMOOTHING),
+            "focal": lambda x, y, w, s: lib.cross_entropy(x, y, gamma=FOCAL_GAMMA),
         }[weighting]
     return {
         "static": lambda x, y, w, s: lib.binary_cross_entropy_with_logits(x, y, weight=w),
         "dynamic": lambda x, y, w, s: lib.binary_cross_entropy_with_logits(x, y, class_weighting="inverse"),
         "sample": lambda x, y, w, s: lib.binary_cross_entropy_with_logits(x, y, sample_weight=s),
+        "focal": lambda x, y, w, s: lib.binary_cross_entropy_with_logits(x, y, gamma=FOCAL_GAMMA, alpha=FOCAL_ALPHA),
     }[weighting]
 
 
@@ -315,7 +341,8 @@ def implementations(case: Case, device: torch.device, compile_mode: str = "all",
     if compile_mode == "all":
         compiled = [n for n in ("torch", "recipe") if traceable[n] is not None]
     elif compile_mode == "one":
-        compiled = ["torch" if case.weighting == "static" and traceable["torch"] is not None else "recipe"]
+        one = "torch" if case.weighting == "static" or traceable["recipe"] is None else "recipe"
+        compiled = [one] if traceable[one] is not None else []
     for name in compiled:
         fn = traceable[name]
         if case.amp:
@@ -326,7 +353,7 @@ def implementations(case: Case, device: torch.device, compile_mode: str = "all",
             if not name.startswith("compile("):
                 impl.fn = _under_autocast(impl.fn, device, case.torch_dtype)
     if (liger is not None and device.type == "cuda" and case.loss == "ce" and len(case.shape) == 2 and not case.amp
-            and case.weighting != "soft"):  # Liger takes no probability targets
+            and case.weighting not in ("soft", "focal")):  # Liger takes no probability targets, no focal loss
         # Liger writes the gradient into the logits during the forward: it gets a fresh copy per call
         impls["liger"] = Impl("liger", _liger(liger, case.weighting, _counts_traceable), destructive=True)
     return impls
@@ -348,7 +375,7 @@ CPU_QUICK = (
     _cases([("ce", (65536, 10)), ("ce", (8192, 1000)), ("ce", (1024, 32000))], ["static", "dynamic"], ["float32"])
     + [Case("ce", (8192, 1000), "sample"), Case("ce", (8192, 1000), "soft"), Case("ce", (1024, 32000), "soft"),
        Case("ce", (4, 19, 256, 256), "dynamic"),
-       Case("bce", (65536, 10), "static"), Case("bce", (8192, 1000), "dynamic"),
+       Case("bce", (65536, 10), "static"), Case("bce", (8192, 1000), "dynamic"), Case("bce", (8192, 1000), "focal"),
        Case("ce", (8192, 1000), "static", "bfloat16"), Case("ce", (1024, 32000), "dynamic", "bfloat16"),
        Case("ce", (8192, 1000), "static", "bfloat16", amp=True), Case("bce", (8192, 1000), "dynamic", "bfloat16", amp=True)]
 )

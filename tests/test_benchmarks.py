@@ -159,3 +159,19 @@ def test_linear_section_end_to_end(tmp_path, capsys):
             assert m["peak_bytes"] >= 0, name
     with pytest.raises(SystemExit):
         run.parse_args(["--linear", "--case", "ce-512x100-static-f32"])
+
+
+def test_focal_cases_agree_and_run(tmp_path):
+    """The focal cases: fused_wloss's focal losses against the torch code that computes them
+    (torchvision's sigmoid focal loss for BCE, the usual log-softmax code for cross-entropy), each
+    checked against the reference by the driver's guard before it is timed."""
+    stem = tmp_path / "focal"
+    argv = ["--case", "bce-256x20-focal-f32", "--case", "ce-256x20-focal-f32", "--no-compile", "--no-memory",
+            "--no-plots", "--min-time", "0.005", "--out", str(stem)]
+    assert run.main(argv) == 0
+    rows = {r["case"]: r for r in json.loads(stem.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {"bce-256x20-focal-f32", "ce-256x20-focal-f32"}
+    for row in rows.values():
+        assert "error" not in row, row.get("error")
+    assert set(rows["bce-256x20-focal-f32"]["timings"]) == {"floor", "fused_wloss", "reference", "torch"}
+    assert set(rows["ce-256x20-focal-f32"]["timings"]) == {"floor", "fused_wloss", "reference", "recipe"}
