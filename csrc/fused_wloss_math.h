@@ -195,8 +195,8 @@ FWL_HD acc_t focal_ce_grad_factor(acc_t nll, acc_t gamma) {
 // At x = -inf alone the shorter form is kept: its -inf + inf there gives NaN and +inf exactly where
 // torch's loss has them (NaN for t <= 1, +inf for t > 1).
 template <typename acc_t>
-FWL_HD acc_t bce_loss(acc_t x, acc_t t, acc_t neg, acc_t pos) {
-  const acc_t l = std::log1p(std::exp(-std::fabs(x)));
+FWL_HD acc_t bce_loss_of(acc_t x, acc_t e, acc_t t, acc_t neg, acc_t pos) {  // e = exp(-|x|)
+  const acc_t l = std::log1p(e);
   const acc_t sp_pos = (x > acc_t(0) ? x : acc_t(0)) + l;   // softplus(x)
   const acc_t sp_neg = (x < acc_t(0) ? -x : acc_t(0)) + l;  // softplus(-x)
   const acc_t n = neg * (acc_t(1) - t);
@@ -204,26 +204,41 @@ FWL_HD acc_t bce_loss(acc_t x, acc_t t, acc_t neg, acc_t pos) {
   return n * sp_pos + pos * t * sp_neg;
 }
 
-// d/dx of bce_loss: neg (1 - t) sigmoid(x) - pos t (1 - sigmoid(x)), computed from one exp.
 template <typename acc_t>
-FWL_HD acc_t bce_grad(acc_t x, acc_t t, acc_t neg, acc_t pos) {
-  const acc_t e = std::exp(-std::fabs(x));  // in (0, 1]
-  const acc_t sig = x >= acc_t(0) ? acc_t(1) / (acc_t(1) + e) : e / (acc_t(1) + e);
-  const acc_t one_minus_sig = x >= acc_t(0) ? e / (acc_t(1) + e) : acc_t(1) / (acc_t(1) + e);
-  return neg * (acc_t(1) - t) * sig - pos * t * one_minus_sig;
+FWL_HD acc_t bce_loss(acc_t x, acc_t t, acc_t neg, acc_t pos) {
+  return bce_loss_of(x, std::exp(-std::fabs(x)), t, neg, pos);
 }
 
-// Sigmoid focal loss as torchvision.ops.sigmoid_focal_loss defines it, with our weights: the
-// element loss of bce_loss times alpha_t (1 - p_t)^gamma, where p = sigmoid(x),
-// 1 - p_t = p (1 - t) + (1 - p) t and alpha_t = alpha t + (1 - alpha)(1 - t) (1 when alpha < 0).
+// sigmoid(x) and sigmoid(-x) = 1 - sigmoid(x) from e = exp(-|x|), each exact in its tail, with one
+// division.
 template <typename acc_t>
-FWL_HD void sigmoid_pair(acc_t x, acc_t* sig, acc_t* sig_neg) {
-  const acc_t e = std::exp(-std::fabs(x));  // in (0, 1]
+FWL_HD void sigmoid_pair_of(acc_t x, acc_t e, acc_t* sig, acc_t* sig_neg) {
   const acc_t inv = acc_t(1) / (acc_t(1) + e);
   *sig = x >= acc_t(0) ? inv : e * inv;
   *sig_neg = x >= acc_t(0) ? e * inv : inv;
 }
 
+template <typename acc_t>
+FWL_HD void sigmoid_pair(acc_t x, acc_t* sig, acc_t* sig_neg) {
+  sigmoid_pair_of(x, std::exp(-std::fabs(x)), sig, sig_neg);
+}
+
+// d/dx of bce_loss: neg (1 - t) sigmoid(x) - pos t (1 - sigmoid(x)), from one exp and one division.
+template <typename acc_t>
+FWL_HD acc_t bce_grad_of(acc_t x, acc_t e, acc_t t, acc_t neg, acc_t pos) {
+  acc_t sig, sig_neg;
+  sigmoid_pair_of(x, e, &sig, &sig_neg);
+  return neg * (acc_t(1) - t) * sig - pos * t * sig_neg;
+}
+
+template <typename acc_t>
+FWL_HD acc_t bce_grad(acc_t x, acc_t t, acc_t neg, acc_t pos) {
+  return bce_grad_of(x, std::exp(-std::fabs(x)), t, neg, pos);
+}
+
+// Sigmoid focal loss as torchvision.ops.sigmoid_focal_loss defines it, with our weights: the
+// element loss of bce_loss times alpha_t (1 - p_t)^gamma, where p = sigmoid(x),
+// 1 - p_t = p (1 - t) + (1 - p) t and alpha_t = alpha t + (1 - alpha)(1 - t) (1 when alpha < 0).
 template <typename acc_t>
 FWL_HD acc_t focal_alpha_t(acc_t t, acc_t alpha) {
   return alpha < acc_t(0) ? acc_t(1) : alpha * t + (acc_t(1) - alpha) * (acc_t(1) - t);
@@ -231,18 +246,20 @@ FWL_HD acc_t focal_alpha_t(acc_t t, acc_t alpha) {
 
 template <typename acc_t>
 FWL_HD acc_t bce_focal_loss(acc_t x, acc_t t, acc_t neg, acc_t pos, acc_t gamma, acc_t alpha) {
+  const acc_t e = std::exp(-std::fabs(x));
   acc_t sig, sig_neg;
-  sigmoid_pair(x, &sig, &sig_neg);
+  sigmoid_pair_of(x, e, &sig, &sig_neg);
   const acc_t q = sig * (acc_t(1) - t) + sig_neg * t;
   const acc_t m = gamma == acc_t(0) ? acc_t(1) : std::pow(q, gamma);
-  return focal_alpha_t(t, alpha) * m * bce_loss(x, t, neg, pos);
+  return focal_alpha_t(t, alpha) * m * bce_loss_of(x, e, t, neg, pos);
 }
 
-// d/dx of bce_focal_loss: alpha_t (m' l + m l'), with dq/dx = p (1 - p)(1 - 2t).
+// d/dx of bce_focal_loss: alpha_t (m' l + m l'), with dq/dx = p (1 - p)(1 - 2t); one exp.
 template <typename acc_t>
 FWL_HD acc_t bce_focal_grad(acc_t x, acc_t t, acc_t neg, acc_t pos, acc_t gamma, acc_t alpha) {
+  const acc_t e = std::exp(-std::fabs(x));
   acc_t sig, sig_neg;
-  sigmoid_pair(x, &sig, &sig_neg);
+  sigmoid_pair_of(x, e, &sig, &sig_neg);
   const acc_t q = sig * (acc_t(1) - t) + sig_neg * t;
   acc_t m = acc_t(1), dm = acc_t(0);
   if (gamma != acc_t(0)) {
@@ -250,8 +267,9 @@ FWL_HD acc_t bce_focal_grad(acc_t x, acc_t t, acc_t neg, acc_t pos, acc_t gamma,
     // q^(gamma-1) p (1 - p) -> 0 as q -> 0 (q = 0 needs p = 0 or p = 1)
     if (q > acc_t(0)) dm = gamma * std::pow(q, gamma - acc_t(1)) * sig * sig_neg * (acc_t(1) - acc_t(2) * t);
   }
-  const acc_t l = dm == acc_t(0) ? acc_t(0) : bce_loss(x, t, neg, pos);
-  return focal_alpha_t(t, alpha) * (dm * l + m * bce_grad(x, t, neg, pos));
+  const acc_t l = dm == acc_t(0) ? acc_t(0) : bce_loss_of(x, e, t, neg, pos);
+  const acc_t d = neg * (acc_t(1) - t) * sig - pos * t * sig_neg;  // bce_grad_of from the same sigmoids
+  return focal_alpha_t(t, alpha) * (dm * l + m * d);
 }
 
 // Index math shared by every kernel: a CE input viewed as (N, C, P) with P = d1 * ... * dk.

@@ -307,6 +307,69 @@ def test_bce_blocks_and_dtypes(dev, shape, dtype):
     torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=tol[0], atol=tol[1])
 
 
+# ---- the BCE kernels' vector and label paths ----------------------------------------------------
+
+# (rows, L) layouts that move the (row, label) cursor of a 16-byte vector every way: one label, fewer
+# labels than a vector (a vector spans rows), labels that do not divide it, more labels than the
+# label-sum block has threads, and a total that ends in a partial vector. Forward blocks hold 4096
+# elements, so every layout but the last takes several blocks, each thread several vectors.
+BCE_LAYOUTS = {"L1": (6000, 1), "L3": (2100, 3), "L5": (1000, 5), "L8": (700, 8), "L33": (150, 33),
+               "L300": (20, 300), "L1001-tail": (7, 1001)}
+BCE_WEIGHTS = {
+    # per-label weight and pos_weight, per-row sample weights, balanced dynamic weights
+    "labels": lambda rows, L, gen: {"weight": torch.rand(L, generator=gen) + 0.5, "pos_weight": torch.rand(L, generator=gen) + 0.5,
+                                    "sample_weight": torch.rand(rows, generator=gen) + 0.5,
+                                    "class_weighting": BatchWeighting("inverse", balanced=True)},
+    # a weight per element (no cursor), focal
+    "elements": lambda rows, L, gen: {"weight": torch.rand(rows, L, generator=gen) + 0.5, "gamma": 2.0, "alpha": 0.25},
+}
+
+
+def _misaligned(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """t as a view `offset` elements into a buffer: off the 16-byte boundary for offset 1."""
+    if not offset:
+        return t
+    return torch.zeros(t.numel() + offset, dtype=t.dtype, device=t.device)[offset:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("weights", list(BCE_WEIGHTS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", list(BCE_LAYOUTS))
+def test_bce_vector_and_label_paths(dev, layout, dtype, weights, reduction, offset):
+    """Vectors of 2, 4 or 8 elements (float64, float32, bfloat16 with float32 targets) where the
+    logits and targets are aligned, element by element where they are not, against the reference."""
+    rows, L = BCE_LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(rows * 7 + L)
+    x64 = torch.randn(rows, L, generator=gen, dtype=torch.float64) * 4
+    t32 = (torch.rand(rows, L, generator=gen) < torch.linspace(0.05, 0.6, L)).float()
+    kw = BCE_WEIGHTS[weights](rows, L, gen)
+    x = x64.to(dtype)
+    t = t32 if dtype == torch.bfloat16 else t32.to(dtype)  # float32 targets with half logits: two loads a vector
+    kw = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    kw["reduction"] = reduction
+    base = torch.zeros(x.numel() + offset, dtype=dtype, device=dev.device)
+    base[offset:].copy_(x.flatten())
+    base.requires_grad_(True)
+    xd = base[offset:].view(rows, L)
+    td = _misaligned(t.to(dev.device), offset)
+    on_dev = {k: v.to(dev.device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    with dev.calls():
+        out = fused_wloss.binary_cross_entropy_with_logits(xd, td, **on_dev)
+        g = (torch.rand(out.shape, generator=gen, dtype=torch.float64) + 0.5).to(out.dtype).to(out.device)
+        (grad,) = torch.autograd.grad(out, base, g)
+    xr = x.double().requires_grad_(True)
+    ref = reference.binary_cross_entropy_with_logits(xr, t.double(), **_to_cpu64(kw))
+    (ref_grad,) = torch.autograd.grad(ref, xr, g.cpu().double())
+    tol = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 1e-7), torch.bfloat16: (2e-2, 1e-3)}[dtype]
+    torch.testing.assert_close(out.cpu().double(), ref.detach(), rtol=tol[0], atol=tol[1])
+    torch.testing.assert_close(grad[offset:].cpu().double().view(rows, L), ref_grad, rtol=tol[0], atol=tol[1])
+    with dev.calls():  # bitwise repeatable
+        again = fused_wloss.binary_cross_entropy_with_logits(xd, td, **on_dev)
+    assert torch.equal(out, again.detach())
+
+
 def test_target_out_of_range_is_a_device_assert():
     """On a GPU the same check is a device-side assert (not tested there: it poisons the CUDA
     context for the rest of the process)."""

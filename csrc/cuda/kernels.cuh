@@ -17,9 +17,11 @@
 // Counting: class_count_kernel histograms the targets (integer atomics, exact in any order);
 // class_weight_kernel forms the weights and their sum in one block.
 //
-// Binary cross-entropy: flat over the elements, each block a fixed range; partial sums per block
-// reduced in order as above. bce_label_sum_kernel + bce_label_weight_kernel form the dynamic
-// per-label weights from the target sums over a fixed cut of the rows.
+// Binary cross-entropy: flat over the elements, a 16-byte vector of logits per thread and step
+// where every operand is aligned, the (row, label) of each element carried along without a
+// division; the forward's blocks each a fixed range with one partial sum, reduced in order as
+// above. bce_label_sum_kernel + bce_label_weight_kernel form the dynamic per-label weights from
+// the target sums over a fixed cut of the rows.
 #pragma once
 
 #include "device.cuh"
@@ -535,6 +537,9 @@ __global__ void ce_prob_backward_kernel(CeProbKernelArgs<scalar_t> a) {
 
 // ---- binary cross-entropy ------------------------------------------------------------------
 
+constexpr int kBceThreads = 256;
+constexpr int kBceLabelSumThreads = 256;
+
 template <typename scalar_t>
 struct BceKernelArgs {
   using acc_t = acc_t_of<scalar_t>;
@@ -542,7 +547,8 @@ struct BceKernelArgs {
   const void* t;            // scalar_t, or float when t_float
   bool t_float;             // float32 targets with float16/bfloat16 logits
   int64_t numel, L;
-  int64_t elems_per_block;
+  int64_t elems_per_block;   // forward: a multiple of bce_vector_elems
+  bool vectorized;          // logits, targets and outputs 16-byte aligned: whole vectors at a time
   const acc_t* neg_label;   // [L] or nullptr (1)
   const acc_t* pos_label;   // [L] or nullptr (1)
   const acc_t* elem_w;      // [numel] or nullptr
@@ -567,44 +573,184 @@ __device__ __forceinline__ acc_t_of<scalar_t> bce_target(const BceKernelArgs<sca
                    : to_acc(static_cast<const scalar_t*>(a.t)[i]);
 }
 
-// The weights of element i: w (static x sample weight), neg and pos (label and pos weights).
-// The row and label of element i are divided out only when a weight needs them (a 64-bit
-// division is a long instruction sequence on the GPU).
+// The row and label of a flat BCE index, carried along a thread's walk without a division per
+// element: one division where the walk starts, then a carry per step.
+struct LabelCursor {
+  int64_t row = 0, label = 0;
+  __device__ __forceinline__ void start(int64_t i, int64_t L) {
+    row = i / L;
+    label = i - row * L;
+  }
+  __device__ __forceinline__ void next(int64_t L) {
+    if (++label == L) {
+      label = 0;
+      ++row;
+    }
+  }
+  // by a stride of rows * L + labels elements, labels < L
+  __device__ __forceinline__ void jump(int64_t rows, int64_t labels, int64_t L) {
+    row += rows;
+    label += labels;
+    if (label >= L) {
+      label -= L;
+      ++row;
+    }
+  }
+};
+
+// The weights of element i, of row `row` and label `l`: w (static x sample weight), neg and pos
+// (label and pos weights).
 template <typename acc_t, typename Args>
-__device__ __forceinline__ void bce_weights(const Args& a, int64_t i, acc_t* w, acc_t* neg, acc_t* pos) {
-  *neg = acc_t(1);
-  *pos = acc_t(1);
+__device__ __forceinline__ void bce_weights(const Args& a, int64_t i, int64_t row, int64_t l, acc_t* w, acc_t* neg,
+                                            acc_t* pos) {
+  *neg = a.neg_label ? a.neg_label[l] : acc_t(1);
+  *pos = a.pos_label ? a.pos_label[l] : acc_t(1);
+  if (a.elem_pos_w) *pos *= a.elem_pos_w[i];
   *w = a.elem_w ? a.elem_w[i] : acc_t(1);
-  if (a.elem_pos_w) *pos = a.elem_pos_w[i];
-  if (a.neg_label || a.pos_label || a.sample_w) {
-    const int64_t row = a.L == 1 ? i : i / a.L;
-    const int64_t l = i - row * a.L;
-    if (a.neg_label) *neg = a.neg_label[l];
-    if (a.pos_label) *pos *= a.pos_label[l];
-    if (a.sample_w) *w *= a.sample_w[row];
+  if (a.sample_w) *w *= a.sample_w[row];
+}
+
+// Whether the weights of an element need its row and label (else the cursor is never read).
+template <typename Args>
+__device__ __forceinline__ bool bce_needs_cursor(const Args& a) {
+  return a.neg_label || a.pos_label || a.sample_w;
+}
+
+template <typename acc_t, typename Args>
+__device__ __forceinline__ acc_t bce_element_loss(const Args& a, acc_t x, acc_t t, acc_t neg, acc_t pos) {
+  return a.gamma != acc_t(0) || a.alpha >= acc_t(0) ? bce_focal_loss(x, t, neg, pos, a.gamma, a.alpha)
+                                                    : bce_loss(x, t, neg, pos);
+}
+
+template <typename acc_t, typename Args>
+__device__ __forceinline__ acc_t bce_element_grad(const Args& a, acc_t x, acc_t t, acc_t neg, acc_t pos) {
+  return a.gamma != acc_t(0) || a.alpha >= acc_t(0) ? bce_focal_grad(x, t, neg, pos, a.gamma, a.alpha)
+                                                    : bce_grad(x, t, neg, pos);
+}
+
+// Elements a thread takes at a time on the vector path: one 16-byte vector of the logits.
+template <typename scalar_t>
+constexpr int bce_vector_elems() {
+  return static_cast<int>(16 / sizeof(scalar_t));
+}
+
+// n = bce_vector_elems elements from p (16-byte aligned) as acc_t: one or two 16-byte loads.
+template <int n, typename T, typename acc_t>
+__device__ __forceinline__ void load_elems(const T* p, acc_t* out) {
+  constexpr int per = Pack<T>::kSize;
+  static_assert(n % per == 0, "whole 16-byte vectors");
+#pragma unroll
+  for (int k = 0; k < n / per; ++k) {
+    const Pack<T> v = load_pack(p + k * per);
+#pragma unroll
+    for (int j = 0; j < per; ++j) out[k * per + j] = static_cast<acc_t>(v.v[j]);
   }
 }
 
-template <typename scalar_t>
-__global__ void bce_forward_kernel(BceKernelArgs<scalar_t> a) {
+template <int n, typename T, typename acc_t>
+__device__ __forceinline__ void store_elems(T* p, const acc_t* in) {
+  constexpr int per = Pack<T>::kSize;
+  static_assert(n % per == 0, "whole 16-byte vectors");
+#pragma unroll
+  for (int k = 0; k < n / per; ++k) {
+    Pack<T> v;
+#pragma unroll
+    for (int j = 0; j < per; ++j) v.v[j] = static_cast<T>(in[k * per + j]);
+    store_pack(p + k * per, v);
+  }
+}
+
+// The targets of a vector: of the logits' dtype, or float32 with half-precision logits (t_float, a
+// uniform branch).
+template <int n, typename scalar_t>
+__device__ __forceinline__ void load_targets(const BceKernelArgs<scalar_t>& a, int64_t i, acc_t_of<scalar_t>* out) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (a.t_float) return load_elems<n>(static_cast<const float*>(a.t) + i, out);
+  }
+  load_elems<n>(static_cast<const scalar_t*>(a.t) + i, out);
+}
+
+// The two walks of both BCE kernels, from element i to `end` in steps of `stride`:
+// value(k, x, t, w, neg, pos) gives element k's output from its logit, target and weights, and
+// store(k, out) writes it. bce_vectors takes V = bce_vector_elems elements a step (16-byte loads
+// and stores; i and stride multiples of V) with the (row, label) cursor carried along;
+// bce_elements one element a step, for misaligned operands and the last partial vector.
+template <int V, typename scalar_t, typename Value, typename Store>
+__device__ __forceinline__ void bce_vectors(const BceKernelArgs<scalar_t>& a, int64_t i, int64_t end, int64_t stride,
+                                            Value value, Store store) {
   using acc_t = acc_t_of<scalar_t>;
+  const bool cursor = bce_needs_cursor(a);
+  LabelCursor cur;
+  int64_t jump_rows = 0, jump_labels = 0;
+  if (cursor && i < end) {
+    cur.start(i, a.L);
+    jump_rows = stride / a.L;
+    jump_labels = stride - jump_rows * a.L;
+  }
+  for (; i < end; i += stride) {
+    acc_t xv[V], tv[V], out[V];
+    load_elems<V>(a.x + i, xv);
+    load_targets<V>(a, i, tv);
+    LabelCursor e = cur;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      acc_t w, neg, pos;
+      bce_weights(a, i + j, e.row, e.label, &w, &neg, &pos);
+      out[j] = value(i + j, xv[j], tv[j], w, neg, pos);
+      if (cursor) e.next(a.L);
+    }
+    store(i, out);
+    if (cursor) cur.jump(jump_rows, jump_labels, a.L);
+  }
+}
+
+template <typename scalar_t, typename Value, typename Store>
+__device__ __forceinline__ void bce_elements(const BceKernelArgs<scalar_t>& a, int64_t k, int64_t end, int64_t stride,
+                                             Value value, Store store) {
+  using acc_t = acc_t_of<scalar_t>;
+  const bool cursor = bce_needs_cursor(a);
+  for (; k < end; k += stride) {
+    LabelCursor e;
+    if (cursor) e.start(k, a.L);
+    acc_t w, neg, pos;
+    bce_weights(a, k, e.row, e.label, &w, &neg, &pos);
+    store(k, value(k, to_acc(a.x[k]), bce_target(a, k), w, neg, pos));
+  }
+}
+
+// Forward: block b takes elements [b * elems_per_block, ...) (a multiple of the vector), its
+// threads a vector at a time where every operand is aligned (a.vectorized), element by element
+// otherwise and in the last partial vector; one partial sum per block, added in a fixed order by
+// bce_finalize_kernel.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBceThreads) bce_forward_kernel(BceKernelArgs<scalar_t> a) {
+  using acc_t = acc_t_of<scalar_t>;
+  constexpr int V = bce_vector_elems<scalar_t>();
   __shared__ double scratch[kWarpSize];
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * a.elems_per_block;
   const int64_t end = begin + a.elems_per_block < a.numel ? begin + a.elems_per_block : a.numel;
+  const int64_t vec_end = a.vectorized ? begin + (end - begin) / V * V : begin;
   acc_t sum = 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    acc_t w, neg, pos;
-    bce_weights(a, i, &w, &neg, &pos);
-    const acc_t xi = to_acc(a.x[i]), ti = bce_target(a, i);
-    const acc_t loss = w * (a.gamma != acc_t(0) || a.alpha >= acc_t(0) ? bce_focal_loss(xi, ti, neg, pos, a.gamma, a.alpha)
-                                                                       : bce_loss(xi, ti, neg, pos));
+  auto loss = [&](int64_t, acc_t x, acc_t t, acc_t w, acc_t neg, acc_t pos) {
+    const acc_t l = w * bce_element_loss(a, x, t, neg, pos);
+    sum += l;
+    return l;
+  };
+  bce_vectors<V>(a, begin + static_cast<int64_t>(threadIdx.x) * V, vec_end, static_cast<int64_t>(blockDim.x) * V, loss,
+                 [&](int64_t i, const acc_t* out) {
+                   if (a.loss_elems_acc) {
+                     store_elems<V>(a.loss_elems_acc + i, out);
+                   } else if (a.loss_elems) {
+                     store_elems<V>(a.loss_elems + i, out);
+                   }
+                 });
+  bce_elements(a, vec_end + threadIdx.x, end, blockDim.x, loss, [&](int64_t k, acc_t l) {
     if (a.loss_elems_acc) {
-      a.loss_elems_acc[i] = loss;
+      a.loss_elems_acc[k] = l;
     } else if (a.loss_elems) {
-      a.loss_elems[i] = static_cast<scalar_t>(loss);
+      a.loss_elems[k] = static_cast<scalar_t>(l);
     }
-    sum += loss;
-  }
+  });
   const double total = block_allreduce_sum(static_cast<double>(sum), scratch);
   if (threadIdx.x == 0) a.partials[blockIdx.x] = total;
 }
@@ -618,32 +764,57 @@ __global__ void bce_finalize_kernel(const double* partials, int64_t count, doubl
   if (threadIdx.x == 0) *loss = static_cast<out_t>(s / divisor);
 }
 
+// Backward: a grid-stride walk over vectors (as the forward, where a.vectorized), then the
+// elements past the last whole vector; reads the logits and targets once, writes the gradient once.
 template <typename scalar_t>
-__global__ void bce_backward_kernel(BceKernelArgs<scalar_t> a, double divisor) {
+__global__ void __launch_bounds__(kBceThreads) bce_backward_kernel(BceKernelArgs<scalar_t> a, double divisor) {
   using acc_t = acc_t_of<scalar_t>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  constexpr int V = bce_vector_elems<scalar_t>();
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const acc_t g_all = a.reduction == kNone ? acc_t(0) : static_cast<acc_t>(to_acc(a.grad_out[0]) / divisor);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.numel; i += stride) {
-    acc_t w, neg, pos;
-    bce_weights(a, i, &w, &neg, &pos);
-    const acc_t g = a.reduction == kNone ? to_acc(a.grad_out[i]) : g_all;
-    const acc_t xi = to_acc(a.x[i]), ti = bce_target(a, i);
-    const acc_t d = a.gamma != acc_t(0) || a.alpha >= acc_t(0) ? bce_focal_grad(xi, ti, neg, pos, a.gamma, a.alpha)
-                                                                : bce_grad(xi, ti, neg, pos);
-    a.grad_x[i] = static_cast<scalar_t>(g * w * d);
-  }
+  const int64_t vec_end = a.vectorized ? a.numel / V * V : 0;
+  auto grad = [&](int64_t k, acc_t x, acc_t t, acc_t w, acc_t neg, acc_t pos) {
+    const acc_t g = a.reduction == kNone ? to_acc(a.grad_out[k]) : g_all;
+    return g * w * bce_element_grad(a, x, t, neg, pos);
+  };
+  bce_vectors<V>(a, tid * V, vec_end, threads * V, grad,
+                 [&](int64_t i, const acc_t* out) { store_elems<V>(a.grad_x + i, out); });
+  bce_elements(a, vec_end + tid, a.numel, threads, grad,
+               [&](int64_t k, acc_t d) { a.grad_x[k] = static_cast<scalar_t>(d); });
 }
 
-// Stage 1 of the per-label target sums: block s adds rows [s * per, (s + 1) * per) of every label
-// (a thread per label, neighbouring threads on neighbouring labels).
+// Stage 1 of the per-label target sums: block s adds rows [s * per, (s + 1) * per) of every label.
+// With L >= blockDim.x labels a thread per label walks the rows (neighbouring threads on
+// neighbouring labels); with fewer, blockDim.x / L groups of L threads take every groups-th row
+// (the block's threads still read one contiguous run at a time) and thread l adds the groups' sums
+// of label l in group order, so the sums are the same for any GPU.
 template <typename scalar_t>
-__global__ void bce_label_sum_kernel(const scalar_t* t, int64_t rows, int64_t L, int64_t per, double* part) {
+__global__ void __launch_bounds__(kBceLabelSumThreads) bce_label_sum_kernel(const scalar_t* t, int64_t rows, int64_t L,
+                                                                       int64_t per, double* part) {
+  __shared__ double group_sums[kBceLabelSumThreads];
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * per;
   const int64_t r1 = r0 + per < rows ? r0 + per : rows;
-  for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-    double s = 0;
-    for (int64_t r = r0; r < r1; ++r) s += static_cast<double>(to_acc(t[r * L + l]));
-    part[blockIdx.x * L + l] = s;
+  if (L >= blockDim.x) {
+    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+      double s = 0;
+      for (int64_t r = r0; r < r1; ++r) s += static_cast<double>(to_acc(t[r * L + l]));
+      part[blockIdx.x * L + l] = s;
+    }
+    return;
+  }
+  const int groups = static_cast<int>(blockDim.x / L);
+  const int g = static_cast<int>(threadIdx.x / L), l = static_cast<int>(threadIdx.x - g * L);
+  double s = 0;
+  if (g < groups) {
+    for (int64_t r = r0 + g; r < r1; r += groups) s += static_cast<double>(to_acc(t[r * L + l]));
+  }
+  group_sums[threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.x < L) {
+    double total = 0;
+    for (int k = 0; k < groups; ++k) total += group_sums[k * L + threadIdx.x];
+    part[blockIdx.x * L + threadIdx.x] = total;
   }
 }
 

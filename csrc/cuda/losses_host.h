@@ -478,9 +478,11 @@ inline at::Tensor cross_entropy_prob_backward(const at::Tensor& grad_loss, const
 
 // ---- binary cross-entropy ---------------------------------------------------------------------
 
-constexpr int kBceThreads = 256;
 constexpr int64_t kBceElemsPerBlock = 4096;
 constexpr int64_t kBceMaxSegments = 1024;
+
+// Whether p (nullptr counts as aligned: an output not written) may take 16-byte vector accesses.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename scalar_t>
 BceKernelArgs<scalar_t> bce_args(const BceInputs& b, double gamma, double alpha) {
@@ -492,6 +494,7 @@ BceKernelArgs<scalar_t> bce_args(const BceInputs& b, double gamma, double alpha)
   a.numel = b.x.numel();
   a.L = b.shape.L;
   a.elems_per_block = kBceElemsPerBlock;
+  static_assert(kBceElemsPerBlock % bce_vector_elems<scalar_t>() == 0, "a block's range holds whole vectors");
   a.neg_label = ptr_or_null<acc_t>(b.neg_label);
   a.pos_label = ptr_or_null<acc_t>(b.pos_label);
   a.elem_w = ptr_or_null<acc_t>(b.elem_w);
@@ -533,7 +536,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
       const int64_t per = ceil_div(std::max<int64_t>(s.rows, 1), segments);
       at::Tensor part = at::empty({segments * s.L}, input.options().dtype(at::kDouble));
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tc.scalar_type(), "fused_wloss_bce_counts", [&] {
-        launch_kernel(bce_label_sum_kernel<scalar_t>, grid_of(segments), dim3(256), 0, stream,
+        launch_kernel(bce_label_sum_kernel<scalar_t>, grid_of(segments), dim3(kBceLabelSumThreads), 0, stream,
                       tc.data_ptr<scalar_t>(), s.rows, s.L, per, part.data_ptr<double>());
       });
       AT_DISPATCH_FLOATING_TYPES(acc, "fused_wloss_bce_label_weights", [&] {
@@ -563,6 +566,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
       a.loss_elems = ptr_or_null<scalar_t>(loss_elems);
     }
     a.partials = partials.data_ptr<double>();
+    a.vectorized = aligned16(a.x) && aligned16(a.t) && aligned16(a.loss_elems) && aligned16(a.loss_elems_acc);
     launch_kernel(bce_forward_kernel<scalar_t>, grid_of(blocks), dim3(kBceThreads), 0, stream, a);
     if (reduction != kNone) {
       const double divisor = reduction == kSum ? 1.0 : static_cast<double>(numel);
@@ -604,12 +608,14 @@ inline at::Tensor bce_backward(const at::Tensor& grad_loss, const at::Tensor& in
   if (numel == 0) return grad_input;
   const at::Tensor g = grad_loss.to(acc_dtype(input.scalar_type())).contiguous();  // as cross_entropy_backward
   const double divisor = reduction == kSum || reduction == kNone ? 1.0 : static_cast<double>(numel);
-  const int64_t blocks = std::min<int64_t>(ceil_div(numel, kBceThreads), int64_t(1) << 20);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_wloss_bce_backward", [&] {
     BceKernelArgs<scalar_t> a = bce_args<scalar_t>(b, gamma, alpha);
     a.grad_out = g.data_ptr<acc_t_of<scalar_t>>();
     a.reduction = static_cast<int>(reduction);
     a.grad_x = grad_input.data_ptr<scalar_t>();
+    a.vectorized = aligned16(a.x) && aligned16(a.t) && aligned16(a.grad_x);
+    // a thread a vector; beyond 2^20 blocks the threads walk the rest
+    const int64_t blocks = std::min<int64_t>(ceil_div(numel, kBceThreads * bce_vector_elems<scalar_t>()), int64_t(1) << 20);
     launch_kernel(bce_backward_kernel<scalar_t>, grid_of(blocks), dim3(kBceThreads), 0, stream, a, divisor);
   });
   return grad_input;
