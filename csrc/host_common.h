@@ -92,6 +92,61 @@ inline CeShape ce_shape(const at::Tensor& input, const at::Tensor& target) {
   return s;
 }
 
+// K-dim logits (N, C, d1, ..., dk) whose classes are innermost in memory (channels_last,
+// channels_last_3d, or any layout in which (N, d1, ..., dk, C) is contiguous) are already rows of C
+// classes, in the targets' order: the kernels read them in place as (N * d1 * ... * dk, C) instead
+// of a contiguous copy, and write the gradient in the same layout (ce_grad_like_input).
+inline std::vector<int64_t> classes_last_order(int64_t dim) {
+  std::vector<int64_t> order{0};
+  for (int64_t d = 2; d < dim; ++d) order.push_back(d);
+  order.push_back(1);
+  return order;
+}
+
+// The (rows, C) view of such logits, or an undefined tensor for any other input.
+inline at::Tensor classes_last_rows(const at::Tensor& input) {
+  if (input.dim() < 3 || input.numel() == 0) return at::Tensor();
+  const at::Tensor moved = input.permute(classes_last_order(input.dim()));
+  if (!moved.is_contiguous()) return at::Tensor();
+  return moved.view({-1, input.size(1)});
+}
+
+// The logits as the cross-entropy kernels take them: `x`, the input itself where it has a
+// classes-last rows view, else the input made contiguous; and `rows`, the rows view of x, if any
+// (a contiguous x has one where C = 1 or d1 ... dk = 1).
+struct CeLogits {
+  at::Tensor x, rows;
+};
+
+inline CeLogits ce_logits(const at::Tensor& input) {
+  at::Tensor rows = classes_last_rows(input);
+  if (rows.defined()) return {input, rows};
+  at::Tensor x = input.contiguous();
+  return {x, classes_last_rows(x)};
+}
+
+// What the kernels read and its (N, C, P) view: the rows view (N * P rows, P = 1) where there is
+// one, else the contiguous logits.
+inline std::pair<at::Tensor, CeShape> ce_kernel_view(const at::Tensor& input, CeShape s) {
+  CeLogits l = ce_logits(input);
+  if (!l.rows.defined()) return {l.x, std::move(s)};
+  s.N *= s.P;
+  s.P = 1;
+  return {l.rows, std::move(s)};
+}
+
+// The gradient of `input` from `rows`, the (N * P, C) gradient of its classes-last rows view: the
+// input's own layout, as a view.
+inline at::Tensor rows_as_input_layout(const at::Tensor& rows, const at::Tensor& input) {
+  std::vector<int64_t> moved_sizes{input.size(0)};
+  for (int64_t d = 2; d < input.dim(); ++d) moved_sizes.push_back(input.size(d));
+  moved_sizes.push_back(input.size(1));
+  std::vector<int64_t> back(input.dim());  // the inverse of classes_last_order
+  const std::vector<int64_t> order = classes_last_order(input.dim());
+  for (int64_t i = 0; i < input.dim(); ++i) back[order[i]] = i;
+  return rows.view(moved_sizes).permute(back);
+}
+
 // Cross-entropy with probability targets: the input viewed as (N, C, P) (an unbatched (C,) input
 // is N = P = 1), the target of the same shape, the shape of the unreduced loss.
 inline CeShape ce_prob_shape(const at::Tensor& input, const at::Tensor& target) {

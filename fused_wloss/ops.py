@@ -129,9 +129,28 @@ def _ce_forward_fake(input, target, weight, sample_weight, ignore_index, label_s
     return loss, lse, class_weight, input.new_empty((), dtype=acc)
 
 
+def _classes_last_order(dim: int):
+    return (0, *range(2, dim), 1)
+
+
+def ce_grad_like(input: torch.Tensor) -> torch.Tensor:
+    """An empty gradient for ``input`` laid out as cross_entropy_backward returns it (csrc/host_common.h,
+    classes_last_rows): K-dim logits whose classes are innermost in memory (channels_last and the
+    like) get their own layout, read and written in place by the kernels; anything else a
+    contiguous tensor."""
+    if input.dim() >= 3 and input.numel() > 0:
+        order = _classes_last_order(input.dim())
+        if input.permute(order).is_contiguous():
+            back = [0] * input.dim()
+            for i, d in enumerate(order):
+                back[d] = i
+            return input.new_empty([input.shape[d] for d in order]).permute(back)
+    return input.new_empty(input.shape)
+
+
 def _ce_backward_fake(grad_loss, input, target, class_weight, sample_weight, lse, norm, ignore_index, label_smoothing, reduction,
                       gamma=0.0):
-    return input.new_empty(input.shape)
+    return ce_grad_like(input)
 
 
 def _ce_grad_inplace_fake(input, grad_loss, target, class_weight, sample_weight, lse, norm, ignore_index,

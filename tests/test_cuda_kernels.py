@@ -307,6 +307,31 @@ def test_bce_blocks_and_dtypes(dev, shape, dtype):
     torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=tol[0], atol=tol[1])
 
 
+@pytest.mark.parametrize("options", ["plain", "everything"])
+@pytest.mark.parametrize("shape", [(3, 7, 5, 6), (2, 4100, 3, 2), (2, 4, 3, 5, 2), (5, 33, 17)], ids=str)
+def test_classes_last_logits_are_read_in_place(dev, shape, options):
+    """channels_last and other classes-innermost K-dim logits go through the row kernels (a group
+    per row, or a block per row past 4096 classes) without a contiguous copy; the gradient keeps
+    their layout."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    moved = (shape[0], *shape[2:], shape[1])
+    x = (torch.randn(moved, generator=gen, dtype=torch.float64) * 3).permute(0, len(shape) - 1, *range(1, len(shape) - 1))
+    _, t, kw = _ce_call(shape, CE_OPTIONS[options], torch.float64, "cpu")
+    on_dev = {k: v.to(dev.device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    xd = x.to(dev.device)
+    assert xd.stride() == x.stride()
+    xd.requires_grad_(True)
+    with dev.calls():
+        out = fused_wloss.cross_entropy(xd, t.to(dev.device), **on_dev)
+        (grad,) = torch.autograd.grad(out.sum(), xd)
+    xr = x.contiguous().requires_grad_(True)
+    ref = reference.cross_entropy(xr, t, **_to_cpu64(kw))
+    (ref_grad,) = torch.autograd.grad(ref.sum(), xr)
+    assert_close(out.detach().cpu(), ref.detach(), torch.float64, "value")
+    assert_close(grad.cpu(), ref_grad, torch.float64, "gradient")
+    assert grad.stride() == x.stride()
+
+
 # ---- the BCE kernels' vector and label paths ----------------------------------------------------
 
 # (rows, L) layouts that move the (row, label) cursor of a 16-byte vector every way: one label, fewer

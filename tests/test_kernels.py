@@ -168,6 +168,35 @@ def test_noncontiguous_inputs(isa):
         torch.testing.assert_close(fused_wloss.cross_entropy(x, t2), F.cross_entropy(x, t))
 
 
+def classes_last(shape, gen, dtype=torch.float64):
+    """Logits of `shape` (N, C, d1, ..., dk) whose classes are innermost in memory."""
+    moved = (shape[0], *shape[2:], shape[1])
+    x = torch.randn(moved, generator=gen, dtype=torch.float64).mul_(4).to(dtype)
+    return x.permute(0, len(shape) - 1, *range(1, len(shape) - 1))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("options", ["plain", "everything"])
+@pytest.mark.parametrize("shape", [(3, 7, 5, 6), (2, 40, 9, 30), (2, 4, 3, 5, 2), (5, 33, 17)], ids=str)
+def test_classes_last_logits_are_read_in_place(isa, shape, options, reduction):
+    """channels_last (4-D), channels_last_3d (5-D) and any layout with the classes innermost: the
+    kernels read them as rows of classes, with no contiguous copy, and the gradient comes back in
+    the logits' own layout."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = classes_last(shape, gen)
+    if len(shape) == 4:
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    _, t, kwargs = _ce_inputs(shape, CE_OPTIONS[options], seed=len(shape))
+    got = _value_and_grad(fused_wloss.cross_entropy, x, t, reduction=reduction, **kwargs)
+    expected = _value_and_grad(reference.cross_entropy, x.contiguous(), t, reduction=reduction, **kwargs)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-13)
+    assert got[1].stride() == x.stride(), (got[1].stride(), x.stride())
+    fake = fused_wloss.ops.ce_grad_like(x)  # the backward's fake kernel lays its output out alike
+    assert fake.stride() == x.stride()
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3), (4, 5, 0), (2, 0)], ids=str)
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_empty_inputs(shape, reduction):
@@ -267,6 +296,9 @@ def _op_samples():
     w = torch.rand(6, generator=gen, dtype=torch.float64)
     yield "ce", (x, t, w, sw, -100, 0.1, 2, 1, 1.0, 0.999)
     yield "ce", (x, t, None, None, -100, 0.0, 0, 3, 1.0, 0.9)
+    # channels_last logits, read in place, their gradient in their own layout
+    x4 = torch.randn(3, 4, 5, 6, generator=gen, dtype=torch.float64).permute(0, 3, 1, 2).requires_grad_()
+    yield "ce", (x4, torch.randint(0, 6, (3, 4, 5), generator=gen), w, None, -100, 0.0, 1, 1, 1.0, 0.999)
     x2 = torch.randn(50, 33, generator=gen, dtype=torch.float32, requires_grad=True)
     yield "ce", (x2, torch.randint(0, 33, (50,), generator=gen).int(), None, None, -100, 0.0, 3, 1, 1.0, 0.999)
     xb = torch.randn(12, 5, generator=gen, dtype=torch.float64, requires_grad=True)

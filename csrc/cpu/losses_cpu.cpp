@@ -235,12 +235,12 @@ struct CeCall {
 };
 
 CeCall ce_call(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
-  CeShape s = ce_shape(input, target);
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ",
               reduction);
+  auto [x, s] = ce_kernel_view(input, ce_shape(input, target));  // classes-last K-dim logits in place
   const int64_t rows = s.N * s.P;
-  return {std::move(s), dtype_index(input.scalar_type()), acc_dtype(input.scalar_type()),
-          input.contiguous(), target.contiguous(), rows};
+  return {std::move(s), dtype_index(input.scalar_type()), acc_dtype(input.scalar_type()), std::move(x),
+          target.contiguous(), rows};
 }
 
 // The upstream gradient of a reduced cross-entropy loss, divided by the normaliser of a "mean"; a
@@ -394,7 +394,14 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
                                       const at::Tensor& lse, const at::Tensor& norm,
                                       int64_t ignore_index, double label_smoothing,
                                       int64_t reduction, double gamma) {
-  const at::Tensor x = input.contiguous();
+  const CeLogits l = ce_logits(input);
+  if (l.rows.defined()) {  // the gradient in the logits' own classes-last layout
+    at::Tensor grad_rows = empty_large_output(l.rows.sizes(), input.options());
+    ce_backward_into(grad_rows, grad_loss, l.x, target, class_weight, sample_weight, lse, norm, ignore_index,
+                     label_smoothing, reduction, gamma);
+    return rows_as_input_layout(grad_rows, l.x);
+  }
+  const at::Tensor& x = l.x;
   at::Tensor grad_input = empty_large_output(x.sizes(), x.options());
   ce_backward_into(grad_input, grad_loss, x, target, class_weight, sample_weight, lse, norm, ignore_index,
                    label_smoothing, reduction, gamma);

@@ -189,11 +189,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
               input.device(), ", got ", target.device());
   check_same_device(input, weight, "weight");
   check_same_device(input, sample_weight, "sample_weight");
-  const CeShape s = ce_shape(input, target);
+  const auto [x, s] = ce_kernel_view(input, ce_shape(input, target));  // classes-last K-dim logits in place
   const CallContext call(input);
   const cudaStream_t stream = call.stream();
   const at::ScalarType acc = acc_dtype(input.scalar_type());
-  const at::Tensor x = input.contiguous();
   const at::Tensor t = target.contiguous();
   const int64_t rows = s.N * s.P;
 
@@ -258,11 +257,10 @@ inline void ce_backward_into(const at::Tensor& grad_input, const at::Tensor& gra
   }
   check_same_device(input, sample_weight, "sample_weight");
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
-  const CeShape s = ce_shape(input, target);
+  const auto [x, s] = ce_kernel_view(input, ce_shape(input, target));  // classes-last K-dim logits in place
   const CallContext call(input);
   const cudaStream_t stream = call.stream();
   const at::ScalarType acc = acc_dtype(input.scalar_type());
-  const at::Tensor x = input.contiguous();
   const at::Tensor t = target.contiguous();
   const int64_t rows = s.N * s.P;
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == rows, "fused_wloss: lse must have shape (2, ",
@@ -306,7 +304,14 @@ inline at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::
                                          const c10::optional<at::Tensor>& sample_weight, const at::Tensor& lse,
                                          const at::Tensor& norm, int64_t ignore_index, double label_smoothing,
                                          int64_t reduction, double gamma) {
-  const at::Tensor x = input.contiguous();
+  const CeLogits l = ce_logits(input);
+  if (l.rows.defined()) {  // the gradient in the logits' own classes-last layout
+    at::Tensor grad_rows = at::empty(l.rows.sizes(), input.options());
+    ce_backward_into(grad_rows, grad_loss, l.x, target, class_weight, sample_weight, lse, norm, ignore_index,
+                     label_smoothing, reduction, gamma);
+    return rows_as_input_layout(grad_rows, l.x);
+  }
+  const at::Tensor& x = l.x;
   at::Tensor grad_input = at::empty(x.sizes(), x.options());
   ce_backward_into(grad_input, grad_loss, x, target, class_weight, sample_weight, lse, norm, ignore_index,
                    label_smoothing, reduction, gamma);
