@@ -276,6 +276,7 @@ FWL_HD acc_t bce_focal_grad(acc_t x, acc_t t, acc_t neg, acc_t pos, acc_t gamma,
 // Element (n, c, p) lives at n * C * P + c * P + p; row r = n * P + p holds the classes of one
 // element of the unreduced loss.
 FWL_HD int64_t ce_row_offset(int64_t row, int64_t num_classes, int64_t inner) {
+  if (inner == 1) return row * num_classes;  // rows: no 64-bit division
   const int64_t n = row / inner;
   const int64_t p = row - n * inner;
   return n * num_classes * inner + p;

@@ -223,6 +223,29 @@ def test_empty_inputs(dev, shape, reduction):
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("reduction", [0, 1, 2, 3], ids=["none", "sum", "mean", "sample_mean"])
+@pytest.mark.parametrize("weights", ["none", "static", "dynamic", "both"])
+@pytest.mark.parametrize("shape", [(300, 3), (3, 4100), (3, 6, 5)], ids=str)
+def test_forward_operator_outputs(dev, shape, weights, reduction):
+    """The forward operator's four outputs (loss, lse, class weights, normaliser) against the CPU
+    kernels': "none" sets the normaliser without the finalize kernel, and class weights without a
+    static weight are written, not read."""
+    gen = torch.Generator().manual_seed(9)
+    C = shape[1]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, C, shape[:1] + shape[2:], generator=gen)
+    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5 if weights in ("static", "both") else None
+    scheme = 1 if weights in ("dynamic", "both") else 0
+    args = (None, -100, 0.1, reduction, scheme, 1.0, 0.999)
+    ns = EMU_NS if dev.name == "emu" else "fused_wloss"
+    got = getattr(torch.ops, ns).cross_entropy_forward(x.to(dev.device), t.to(dev.device), None if w is None else w.to(dev.device), *args)
+    want = torch.ops.fused_wloss.cross_entropy_forward(x, t, w, *args)
+    for g, e, name in zip(got, want, ("loss", "lse", "class weights", "normaliser")):
+        torch.testing.assert_close(g.cpu(), e, rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
+    if reduction == 0:
+        assert got[3].item() == 1.0
+
+
 @pytest.mark.parametrize("shape", [(4, 10), (4, 33), (3, 4100), (3, 6, 5)], ids=str)
 def test_nan_and_inf_logits_as_torch(dev, shape):
     """A NaN anywhere in a row makes its loss NaN, wherever it falls in the row's split over

@@ -55,7 +55,8 @@ struct CeKernelArgs {
   acc_t* lse;               // [2, rows]: each row's lse as hi, then lo (split_lse)
   scalar_t* loss_rows;      // [rows] for reduction "none", else nullptr
   acc_t* loss_rows_acc;     // instead of loss_rows when the loss is asked for in acc_t (autocast)
-  CePartialSums* partials;  // [gridDim.x]
+  CePartialSums* partials;  // [gridDim.x], or nullptr for reduction "none" (no finalize kernel)
+  acc_t* norm_one;          // "none": the normaliser to set to 1 (in place of the finalize kernel)
   // backward
   const acc_t* grad_out;     // [rows] for "none", else [1]
   const acc_t* norm;         // device normaliser of "mean"/"sample_mean", else nullptr
@@ -117,13 +118,20 @@ __device__ __forceinline__ RowStats<acc_t_of<scalar_t>> ce_row_stats_contiguous(
     stats_add(st, &v, 1, i, a.class_w, smooth);
   }
   const scalar_t* body = xr + sp.head;
-  for (int64_t j = lane; j < sp.vecs; j += group) {
-    const Pack<scalar_t> p = load_pack(body + j * K);
+  auto add_pack = [&](const Pack<scalar_t>& p, int64_t j) {
     acc_t v[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) v[k] = to_acc(p.v[k]);
     stats_add(st, v, K, sp.head + j * K, a.class_w, smooth);
+  };
+  int64_t j = lane;
+  for (; j + group < sp.vecs; j += 2 * group) {  // two 16-byte loads in flight, added in order
+    const Pack<scalar_t> p0 = load_pack(body + j * K);
+    const Pack<scalar_t> p1 = load_pack(body + (j + group) * K);
+    add_pack(p0, j);
+    add_pack(p1, j + group);
   }
+  if (j < sp.vecs) add_pack(load_pack(body + j * K), j);
   const int64_t t0 = sp.head + sp.vecs * K;
   for (int64_t i = lane; i < sp.tail; i += group) {
     const acc_t v = to_acc(xr[t0 + i]);
@@ -193,7 +201,7 @@ __device__ __forceinline__ CePartialSums ce_forward_row_epilogue(const CeKernelA
 __device__ __forceinline__ void write_block_partial(CePartialSums* rows_sums, int count,
                                                     CePartialSums* out) {
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && out != nullptr) {  // no partials for reduction "none"
     CePartialSums p{0.0, 0.0, 0, 0};
     for (int i = 0; i < count; ++i) {
       p.loss_sum += rows_sums[i].loss_sum;
@@ -227,6 +235,7 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_forward_kernel(CeKernelArgs<s
   if (lane == 0) {
     row_sums[slot] = active ? ce_forward_row_epilogue(a, row, st) : CePartialSums{0.0, 0.0, 0, 0};
   }
+  if (a.norm_one != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *a.norm_one = acc_t(1);
   write_block_partial(row_sums, rows_per_block, a.partials);
 }
 
@@ -296,9 +305,7 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_backward_kernel(CeKernelArgs<
   const VectorSplit sp = vector_split(reinterpret_cast<uint64_t>(xr), a.C, sizeof(scalar_t), 16);
   const bool vector_store = reinterpret_cast<uint64_t>(xr) % 16 == reinterpret_cast<uint64_t>(gr) % 16;
   for (int64_t i = lane; i < sp.head; i += group) gr[i] = static_cast<scalar_t>(grad_of(to_acc(xr[i]), i));
-  for (int64_t j = lane; j < sp.vecs; j += group) {
-    const int64_t c0 = sp.head + j * K;
-    const Pack<scalar_t> p = load_pack(xr + c0);
+  auto grad_pack = [&](const Pack<scalar_t>& p, int64_t c0) {
     Pack<scalar_t> out;
 #pragma unroll
     for (int q = 0; q < K; ++q) out.v[q] = static_cast<scalar_t>(grad_of(to_acc(p.v[q]), c0 + q));
@@ -307,7 +314,16 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_backward_kernel(CeKernelArgs<
     } else {
       for (int q = 0; q < K; ++q) gr[c0 + q] = out.v[q];
     }
+  };
+  int64_t j = lane;
+  for (; j + group < sp.vecs; j += 2 * group) {  // two 16-byte loads in flight
+    const int64_t c0 = sp.head + j * K, c1 = c0 + group * K;
+    const Pack<scalar_t> p0 = load_pack(xr + c0);
+    const Pack<scalar_t> p1 = load_pack(xr + c1);
+    grad_pack(p0, c0);
+    grad_pack(p1, c1);
   }
+  if (j < sp.vecs) grad_pack(load_pack(xr + sp.head + j * K), sp.head + j * K);
   const int64_t t0 = sp.head + sp.vecs * K;
   for (int64_t i = lane; i < sp.tail; i += group) {
     gr[t0 + i] = static_cast<scalar_t>(grad_of(to_acc(xr[t0 + i]), t0 + i));
@@ -343,15 +359,16 @@ __global__ void class_count_kernel(const void* target, bool target_int32, int64_
   }
 }
 
-// One block: class_w[c] *= scheme(counts[c]) (counts may be nullptr: static weights only), and
+// One block: class_w[c] = static_w[c] * scheme(counts[c]) (counts may be nullptr: static weights
+// only; static_w may be nullptr: 1, and class_w is written without being read), and
 // *sum_w = sum_c class_w[c], reduced in a fixed order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kClassWeightThreads) class_weight_kernel(const unsigned long long* counts, int64_t C, int scheme,
-                                    acc_t smoothing, acc_t beta, acc_t* class_w, acc_t* sum_w) {
+                                    acc_t smoothing, acc_t beta, bool has_static, acc_t* class_w, acc_t* sum_w) {
   __shared__ acc_t scratch[kWarpSize];
   acc_t local = 0;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    acc_t w = class_w[c];
+    acc_t w = has_static ? class_w[c] : acc_t(1);
     if (counts != nullptr) w *= scheme_weight<acc_t>(scheme, static_cast<acc_t>(counts[c]), smoothing, beta);
     class_w[c] = w;
     local += w;

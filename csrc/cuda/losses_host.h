@@ -146,8 +146,8 @@ inline std::pair<at::Tensor, at::Tensor> ce_class_weights(const at::Tensor& targ
                                                           at::ScalarType acc, cudaStream_t stream) {
   const bool has_weight = weight.has_value() && weight->defined();
   if (!has_weight && scheme == kNoScheme) return {};
-  at::Tensor class_w = has_weight ? as_acc(weight, acc, "weight", C).clone()
-                                  : at::ones({C}, target.options().dtype(acc));
+  // without static weights class_weight_kernel writes the dynamic ones without reading (no ones())
+  at::Tensor class_w = has_weight ? as_acc(weight, acc, "weight", C).clone() : at::empty({C}, target.options().dtype(acc));
   at::Tensor counts;
   const int64_t rows = target.numel();
   if (scheme != kNoScheme) {
@@ -170,7 +170,7 @@ inline std::pair<at::Tensor, at::Tensor> ce_class_weights(const at::Tensor& targ
                     counts.defined() ? reinterpret_cast<const unsigned long long*>(counts.data_ptr<int64_t>())
                                      : nullptr,
                     C, static_cast<int>(scheme), static_cast<scalar_t>(smoothing), static_cast<scalar_t>(beta),
-                    class_w.data_ptr<scalar_t>(), sum_w.data_ptr<scalar_t>());
+                    has_weight, class_w.data_ptr<scalar_t>(), sum_w.data_ptr<scalar_t>());
     });
   }
   return {class_w, sum_w};
@@ -222,7 +222,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
   }
 
   const CeLaunch l = ce_launch(rows, s.C, s.P, x.element_size());
-  at::Tensor partials = at::empty({l.blocks * static_cast<int64_t>(sizeof(CePartialSums))}, x.options().dtype(at::kByte));
+  // "none" needs no partial sums and no finalize kernel: the forward sets the normaliser to 1
+  at::Tensor partials = reduction == kNone ? at::Tensor()
+                        : at::empty({l.blocks * static_cast<int64_t>(sizeof(CePartialSums))}, x.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_wloss_ce_forward", [&] {
     using acc_t = acc_t_of<scalar_t>;
     CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing, gamma);
@@ -232,9 +234,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
     } else {
       a.loss_rows = ptr_or_null<scalar_t>(loss_rows);
     }
-    a.partials = reinterpret_cast<CePartialSums*>(partials.data_ptr());
-    launch_ce_forward(l, a, stream);
-    launch_ce_finalize<scalar_t>(a.partials, l.blocks, static_cast<int>(reduction), loss_acc, loss, norm, stream);
+    if (reduction == kNone) {
+      a.norm_one = norm.data_ptr<acc_t>();
+      launch_ce_forward(l, a, stream);
+    } else {
+      a.partials = reinterpret_cast<CePartialSums*>(partials.data_ptr());
+      launch_ce_forward(l, a, stream);
+      launch_ce_finalize<scalar_t>(a.partials, l.blocks, static_cast<int>(reduction), loss_acc, loss, norm, stream);
+    }
   });
   return {loss, lse, class_weight_out, norm};
 }
@@ -275,7 +282,7 @@ inline void ce_backward_into(const at::Tensor& grad_input, const at::Tensor& gra
     at::Tensor w_copy = class_w.clone();  // the kernel writes its input back
     AT_DISPATCH_FLOATING_TYPES(acc, "fused_wloss_class_weight_sum", [&] {
       launch_kernel(class_weight_kernel<scalar_t>, dim3(1), dim3(kClassWeightThreads), 0, stream,
-                    static_cast<const unsigned long long*>(nullptr), s.C, 0, scalar_t(1), scalar_t(0),
+                    static_cast<const unsigned long long*>(nullptr), s.C, 0, scalar_t(1), scalar_t(0), true,
                     w_copy.data_ptr<scalar_t>(), sum_w.data_ptr<scalar_t>());
     });
   }
