@@ -114,6 +114,10 @@ CE_MAPPINGS = {
     "c4096-warp": (3, 4096),
     "c4097-block": (3, 4097),  # a block per row: warps combine through shared memory
     "c9000-block": (2, 9000),
+    # few rows of many classes: a row cut into slices of 8192+ classes, a block each (ce_row_slices)
+    "split-2": (3, 16400),
+    "split-4-one-row": (1, 40000),
+    "split-7-odd": (2, 57345),  # odd C: the second row misaligned, a head in slice 0 and a tail in the last
     "kdim-p37": (5, 6, 37),  # a thread per pixel, the block's last rows idle
     "kdim-3d": (2, 3, 4, 70),  # 280 pixels: two blocks
 }
@@ -305,7 +309,7 @@ def test_noncontiguous_inputs(dev):
     assert_close(grad.cpu(), ref_grad, torch.float64, "gradient")
 
 
-@pytest.mark.parametrize("shape", [(300, 3), (40, 33), (3, 4097), (2, 3, 4, 70)], ids=str)
+@pytest.mark.parametrize("shape", [(300, 3), (40, 33), (3, 4097), (2, 3, 4, 70), (2, 57345)], ids=str)
 def test_bitwise_repeatable(dev, shape):
     x, t, kw = _ce_call(shape, CE_OPTIONS["everything"], torch.float32, dev.device)
     first = _run(dev, fused_wloss.cross_entropy, x, t, kw)

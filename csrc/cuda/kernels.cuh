@@ -6,7 +6,10 @@
 //   (a power of two up to 32) per row, blockDim / group rows per block, for C up to a few
 //   thousand; for K-dim inputs (P > 1) one thread per pixel, walking the classes with stride P,
 //   so that a warp reads 32 neighbouring pixels of one class at a time.
-// - the same kernels with kBlockPerRow = true: one block per row, for large C.
+// - the same kernels with kBlockPerRow = true: one block per row, for large C; for few rows of
+//   many classes a row is cut into slices, a block each (ce_forward_slice_kernel writes each
+//   slice's state, ce_forward_combine_kernel combines a row's states in slice order; the backward
+//   needs no reduction, so its blocks simply take a slice each).
 // Rows are read with 16-byte vector loads after a scalar head up to the first aligned address,
 // and a scalar tail. The forward keeps one online-softmax state per thread (RowStats), combines
 // the states of a row by shuffles (and shared memory across warps), writes the row's
@@ -51,6 +54,8 @@ struct CeKernelArgs {
   double eps;             // label smoothing
   double gamma;           // focal-loss focusing, 0 for plain cross-entropy
   int group;              // lanes per row (kBlockPerRow = false, P == 1)
+  int slices;             // blocks per row (kBlockPerRow, P == 1): 1, or a split row (ce_slice_of)
+  RowStats<acc_t_of<scalar_t>>* slice_stats;  // split forward: [rows * slices] states, then combined
   // forward
   acc_t* lse;               // [2, rows]: each row's lse as hi, then lo (split_lse)
   scalar_t* loss_rows;      // [rows] for reduction "none", else nullptr
@@ -103,17 +108,37 @@ __device__ __forceinline__ void stats_add(RowStats<acc_t>& st, const acc_t* v, i
   }
 }
 
-// The state of the classes of one contiguous row that fall to `lane` of `group`.
+// The part of a contiguous row that one of `slices` blocks takes: the row's aligned vectors cut
+// evenly (in whole vectors), the scalar head with the first slice and the tail with the last.
+struct RowSlice {
+  VectorSplit sp;
+  int64_t head, vec_begin, vec_end, tail;  // head and tail elements of this slice; its vectors
+};
+
+__device__ __forceinline__ RowSlice ce_slice_of(uint64_t row_addr, int64_t C, int64_t elem_bytes, int slice,
+                                                int slices) {
+  RowSlice r;
+  r.sp = vector_split(row_addr, C, elem_bytes, 16);
+  const int64_t per = (r.sp.vecs + slices - 1) / slices;
+  r.vec_begin = per * slice < r.sp.vecs ? per * slice : r.sp.vecs;
+  r.vec_end = r.vec_begin + per < r.sp.vecs ? r.vec_begin + per : r.sp.vecs;
+  r.head = slice == 0 ? r.sp.head : 0;
+  r.tail = slice == slices - 1 ? r.sp.tail : 0;
+  return r;
+}
+
+// The state of the classes of (a slice of) one contiguous row that fall to `lane` of `group`.
 template <typename scalar_t>
 __device__ __forceinline__ RowStats<acc_t_of<scalar_t>> ce_row_stats_contiguous(
-    const CeKernelArgs<scalar_t>& a, int64_t row, int lane, int group) {
+    const CeKernelArgs<scalar_t>& a, int64_t row, int lane, int group, int slice = 0, int slices = 1) {
   using acc_t = acc_t_of<scalar_t>;
   constexpr int K = Pack<scalar_t>::kSize;
   const bool smooth = a.eps > 0.0;
   const scalar_t* xr = a.x + row * a.C;
-  const VectorSplit sp = vector_split(reinterpret_cast<uint64_t>(xr), a.C, sizeof(scalar_t), 16);
+  const RowSlice rs = ce_slice_of(reinterpret_cast<uint64_t>(xr), a.C, sizeof(scalar_t), slice, slices);
+  const VectorSplit& sp = rs.sp;
   RowStats<acc_t> st = RowStats<acc_t>::empty();
-  for (int64_t i = lane; i < sp.head; i += group) {
+  for (int64_t i = lane; i < rs.head; i += group) {
     const acc_t v = to_acc(xr[i]);
     stats_add(st, &v, 1, i, a.class_w, smooth);
   }
@@ -124,16 +149,16 @@ __device__ __forceinline__ RowStats<acc_t_of<scalar_t>> ce_row_stats_contiguous(
     for (int k = 0; k < K; ++k) v[k] = to_acc(p.v[k]);
     stats_add(st, v, K, sp.head + j * K, a.class_w, smooth);
   };
-  int64_t j = lane;
-  for (; j + group < sp.vecs; j += 2 * group) {  // two 16-byte loads in flight, added in order
+  int64_t j = rs.vec_begin + lane;
+  for (; j + group < rs.vec_end; j += 2 * group) {  // two 16-byte loads in flight, added in order
     const Pack<scalar_t> p0 = load_pack(body + j * K);
     const Pack<scalar_t> p1 = load_pack(body + (j + group) * K);
     add_pack(p0, j);
     add_pack(p1, j + group);
   }
-  if (j < sp.vecs) add_pack(load_pack(body + j * K), j);
+  if (j < rs.vec_end) add_pack(load_pack(body + j * K), j);
   const int64_t t0 = sp.head + sp.vecs * K;
-  for (int64_t i = lane; i < sp.tail; i += group) {
+  for (int64_t i = lane; i < rs.tail; i += group) {
     const acc_t v = to_acc(xr[t0 + i]);
     stats_add(st, &v, 1, t0 + i, a.class_w, smooth);
   }
@@ -239,6 +264,38 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_forward_kernel(CeKernelArgs<s
   write_block_partial(row_sums, rows_per_block, a.partials);
 }
 
+// A row split over a.slices blocks (few rows of many classes: every SM gets work): block b takes
+// slice b % slices of row b / slices and writes its state; ce_forward_combine_kernel then combines
+// each row's states in slice order (the same result on any GPU: the cut depends on the shape only)
+// and finishes the row as the one-block-per-row kernel does.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxRowBlock) ce_forward_slice_kernel(CeKernelArgs<scalar_t> a) {
+  using acc_t = acc_t_of<scalar_t>;
+  __shared__ RowStats<acc_t> scratch[kWarpSize];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) / a.slices;
+  const int slice = static_cast<int>(static_cast<int64_t>(blockIdx.x) - row * a.slices);
+  RowStats<acc_t> st = ce_row_stats_contiguous(a, row, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x),
+                                               slice, a.slices);
+  st = block_allreduce_stats(st, scratch);
+  if (threadIdx.x == 0) a.slice_stats[blockIdx.x] = st;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRowsBlock) ce_forward_combine_kernel(CeKernelArgs<scalar_t> a) {
+  using acc_t = acc_t_of<scalar_t>;
+  __shared__ CePartialSums row_sums[kRowsBlock];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  CePartialSums out{0.0, 0.0, 0, 0};
+  if (row < a.rows) {
+    RowStats<acc_t> st = a.slice_stats[row * a.slices];
+    for (int k = 1; k < a.slices; ++k) st = row_stats_combine(st, a.slice_stats[row * a.slices + k]);
+    out = ce_forward_row_epilogue(a, row, st);
+  }
+  row_sums[threadIdx.x] = out;
+  if (a.norm_one != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *a.norm_one = acc_t(1);
+  write_block_partial(row_sums, static_cast<int>(blockDim.x), a.partials);
+}
+
 // The upstream gradient of one row, divided by the normaliser of a "mean" (NaN for a zero
 // normaliser, as torch).
 template <typename scalar_t>
@@ -261,7 +318,11 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_backward_kernel(CeKernelArgs<
   const int group = kBlockPerRow ? static_cast<int>(blockDim.x) : a.group;
   const int rows_per_block = static_cast<int>(blockDim.x) / group;
   const int lane = static_cast<int>(threadIdx.x) % group;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / group;
+  // a block per row may be one of a.slices blocks of its row (the forward's cut)
+  const int slices = kBlockPerRow ? a.slices : 1;
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) / slices;
+  const int slice = static_cast<int>(static_cast<int64_t>(blockIdx.x) - unit * slices);
+  const int64_t row = unit * rows_per_block + threadIdx.x / group;
   if (row >= a.rows) return;  // no cooperation below
 
   const int64_t base = ce_row_offset(row, a.C, a.P);
@@ -302,9 +363,10 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_backward_kernel(CeKernelArgs<
     for (int64_t c = 0; c < a.C; ++c) gr[c * a.P] = static_cast<scalar_t>(grad_of(to_acc(xr[c * a.P]), c));
     return;
   }
-  const VectorSplit sp = vector_split(reinterpret_cast<uint64_t>(xr), a.C, sizeof(scalar_t), 16);
+  const RowSlice rs = ce_slice_of(reinterpret_cast<uint64_t>(xr), a.C, sizeof(scalar_t), slice, slices);
+  const VectorSplit& sp = rs.sp;
   const bool vector_store = reinterpret_cast<uint64_t>(xr) % 16 == reinterpret_cast<uint64_t>(gr) % 16;
-  for (int64_t i = lane; i < sp.head; i += group) gr[i] = static_cast<scalar_t>(grad_of(to_acc(xr[i]), i));
+  for (int64_t i = lane; i < rs.head; i += group) gr[i] = static_cast<scalar_t>(grad_of(to_acc(xr[i]), i));
   auto grad_pack = [&](const Pack<scalar_t>& p, int64_t c0) {
     Pack<scalar_t> out;
 #pragma unroll
@@ -315,17 +377,17 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_backward_kernel(CeKernelArgs<
       for (int q = 0; q < K; ++q) gr[c0 + q] = out.v[q];
     }
   };
-  int64_t j = lane;
-  for (; j + group < sp.vecs; j += 2 * group) {  // two 16-byte loads in flight
+  int64_t j = rs.vec_begin + lane;
+  for (; j + group < rs.vec_end; j += 2 * group) {  // two 16-byte loads in flight
     const int64_t c0 = sp.head + j * K, c1 = c0 + group * K;
     const Pack<scalar_t> p0 = load_pack(xr + c0);
     const Pack<scalar_t> p1 = load_pack(xr + c1);
     grad_pack(p0, c0);
     grad_pack(p1, c1);
   }
-  if (j < sp.vecs) grad_pack(load_pack(xr + sp.head + j * K), sp.head + j * K);
+  if (j < rs.vec_end) grad_pack(load_pack(xr + sp.head + j * K), sp.head + j * K);
   const int64_t t0 = sp.head + sp.vecs * K;
-  for (int64_t i = lane; i < sp.tail; i += group) {
+  for (int64_t i = lane; i < rs.tail; i += group) {
     gr[t0 + i] = static_cast<scalar_t>(grad_of(to_acc(xr[t0 + i]), t0 + i));
   }
 }

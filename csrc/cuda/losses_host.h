@@ -54,10 +54,26 @@ T* ptr_or_null(const at::Tensor& t) {
 // How a cross-entropy launch covers the rows.
 struct CeLaunch {
   bool block_per_row;
-  int group;    // lanes per row (grouped kernels)
-  int threads;  // blockDim.x
-  int64_t blocks;
+  int group;         // lanes per row (grouped kernels)
+  int threads;       // blockDim.x
+  int64_t blocks;    // of the forward (of its slice kernel for a split row) and of the backward
+  int slices = 1;    // blocks per row (ce_row_slices)
+  int64_t partials;  // partial sums the forward writes: its blocks, or the combine kernel's
 };
+
+// Few rows of many classes: a row is cut into slices, a block each, so that the launch has about
+// kSplitTargetBlocks blocks (two 512-thread blocks per SM of an H100 or H200: one full wave) while
+// a slice keeps at least kMinSliceClasses classes (16 a thread). From the shape alone, so that
+// every GPU cuts a row alike and the sums are the same everywhere. (8, 256000): 31 slices a row,
+// 248 blocks, where a block per row kept 8 of 132 SMs busy.
+constexpr int64_t kSplitTargetBlocks = 264;
+constexpr int64_t kMinSliceClasses = 8192;
+
+inline int ce_row_slices(int64_t rows, int64_t C) {
+  if (rows >= kSplitTargetBlocks) return 1;
+  const int64_t want = ceil_div(kSplitTargetBlocks, std::max<int64_t>(rows, 1));
+  return static_cast<int>(std::max<int64_t>(1, std::min(want, C / kMinSliceClasses)));
+}
 
 inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes) {
   CeLaunch l{};
@@ -75,8 +91,10 @@ inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes
     l.group = static_cast<int>(threads_per_row(C, per_vec, 4, kMaxRowBlock));
     l.group = std::max(l.group, 128);
     l.threads = l.group;
-    l.blocks = rows;
+    l.slices = ce_row_slices(rows, C);
+    l.blocks = rows * l.slices;
   }
+  l.partials = l.slices > 1 ? ceil_div(rows, kRowsBlock) : l.blocks;
   return l;
 }
 
@@ -116,12 +134,17 @@ CeKernelArgs<scalar_t> ce_kernel_args(const CeShape& s, const CeLaunch& l, const
   a.eps = label_smoothing;
   a.gamma = gamma;
   a.group = l.group;
+  a.slices = l.slices;
   return a;
 }
 
+// The forward kernels; a split row (l.slices > 1) needs a.slice_stats for rows * slices states.
 template <typename scalar_t>
 void launch_ce_forward(const CeLaunch& l, const CeKernelArgs<scalar_t>& a, cudaStream_t stream) {
-  if (l.block_per_row) {
+  if (l.slices > 1) {
+    launch_kernel(ce_forward_slice_kernel<scalar_t>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
+    launch_kernel(ce_forward_combine_kernel<scalar_t>, grid_of(l.partials), dim3(kRowsBlock), 0, stream, a);
+  } else if (l.block_per_row) {
     launch_kernel(ce_forward_kernel<scalar_t, true>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
   } else {
     launch_kernel(ce_forward_kernel<scalar_t, false>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
@@ -224,10 +247,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
   const CeLaunch l = ce_launch(rows, s.C, s.P, x.element_size());
   // "none" needs no partial sums and no finalize kernel: the forward sets the normaliser to 1
   at::Tensor partials = reduction == kNone ? at::Tensor()
-                        : at::empty({l.blocks * static_cast<int64_t>(sizeof(CePartialSums))}, x.options().dtype(at::kByte));
+                        : at::empty({l.partials * static_cast<int64_t>(sizeof(CePartialSums))}, x.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_wloss_ce_forward", [&] {
     using acc_t = acc_t_of<scalar_t>;
     CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing, gamma);
+    at::Tensor slice_stats;  // the states of a split row's slices, combined by the second kernel
+    if (l.slices > 1) {
+      slice_stats = at::empty({l.blocks * static_cast<int64_t>(sizeof(RowStats<acc_t>))}, x.options().dtype(at::kByte));
+      a.slice_stats = reinterpret_cast<RowStats<acc_t>*>(slice_stats.data_ptr());
+    }
     a.lse = lse.data_ptr<acc_t>();
     if (loss_acc) {
       a.loss_rows_acc = ptr_or_null<acc_t>(loss_rows);
@@ -240,7 +268,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
     } else {
       a.partials = reinterpret_cast<CePartialSums*>(partials.data_ptr());
       launch_ce_forward(l, a, stream);
-      launch_ce_finalize<scalar_t>(a.partials, l.blocks, static_cast<int>(reduction), loss_acc, loss, norm, stream);
+      launch_ce_finalize<scalar_t>(a.partials, l.partials, static_cast<int>(reduction), loss_acc, loss, norm, stream);
     }
   });
   return {loss, lse, class_weight_out, norm};
