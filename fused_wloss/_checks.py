@@ -256,7 +256,9 @@ def _check_gamma(gamma, loss: str) -> float:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"{loss}: gamma must be a float, got {type(gamma).__name__}")
     gamma = float(gamma)
-    if not math.isfinite(gamma) or gamma < 0.0:
+    # comparisons rather than math.isfinite, which torch.compile(dynamic=True) cannot trace on a
+    # symbolic float (NaN fails both)
+    if not (0.0 <= gamma < math.inf):
         raise ValueError(f"{loss}: gamma (the focal-loss focusing parameter) must be a finite number >= 0, got {gamma}")
     return gamma
 

@@ -68,7 +68,7 @@ class BatchWeighting:
                 f"BatchWeighting: scheme must be one of {sorted(SCHEME_CODES)}, got {self.scheme!r}"
             )
         smoothing = float(self.smoothing)
-        if not (math.isfinite(smoothing) and smoothing >= _MIN_SMOOTHING):
+        if not (_MIN_SMOOTHING <= smoothing < math.inf):  # no math.isfinite: see _checks._check_gamma
             raise ValueError(
                 f"BatchWeighting: smoothing must be a finite number >= {_MIN_SMOOTHING:.3g} (so that "
                 f"an absent class gets a weight that is finite in float32), got {self.smoothing!r}"

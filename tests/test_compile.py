@@ -47,6 +47,32 @@ def test_bce_compiles_fullgraph(class_weighting):
     )
 
 
+@pytest.mark.parametrize("loss", ["ce", "ce-focal", "bce", "bce-focal", "module"])
+def test_dynamic_shapes_compile_fullgraph(loss):
+    """torch.compile(dynamic=True): batch sizes as symbols, the Python float options (gamma,
+    smoothing) checked without math.isfinite, which such a trace cannot take; two batch sizes share
+    one graph and match eager."""
+    gen = torch.Generator().manual_seed(4)
+    fns = {
+        "ce": lambda x, y: fused_wloss.cross_entropy(x, y, class_weighting="inverse", label_smoothing=0.1),
+        "ce-focal": lambda x, y: fused_wloss.cross_entropy(x, y, gamma=2.0, weight=torch.ones(6)),
+        "bce": lambda x, y: fused_wloss.binary_cross_entropy_with_logits(
+            x, y, class_weighting=fused_wloss.BatchWeighting("inverse", smoothing=0.5)),
+        "bce-focal": lambda x, y: fused_wloss.binary_cross_entropy_with_logits(x, y, gamma=1.5, alpha=0.25),
+        "module": fused_wloss.CrossEntropyLoss(class_weighting="inverse_sqrt"),
+    }
+    fn = fns[loss]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n in (12, 20):
+        x = torch.randn(n, 6, generator=gen)
+        y = (torch.rand(n, 6, generator=gen) < 0.3).float() if loss.startswith("bce") else torch.randint(0, 6, (n,), generator=gen)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        eager, got = fn(x1, y), compiled(x2, y)
+        torch.testing.assert_close(got, eager)
+        torch.testing.assert_close(torch.autograd.grad(got, x2)[0], torch.autograd.grad(eager, x1)[0])
+
+
 def test_module_compiles_fullgraph():
     gen = torch.Generator().manual_seed(2)
     x, y = torch.randn(16, 4, generator=gen), torch.randint(0, 4, (16,), generator=gen)
