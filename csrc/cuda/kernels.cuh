@@ -222,25 +222,23 @@ __device__ __forceinline__ CePartialSums ce_forward_row_epilogue(const CeKernelA
   return out;
 }
 
-// Adds the per-row results of a block in row order and writes the block's partial.
-__device__ __forceinline__ void write_block_partial(CePartialSums* rows_sums, int count,
-                                                    CePartialSums* out) {
-  __syncthreads();
-  if (threadIdx.x == 0 && out != nullptr) {  // no partials for reduction "none"
-    CePartialSums p{0.0, 0.0, 0, 0};
-    for (int i = 0; i < count; ++i) {
-      p.loss_sum += rows_sums[i].loss_sum;
-      p.weight_sum += rows_sums[i].weight_sum;
-      p.valid += rows_sums[i].valid;
-    }
-    out[blockIdx.x] = p;
-  }
+// The block's partial sums of its rows' results (`mine`: the row a thread finished, zeros for the
+// threads without one), reduced in a fixed order (each warp by shuffles, then warp 0 over the warps,
+// as block_allreduce_sum) rather than by one thread walking up to 256 rows, and written by thread 0
+// (nothing for reduction "none": out == nullptr). Every thread of the block must call it.
+__device__ __forceinline__ void write_block_partial(const CePartialSums& mine, CePartialSums* out) {
+  __shared__ double dscratch[kWarpSize];
+  __shared__ long long iscratch[kWarpSize];
+  if (out == nullptr) return;  // uniform over the block
+  const double loss_sum = block_allreduce_sum(mine.loss_sum, dscratch);
+  const double weight_sum = block_allreduce_sum(mine.weight_sum, dscratch);
+  const long long valid = block_allreduce_sum(mine.valid, iscratch);
+  if (threadIdx.x == 0) out[blockIdx.x] = CePartialSums{loss_sum, weight_sum, valid, 0};
 }
 
 template <typename scalar_t, bool kBlockPerRow>
 __global__ void __launch_bounds__(kMaxRowBlock) ce_forward_kernel(CeKernelArgs<scalar_t> a) {
   using acc_t = acc_t_of<scalar_t>;
-  __shared__ CePartialSums row_sums[kRowsBlock];
   __shared__ RowStats<acc_t> scratch[kWarpSize];
   const int group = kBlockPerRow ? static_cast<int>(blockDim.x) : a.group;
   const int rows_per_block = static_cast<int>(blockDim.x) / group;
@@ -257,11 +255,9 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_forward_kernel(CeKernelArgs<s
   } else if (group > 1) {
     st = group_allreduce_stats(st, group);
   }
-  if (lane == 0) {
-    row_sums[slot] = active ? ce_forward_row_epilogue(a, row, st) : CePartialSums{0.0, 0.0, 0, 0};
-  }
+  const CePartialSums mine = lane == 0 && active ? ce_forward_row_epilogue(a, row, st) : CePartialSums{0.0, 0.0, 0, 0};
   if (a.norm_one != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *a.norm_one = acc_t(1);
-  write_block_partial(row_sums, rows_per_block, a.partials);
+  write_block_partial(mine, a.partials);
 }
 
 // A row split over a.slices blocks (few rows of many classes: every SM gets work): block b takes
@@ -283,7 +279,6 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_forward_slice_kernel(CeKernel
 template <typename scalar_t>
 __global__ void __launch_bounds__(kRowsBlock) ce_forward_combine_kernel(CeKernelArgs<scalar_t> a) {
   using acc_t = acc_t_of<scalar_t>;
-  __shared__ CePartialSums row_sums[kRowsBlock];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   CePartialSums out{0.0, 0.0, 0, 0};
   if (row < a.rows) {
@@ -291,9 +286,8 @@ __global__ void __launch_bounds__(kRowsBlock) ce_forward_combine_kernel(CeKernel
     for (int k = 1; k < a.slices; ++k) st = row_stats_combine(st, a.slice_stats[row * a.slices + k]);
     out = ce_forward_row_epilogue(a, row, st);
   }
-  row_sums[threadIdx.x] = out;
   if (a.norm_one != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *a.norm_one = acc_t(1);
-  write_block_partial(row_sums, static_cast<int>(blockDim.x), a.partials);
+  write_block_partial(out, a.partials);
 }
 
 // The upstream gradient of one row, divided by the normaliser of a "mean" (NaN for a zero
@@ -535,7 +529,6 @@ __device__ CePartialSums ce_prob_finish(const CeProbKernelArgs<scalar_t>& a, int
 template <typename scalar_t, bool kBlockPerRow>
 __global__ void ce_prob_forward_kernel(CeProbKernelArgs<scalar_t> a) {
   using acc_t = acc_t_of<scalar_t>;
-  __shared__ CePartialSums row_sums[kRowsBlock];
   __shared__ acc_t scratch[kWarpSize];
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   if (kBlockPerRow) {  // P == 1: a row's classes spread over the block; rows gridDim.x apart
@@ -583,8 +576,7 @@ __global__ void ce_prob_forward_kernel(CeProbKernelArgs<scalar_t> a) {
     }
     out = ce_prob_finish(a, row, m, s, b, dsum);
   }
-  row_sums[threadIdx.x] = out;
-  write_block_partial(row_sums, static_cast<int>(blockDim.x), a.partials);
+  write_block_partial(out, a.partials);
 }
 
 template <typename scalar_t>
