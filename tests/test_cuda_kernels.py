@@ -118,6 +118,9 @@ CE_MAPPINGS = {
     "split-2": (3, 16400),
     "split-4-one-row": (1, 40000),
     "split-7-odd": (2, 57345),  # odd C: the second row misaligned, a head in slice 0 and a tail in the last
+    # K-dim with few pixels: the classes of a block's pixels cut into slices of 128+ (ce_pixel_slices)
+    "kdim-split-2": (2, 300, 50),
+    "kdim-split-7": (3, 1000, 37),  # 111 pixels: a partial block, 7 slices of 143 and a last of 142
     "kdim-p37": (5, 6, 37),  # a thread per pixel, the block's last rows idle
     "kdim-3d": (2, 3, 4, 70),  # 280 pixels: two blocks
 }
@@ -309,7 +312,7 @@ def test_noncontiguous_inputs(dev):
     assert_close(grad.cpu(), ref_grad, torch.float64, "gradient")
 
 
-@pytest.mark.parametrize("shape", [(300, 3), (40, 33), (3, 4097), (2, 3, 4, 70), (2, 57345)], ids=str)
+@pytest.mark.parametrize("shape", [(300, 3), (40, 33), (3, 4097), (2, 3, 4, 70), (2, 57345), (3, 1000, 37)], ids=str)
 def test_bitwise_repeatable(dev, shape):
     x, t, kw = _ce_call(shape, CE_OPTIONS["everything"], torch.float32, dev.device)
     first = _run(dev, fused_wloss.cross_entropy, x, t, kw)

@@ -165,22 +165,30 @@ __device__ __forceinline__ RowStats<acc_t_of<scalar_t>> ce_row_stats_contiguous(
   return st;
 }
 
-// The state of one K-dim row (pixel): classes at stride P, four at a time.
+// The classes [begin, end) that slice `slice` of `slices` of a K-dim pixel takes.
+__device__ __forceinline__ void ce_class_range(int64_t C, int slice, int slices, int64_t* begin, int64_t* end) {
+  const int64_t per = (C + slices - 1) / slices;
+  *begin = per * slice < C ? per * slice : C;
+  *end = *begin + per < C ? *begin + per : C;
+}
+
+// The state of one K-dim row (pixel) over classes [c_begin, c_end): classes at stride P, four at a
+// time.
 template <typename scalar_t>
 __device__ __forceinline__ RowStats<acc_t_of<scalar_t>> ce_row_stats_strided(
-    const CeKernelArgs<scalar_t>& a, int64_t row) {
+    const CeKernelArgs<scalar_t>& a, int64_t row, int64_t c_begin, int64_t c_end) {
   using acc_t = acc_t_of<scalar_t>;
   const bool smooth = a.eps > 0.0;
   const scalar_t* xr = a.x + ce_row_offset(row, a.C, a.P);
   RowStats<acc_t> st = RowStats<acc_t>::empty();
-  int64_t c = 0;
-  for (; c + 4 <= a.C; c += 4) {
+  int64_t c = c_begin;
+  for (; c + 4 <= c_end; c += 4) {
     acc_t v[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) v[k] = to_acc(xr[(c + k) * a.P]);
     stats_add(st, v, 4, c, a.class_w, smooth);
   }
-  for (; c < a.C; ++c) {
+  for (; c < c_end; ++c) {
     const acc_t v = to_acc(xr[c * a.P]);
     stats_add(st, &v, 1, c, a.class_w, smooth);
   }
@@ -248,7 +256,7 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_forward_kernel(CeKernelArgs<s
   const bool active = row < a.rows;
 
   RowStats<acc_t> st = RowStats<acc_t>::empty();
-  if (active) st = a.P > 1 ? ce_row_stats_strided(a, row) : ce_row_stats_contiguous(a, row, lane, group);
+  if (active) st = a.P > 1 ? ce_row_stats_strided(a, row, 0, a.C) : ce_row_stats_contiguous(a, row, lane, group);
   // every thread takes part in the reductions, active or not
   if (kBlockPerRow) {
     st = block_allreduce_stats(st, scratch);
@@ -274,6 +282,20 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_forward_slice_kernel(CeKernel
                                                slice, a.slices);
   st = block_allreduce_stats(st, scratch);
   if (threadIdx.x == 0) a.slice_stats[blockIdx.x] = st;
+}
+
+// The same for K-dim inputs with few pixels and many classes ((8, 32000, 512): 16 blocks of a
+// thread per pixel): block b takes the pixels of block b / slices and slice b % slices of their
+// classes, a state per pixel and slice for ce_forward_combine_kernel.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRowsBlock) ce_forward_pixel_slice_kernel(CeKernelArgs<scalar_t> a) {
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) / a.slices;
+  const int slice = static_cast<int>(static_cast<int64_t>(blockIdx.x) - unit * a.slices);
+  const int64_t row = unit * blockDim.x + threadIdx.x;
+  if (row >= a.rows) return;
+  int64_t c0, c1;
+  ce_class_range(a.C, slice, a.slices, &c0, &c1);
+  a.slice_stats[row * a.slices + slice] = ce_row_stats_strided(a, row, c0, c1);
 }
 
 template <typename scalar_t>
@@ -312,8 +334,9 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_backward_kernel(CeKernelArgs<
   const int group = kBlockPerRow ? static_cast<int>(blockDim.x) : a.group;
   const int rows_per_block = static_cast<int>(blockDim.x) / group;
   const int lane = static_cast<int>(threadIdx.x) % group;
-  // a block per row may be one of a.slices blocks of its row (the forward's cut)
-  const int slices = kBlockPerRow ? a.slices : 1;
+  // a block may take one of a.slices slices of its rows (the forward's cut): the classes of a row
+  // (a block per row) or of a block's pixels (K-dim); 1 for the grouped rows
+  const int slices = a.slices;
   const int64_t unit = static_cast<int64_t>(blockIdx.x) / slices;
   const int slice = static_cast<int>(static_cast<int64_t>(blockIdx.x) - unit * slices);
   const int64_t row = unit * rows_per_block + threadIdx.x / group;
@@ -354,7 +377,9 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_backward_kernel(CeKernelArgs<
   };
 
   if (a.P > 1) {  // one thread per pixel: classes at stride P
-    for (int64_t c = 0; c < a.C; ++c) gr[c * a.P] = static_cast<scalar_t>(grad_of(to_acc(xr[c * a.P]), c));
+    int64_t c0, c1;
+    ce_class_range(a.C, slice, slices, &c0, &c1);
+    for (int64_t c = c0; c < c1; ++c) gr[c * a.P] = static_cast<scalar_t>(grad_of(to_acc(xr[c * a.P]), c));
     return;
   }
   const RowSlice rs = ce_slice_of(reinterpret_cast<uint64_t>(xr), a.C, sizeof(scalar_t), slice, slices);

@@ -75,11 +75,23 @@ inline int ce_row_slices(int64_t rows, int64_t C) {
   return static_cast<int>(std::max<int64_t>(1, std::min(want, C / kMinSliceClasses)));
 }
 
+// K-dim inputs, a thread per pixel: with fewer blocks of pixels than kSplitTargetBlocks the classes
+// are cut as well, at least kMinPixelSliceClasses a slice ((8, 32000, 512): 17 slices, 272 blocks).
+constexpr int64_t kMinPixelSliceClasses = 128;
+
+inline int ce_pixel_slices(int64_t pixel_blocks, int64_t C) {
+  if (pixel_blocks >= kSplitTargetBlocks) return 1;
+  const int64_t want = ceil_div(kSplitTargetBlocks, std::max<int64_t>(pixel_blocks, 1));
+  return static_cast<int>(std::max<int64_t>(1, std::min(want, C / kMinPixelSliceClasses)));
+}
+
 inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes) {
   CeLaunch l{};
   const int64_t per_vec = 16 / elem_bytes;
-  if (P > 1) {  // a thread per pixel
+  if (P > 1) {  // a thread per pixel, the classes cut into slices when the pixels are few
     l = {false, 1, kRowsBlock, ceil_div(rows, kRowsBlock)};
+    l.slices = ce_pixel_slices(l.blocks, C);
+    l.blocks *= l.slices;
   } else if (C <= 4096) {  // a group of up to a warp per row, about two vectors a lane
     l.block_per_row = false;
     l.group = static_cast<int>(threads_per_row(C, per_vec, 2, kWarpSize));
@@ -142,7 +154,11 @@ CeKernelArgs<scalar_t> ce_kernel_args(const CeShape& s, const CeLaunch& l, const
 template <typename scalar_t>
 void launch_ce_forward(const CeLaunch& l, const CeKernelArgs<scalar_t>& a, cudaStream_t stream) {
   if (l.slices > 1) {
-    launch_kernel(ce_forward_slice_kernel<scalar_t>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
+    if (a.P > 1) {
+      launch_kernel(ce_forward_pixel_slice_kernel<scalar_t>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
+    } else {
+      launch_kernel(ce_forward_slice_kernel<scalar_t>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
+    }
     launch_kernel(ce_forward_combine_kernel<scalar_t>, grid_of(l.partials), dim3(kRowsBlock), 0, stream, a);
   } else if (l.block_per_row) {
     launch_kernel(ce_forward_kernel<scalar_t, true>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
@@ -253,7 +269,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
     CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing, gamma);
     at::Tensor slice_stats;  // the states of a split row's slices, combined by the second kernel
     if (l.slices > 1) {
-      slice_stats = at::empty({l.blocks * static_cast<int64_t>(sizeof(RowStats<acc_t>))}, x.options().dtype(at::kByte));
+      slice_stats = at::empty({rows * l.slices * static_cast<int64_t>(sizeof(RowStats<acc_t>))}, x.options().dtype(at::kByte));
       a.slice_stats = reinterpret_cast<RowStats<acc_t>*>(slice_stats.data_ptr());
     }
     a.lse = lse.data_ptr<acc_t>();
