@@ -371,10 +371,10 @@ def test_classes_last_logits_are_read_in_place(dev, shape, options):
 BCE_LAYOUTS = {"L1": (6000, 1), "L3": (2100, 3), "L5": (1000, 5), "L8": (700, 8), "L33": (150, 33),
                "L300": (20, 300), "L1001-tail": (7, 1001)}
 BCE_WEIGHTS = {
-    # per-label weight and pos_weight, per-row sample weights, balanced dynamic weights
+    # per-label weight and pos_weight, per-row sample weights (the dynamic weights' label sums:
+    # test_bce_label_sums_over_rows, whose 1024-block launches are slow to emulate)
     "labels": lambda rows, L, gen: {"weight": torch.rand(L, generator=gen) + 0.5, "pos_weight": torch.rand(L, generator=gen) + 0.5,
-                                    "sample_weight": torch.rand(rows, generator=gen) + 0.5,
-                                    "class_weighting": BatchWeighting("inverse", balanced=True)},
+                                    "sample_weight": torch.rand(rows, generator=gen) + 0.5},
     # a weight per element (no cursor), focal
     "elements": lambda rows, L, gen: {"weight": torch.rand(rows, L, generator=gen) + 0.5, "gamma": 2.0, "alpha": 0.25},
 }
@@ -385,6 +385,24 @@ def _misaligned(t: torch.Tensor, offset: int) -> torch.Tensor:
     if not offset:
         return t
     return torch.zeros(t.numel() + offset, dtype=t.dtype, device=t.device)[offset:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("layout", ["L1", "L3", "L33", "L300"])
+def test_bce_label_sums_over_rows(dev, layout):
+    """The label sums behind dynamic weights: groups of threads over the rows for few labels (one
+    label: every thread of a block), a thread per label for many; balanced weights use both sums."""
+    rows, L = BCE_LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(rows + L)
+    x = torch.randn(rows, L, generator=gen) * 4
+    t = (torch.rand(rows, L, generator=gen) < torch.linspace(0.05, 0.6, L)).float()
+    kw = {"class_weighting": BatchWeighting("inverse", balanced=True), "pos_weight": torch.rand(L, generator=gen) + 0.5}
+    with dev.calls():
+        out, grad = _run(dev, fused_wloss.binary_cross_entropy_with_logits, x.to(dev.device), t.to(dev.device),
+                         {k: v.to(dev.device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    ref_out, ref_grad = _run(KernelDevice("ref"), reference.binary_cross_entropy_with_logits, x.double(), t.double(),
+                             _to_cpu64(kw))
+    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=2e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
