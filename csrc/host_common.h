@@ -138,13 +138,10 @@ inline std::pair<at::Tensor, CeShape> ce_kernel_view(const at::Tensor& input, Ce
 // The gradient of `input` from `rows`, the (N * P, C) gradient of its classes-last rows view: the
 // input's own layout, as a view.
 inline at::Tensor rows_as_input_layout(const at::Tensor& rows, const at::Tensor& input) {
-  std::vector<int64_t> moved_sizes{input.size(0)};
-  for (int64_t d = 2; d < input.dim(); ++d) moved_sizes.push_back(input.size(d));
-  moved_sizes.push_back(input.size(1));
-  std::vector<int64_t> back(input.dim());  // the inverse of classes_last_order
   const std::vector<int64_t> order = classes_last_order(input.dim());
+  std::vector<int64_t> back(input.dim());  // the inverse of order
   for (int64_t i = 0; i < input.dim(); ++i) back[order[i]] = i;
-  return rows.view(moved_sizes).permute(back);
+  return rows.view(input.permute(order).sizes()).permute(back);
 }
 
 // Cross-entropy with probability targets: the input viewed as (N, C, P) (an unbatched (C,) input

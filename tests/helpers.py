@@ -137,3 +137,11 @@ def value_and_grad(fn, sample, seed: int = 1234):
 def assert_close(actual, expected, dtype, what=""):
     tol = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 2e-6)}.get(dtype, (2e-2, 2e-3))
     torch.testing.assert_close(actual, expected, rtol=tol[0], atol=tol[1], equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def classes_last(shape, gen, scale: float = 4.0, dtype=torch.float64) -> torch.Tensor:
+    """Random logits of `shape` (N, C, d1, ..., dk) whose classes are innermost in memory
+    (channels_last for 4-D), times `scale`."""
+    moved = (shape[0], *shape[2:], shape[1])
+    x = (torch.randn(moved, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    return x.permute(0, len(shape) - 1, *range(1, len(shape) - 1))

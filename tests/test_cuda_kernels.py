@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import fused_wloss
 from fused_wloss import BatchWeighting, ops, reference
 
-from helpers import (assert_close, emulation_namespace, gpu_calls, gpu_device, gpu_param, requires_real_gpu,
+from helpers import (assert_close, classes_last, emulation_namespace, gpu_calls, gpu_device, gpu_param, requires_real_gpu,
                      skip_without_gpu, value_and_grad)
 from samples import bce_samples, cross_entropy_samples
 
@@ -114,11 +114,11 @@ CE_MAPPINGS = {
     "c4096-warp": (3, 4096),
     "c4097-block": (3, 4097),  # a block per row: warps combine through shared memory
     "c9000-block": (2, 9000),
-    # few rows of many classes: a row cut into slices of 8192+ classes, a block each (ce_row_slices)
+    # few rows of many classes: a row cut into slices of 8192+ classes, a block each (ce_slices in losses_host.h)
     "split-2": (3, 16400),
     "split-4-one-row": (1, 40000),
     "split-7-odd": (2, 57345),  # odd C: the second row misaligned, a head in slice 0 and a tail in the last
-    # K-dim with few pixels: the classes of a block's pixels cut into slices of 128+ (ce_pixel_slices)
+    # K-dim with few pixels: the classes of a block's pixels cut into slices of 128+ (ce_slices)
     "kdim-split-2": (2, 300, 50),
     "kdim-split-7": (3, 1000, 37),  # 111 pixels: a partial block, 7 slices of 143 and a last of 142
     "kdim-p37": (5, 6, 37),  # a thread per pixel, the block's last rows idle
@@ -344,8 +344,7 @@ def test_classes_last_logits_are_read_in_place(dev, shape, options):
     per row, or a block per row past 4096 classes) without a contiguous copy; the gradient keeps
     their layout."""
     gen = torch.Generator().manual_seed(sum(shape))
-    moved = (shape[0], *shape[2:], shape[1])
-    x = (torch.randn(moved, generator=gen, dtype=torch.float64) * 3).permute(0, len(shape) - 1, *range(1, len(shape) - 1))
+    x = classes_last(shape, gen, scale=3)
     _, t, kw = _ce_call(shape, CE_OPTIONS[options], torch.float64, "cpu")
     on_dev = {k: v.to(dev.device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     xd = x.to(dev.device)

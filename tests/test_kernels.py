@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import fused_wloss
 from fused_wloss import BatchWeighting, _extension, reference
 
+from helpers import classes_last
+
 pytestmark = pytest.mark.skipif(
     fused_wloss.backend("cpu") != "extension",
     reason=f"compiled CPU kernels not loaded: {_extension.load_error()}",
@@ -166,13 +168,6 @@ def test_noncontiguous_inputs(isa):
         # a non-contiguous target
         t2 = torch.stack([t, t], -1)[..., 0]
         torch.testing.assert_close(fused_wloss.cross_entropy(x, t2), F.cross_entropy(x, t))
-
-
-def classes_last(shape, gen, dtype=torch.float64):
-    """Logits of `shape` (N, C, d1, ..., dk) whose classes are innermost in memory."""
-    moved = (shape[0], *shape[2:], shape[1])
-    x = torch.randn(moved, generator=gen, dtype=torch.float64).mul_(4).to(dtype)
-    return x.permute(0, len(shape) - 1, *range(1, len(shape) - 1))
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])

@@ -57,32 +57,25 @@ struct CeLaunch {
   int group;         // lanes per row (grouped kernels)
   int threads;       // blockDim.x
   int64_t blocks;    // of the forward (of its slice kernel for a split row) and of the backward
-  int slices = 1;    // blocks per row (ce_row_slices)
+  int slices = 1;    // blocks per row or per block of pixels (ce_slices)
   int64_t partials;  // partial sums the forward writes: its blocks, or the combine kernel's
 };
 
-// Few rows of many classes: a row is cut into slices, a block each, so that the launch has about
-// kSplitTargetBlocks blocks (two 512-thread blocks per SM of an H100 or H200: one full wave) while
-// a slice keeps at least kMinSliceClasses classes (16 a thread). From the shape alone, so that
-// every GPU cuts a row alike and the sums are the same everywhere. (8, 256000): 31 slices a row,
-// 248 blocks, where a block per row kept 8 of 132 SMs busy.
+// Few long rows, or few blocks of K-dim pixels with many classes: the classes are cut into slices,
+// a block each, so that the launch has about kSplitTargetBlocks blocks (two 512-thread blocks per
+// SM of an H100 or H200: one full wave) while a slice keeps at least `min_classes` classes. From
+// the shape alone, so that every GPU cuts alike and the sums are the same everywhere. Rows
+// (`units` = rows, kMinRowSliceClasses, 16 a thread): (8, 256000) gets 31 slices a row, 248 blocks,
+// where a block per row kept 8 of 132 SMs busy. K-dim (`units` = blocks of pixels,
+// kMinPixelSliceClasses): (8, 32000, 512) gets 17 slices, 272 blocks instead of 16.
 constexpr int64_t kSplitTargetBlocks = 264;
-constexpr int64_t kMinSliceClasses = 8192;
-
-inline int ce_row_slices(int64_t rows, int64_t C) {
-  if (rows >= kSplitTargetBlocks) return 1;
-  const int64_t want = ceil_div(kSplitTargetBlocks, std::max<int64_t>(rows, 1));
-  return static_cast<int>(std::max<int64_t>(1, std::min(want, C / kMinSliceClasses)));
-}
-
-// K-dim inputs, a thread per pixel: with fewer blocks of pixels than kSplitTargetBlocks the classes
-// are cut as well, at least kMinPixelSliceClasses a slice ((8, 32000, 512): 17 slices, 272 blocks).
+constexpr int64_t kMinRowSliceClasses = 8192;
 constexpr int64_t kMinPixelSliceClasses = 128;
 
-inline int ce_pixel_slices(int64_t pixel_blocks, int64_t C) {
-  if (pixel_blocks >= kSplitTargetBlocks) return 1;
-  const int64_t want = ceil_div(kSplitTargetBlocks, std::max<int64_t>(pixel_blocks, 1));
-  return static_cast<int>(std::max<int64_t>(1, std::min(want, C / kMinPixelSliceClasses)));
+inline int ce_slices(int64_t units, int64_t C, int64_t min_classes) {
+  if (units >= kSplitTargetBlocks) return 1;
+  const int64_t want = ceil_div(kSplitTargetBlocks, std::max<int64_t>(units, 1));
+  return static_cast<int>(std::max<int64_t>(1, std::min(want, C / min_classes)));
 }
 
 inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes) {
@@ -90,7 +83,7 @@ inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes
   const int64_t per_vec = 16 / elem_bytes;
   if (P > 1) {  // a thread per pixel, the classes cut into slices when the pixels are few
     l = {false, 1, kRowsBlock, ceil_div(rows, kRowsBlock)};
-    l.slices = ce_pixel_slices(l.blocks, C);
+    l.slices = ce_slices(l.blocks, C, kMinPixelSliceClasses);
     l.blocks *= l.slices;
   } else if (C <= 4096) {  // a group of up to a warp per row, about two vectors a lane
     l.block_per_row = false;
@@ -103,7 +96,7 @@ inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes
     l.group = static_cast<int>(threads_per_row(C, per_vec, 4, kMaxRowBlock));
     l.group = std::max(l.group, 128);
     l.threads = l.group;
-    l.slices = ce_row_slices(rows, C);
+    l.slices = ce_slices(rows, C, kMinRowSliceClasses);
     l.blocks = rows * l.slices;
   }
   l.partials = l.slices > 1 ? ceil_div(rows, kRowsBlock) : l.blocks;
