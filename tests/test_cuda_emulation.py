@@ -122,6 +122,15 @@ def test_dynamic_shared_memory_beyond_48k_is_refused():
         run("dynamic_smem_over_48k", 32)
 
 
+def test_static_shared_memory_is_poisoned_per_block():
+    """A block's static shared memory starts as 0xFF bytes, not as what the previous block (here
+    the same kernel, which stores blockIdx + 1) left in it: a kernel that reads shared memory it
+    did not write gets -1 (NaN for floats) instead of a plausible value only the emulation gives."""
+    for _ in range(2):  # and again in a second launch
+        out = run("stale_shared", 32, 4).view(4, 32)
+        assert torch.equal(out[:, 0], torch.full((4,), -1))
+
+
 def test_shuffled_block_order(monkeypatch):
     """FWL_EMU_BLOCK_ORDER=shuffle[:seed] runs every block once, in an order of its own per seed."""
     blocks = 37

@@ -70,8 +70,10 @@ inline dim3 grid_of(int64_t blocks) {
 #define FWL_KERNEL_ASSERT(cond, msg) CUDA_KERNEL_ASSERT_MSG(cond, msg)
 #endif
 
-// Dynamic shared memory (the launch's smem_bytes) as an array of `type`.
+// Shared memory: FWL_SHARED a static array, FWL_DYNAMIC_SHARED the launch's smem_bytes as an array
+// of `type` (the emulation poisons both at every block: csrc/emu/cuda_emu.h).
 #if !defined(FWL_EMULATE_CUDA)
+#define FWL_SHARED(type, name, count) __shared__ type name[count]
 #define FWL_DYNAMIC_SHARED(type, name)                               \
   extern __shared__ __align__(16) unsigned char fwl_dynamic_smem[]; \
   type* name = reinterpret_cast<type*>(fwl_dynamic_smem)

@@ -235,8 +235,8 @@ __device__ __forceinline__ CePartialSums ce_forward_row_epilogue(const CeKernelA
 // as block_allreduce_sum) rather than by one thread walking up to 256 rows, and written by thread 0
 // (nothing for reduction "none": out == nullptr). Every thread of the block must call it.
 __device__ __forceinline__ void write_block_partial(const CePartialSums& mine, CePartialSums* out) {
-  __shared__ double dscratch[kWarpSize];
-  __shared__ long long iscratch[kWarpSize];
+  FWL_SHARED(double, dscratch, kWarpSize);
+  FWL_SHARED(long long, iscratch, kWarpSize);
   if (out == nullptr) return;  // uniform over the block
   const double loss_sum = block_allreduce_sum(mine.loss_sum, dscratch);
   const double weight_sum = block_allreduce_sum(mine.weight_sum, dscratch);
@@ -247,7 +247,7 @@ __device__ __forceinline__ void write_block_partial(const CePartialSums& mine, C
 template <typename scalar_t, bool kBlockPerRow>
 __global__ void __launch_bounds__(kMaxRowBlock) ce_forward_kernel(CeKernelArgs<scalar_t> a) {
   using acc_t = acc_t_of<scalar_t>;
-  __shared__ RowStats<acc_t> scratch[kWarpSize];
+  FWL_SHARED(RowStats<acc_t>, scratch, kWarpSize);
   const int group = kBlockPerRow ? static_cast<int>(blockDim.x) : a.group;
   const int rows_per_block = static_cast<int>(blockDim.x) / group;
   const int slot = static_cast<int>(threadIdx.x) / group;
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_forward_kernel(CeKernelArgs<s
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxRowBlock) ce_forward_slice_kernel(CeKernelArgs<scalar_t> a) {
   using acc_t = acc_t_of<scalar_t>;
-  __shared__ RowStats<acc_t> scratch[kWarpSize];
+  FWL_SHARED(RowStats<acc_t>, scratch, kWarpSize);
   const int64_t row = static_cast<int64_t>(blockIdx.x) / a.slices;
   const int slice = static_cast<int>(static_cast<int64_t>(blockIdx.x) - row * a.slices);
   RowStats<acc_t> st = ce_row_stats_contiguous(a, row, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x),
@@ -446,7 +446,7 @@ __global__ void class_count_kernel(const void* target, bool target_int32, int64_
 template <typename acc_t>
 __global__ void __launch_bounds__(kClassWeightThreads) class_weight_kernel(const unsigned long long* counts, int64_t C, int scheme,
                                     acc_t smoothing, acc_t beta, bool has_static, acc_t* class_w, acc_t* sum_w) {
-  __shared__ acc_t scratch[kWarpSize];
+  FWL_SHARED(acc_t, scratch, kWarpSize);
   acc_t local = 0;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     acc_t w = has_static ? class_w[c] : acc_t(1);
@@ -463,8 +463,8 @@ __global__ void __launch_bounds__(kClassWeightThreads) class_weight_kernel(const
 template <typename out_t, typename acc_t>
 __global__ void ce_finalize_kernel(const CePartialSums* partials, int64_t count, int reduction,
                                    out_t* loss, acc_t* norm_out) {
-  __shared__ double dscratch[kWarpSize];
-  __shared__ long long iscratch[kWarpSize];
+  FWL_SHARED(double, dscratch, kWarpSize);
+  FWL_SHARED(long long, iscratch, kWarpSize);
   double ls = 0, ws = 0;
   long long valid = 0;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
@@ -554,7 +554,7 @@ __device__ CePartialSums ce_prob_finish(const CeProbKernelArgs<scalar_t>& a, int
 template <typename scalar_t, bool kBlockPerRow>
 __global__ void ce_prob_forward_kernel(CeProbKernelArgs<scalar_t> a) {
   using acc_t = acc_t_of<scalar_t>;
-  __shared__ acc_t scratch[kWarpSize];
+  FWL_SHARED(acc_t, scratch, kWarpSize);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   if (kBlockPerRow) {  // P == 1: a row's classes spread over the block; rows gridDim.x apart
     CePartialSums part{0.0, 0.0, 0, 0};  // thread 0's, over its rows in order: deterministic
@@ -822,7 +822,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kBceThreads) bce_forward_kernel(BceKernelArgs<scalar_t> a) {
   using acc_t = acc_t_of<scalar_t>;
   constexpr int V = bce_vector_elems<scalar_t>();
-  __shared__ double scratch[kWarpSize];
+  FWL_SHARED(double, scratch, kWarpSize);
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * a.elems_per_block;
   const int64_t end = begin + a.elems_per_block < a.numel ? begin + a.elems_per_block : a.numel;
   const int64_t vec_end = a.vectorized ? begin + (end - begin) / V * V : begin;
@@ -853,7 +853,7 @@ __global__ void __launch_bounds__(kBceThreads) bce_forward_kernel(BceKernelArgs<
 
 template <typename out_t>
 __global__ void bce_finalize_kernel(const double* partials, int64_t count, double divisor, out_t* loss) {
-  __shared__ double scratch[kWarpSize];
+  FWL_SHARED(double, scratch, kWarpSize);
   double s = 0;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) s += partials[i];
   s = block_allreduce_sum(s, scratch);
@@ -888,7 +888,7 @@ __global__ void __launch_bounds__(kBceThreads) bce_backward_kernel(BceKernelArgs
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBceLabelSumThreads) bce_label_sum_kernel(const scalar_t* t, int64_t rows, int64_t L,
                                                                        int64_t per, double* part) {
-  __shared__ double group_sums[kBceLabelSumThreads];
+  FWL_SHARED(double, group_sums, kBceLabelSumThreads);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * per;
   const int64_t r1 = r0 + per < rows ? r0 + per : rows;
   if (L >= blockDim.x) {

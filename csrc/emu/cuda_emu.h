@@ -21,15 +21,18 @@
 // What it does not model: timing, coalescing, caches, the memory consistency of a real GPU
 // (fibers switch only at meeting points, so a race between threads of one warp, or one that the
 // two warp orders above do not expose, goes unseen), independent thread scheduling inside a warp,
-// and several blocks in flight at once. Static __shared__ memory is not refilled between blocks.
+// and several blocks in flight at once.
 // Blocks run in index order unless FWL_EMU_BLOCK_ORDER=shuffle (see block_order_seed); dynamic
 // shared memory is limited to the 48 KB a kernel has without opting in; 16-byte vector accesses
 // (load_pack / store_pack in device.cuh) must be 16-byte aligned, as on the GPU.
 //
-// Memory: __shared__ variables are function-local statics per host thread (one block runs at a
-// time per host thread, as on one SM with one resident block); dynamic shared memory
-// (FWL_DYNAMIC_SHARED) is a per-launch buffer filled with 0xFF bytes (NaN for floats) before
-// every block, so a read of shared memory nobody wrote shows up in the results.
+// Memory: static shared arrays (FWL_SHARED; a bare __shared__ does not compile here) are
+// function-local statics per host thread (one block runs at a time per host thread, as on one SM
+// with one resident block), and dynamic shared memory (FWL_DYNAMIC_SHARED) is a per-launch
+// buffer. Both are filled with 0xFF bytes (NaN for floats, -1 for integers) at the start of every
+// block, static arrays when a block first reaches their declaration: on a GPU a block's shared
+// memory holds whatever an earlier block left there, so a read of shared memory the block did not
+// write shows up in the results instead of passing on a value that only the emulator provides.
 #pragma once
 
 #include <ucontext.h>
@@ -69,8 +72,14 @@
 #define __noinline__
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
-#define __shared__ static thread_local
-// `extern __shared__` arrays have no C++ equivalent; kernels use FWL_DYNAMIC_SHARED instead.
+// Kernels declare shared memory with FWL_SHARED (static arrays) and FWL_DYNAMIC_SHARED (device.cuh
+// spells both for nvcc), so that the emulation can poison it per block; a bare __shared__ would
+// keep the previous block's contents, which no GPU promises.
+#define __shared__ static_assert(false, "declare shared memory with FWL_SHARED(type, name, count)");
+#define FWL_SHARED(type, name, count)                     \
+  static thread_local type name##_fwl_storage[count];     \
+  static thread_local uint64_t name##_fwl_block = 0;      \
+  type(&name)[count] = ::fwl_emu::block_shared(name##_fwl_storage, name##_fwl_block)
 #define FWL_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(::fwl_emu::dynamic_shared())
 
 struct dim3 {
@@ -126,6 +135,7 @@ struct Context {
   BlockScheduler* sched = nullptr;
   Fiber* self = nullptr;
   std::vector<unsigned char> dynamic_smem;
+  uint64_t block_serial = 0;  // of the running block, unique on this host thread (never 0)
 };
 
 inline Context& ctx() {
@@ -134,6 +144,18 @@ inline Context& ctx() {
 }
 
 inline void* dynamic_shared() { return ctx().dynamic_smem.data(); }
+
+// A static shared array (FWL_SHARED), filled with 0xFF bytes when the first thread of a block
+// reaches its declaration (`seen` is the serial of the block that last did).
+template <typename T, size_t N>
+inline T (&block_shared(T (&storage)[N], uint64_t& seen))[N] {
+  static_assert(std::is_trivially_copyable<T>::value, "shared memory holds plain data");
+  if (seen != ctx().block_serial) {
+    std::memset(static_cast<void*>(storage), 0xFF, sizeof(storage));
+    seen = ctx().block_serial;
+  }
+  return storage;
+}
 
 class BlockScheduler {
  public:
@@ -501,6 +523,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void(
     const unsigned y = static_cast<unsigned>((b / grid.x) % grid.y);
     const unsigned z = static_cast<unsigned>(b / (1ull * grid.x * grid.y));
     c.block_idx = {x, y, z};
+    ++c.block_serial;
     std::fill(c.dynamic_smem.begin(), c.dynamic_smem.end(), 0xFF);
     sched.run(body, block, ((x + y + z) & 1u) != 0);
   }

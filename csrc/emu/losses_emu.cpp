@@ -50,7 +50,7 @@ __global__ void divergent_halves_kernel(int64_t* out) {
 
 // Shared memory and __syncthreads: each thread reads what the mirrored thread wrote.
 __global__ void reverse_kernel(int64_t* out) {
-  __shared__ int64_t buf[1024];
+  FWL_SHARED(int64_t, buf, 1024);
   buf[threadIdx.x] = static_cast<int64_t>(blockIdx.x) * 1000 + threadIdx.x;
   __syncthreads();
   out[blockIdx.x * blockDim.x + threadIdx.x] = buf[blockDim.x - 1 - threadIdx.x];
@@ -66,7 +66,7 @@ __global__ void dynamic_reverse_kernel(int64_t* out) {
 
 // block_allreduce_sum of thread numbers, written by every thread.
 __global__ void block_sum_kernel(int64_t* out) {
-  __shared__ int64_t scratch[32];
+  FWL_SHARED(int64_t, scratch, 32);
   const int64_t v = cuda::block_allreduce_sum(static_cast<int64_t>(threadIdx.x), scratch);
   out[blockIdx.x * blockDim.x + threadIdx.x] = v;
 }
@@ -74,7 +74,7 @@ __global__ void block_sum_kernel(int64_t* out) {
 // block_allreduce_sum twice on the same scratch: its trailing barrier keeps the second call from
 // overwriting what the first has not read yet.
 __global__ void scratch_reuse_kernel(int64_t* out) {
-  __shared__ int64_t scratch[32];
+  FWL_SHARED(int64_t, scratch, 32);
   const int64_t first = cuda::block_allreduce_sum(static_cast<int64_t>(threadIdx.x), scratch);
   const int64_t second = cuda::block_allreduce_sum(int64_t(1), scratch);
   out[blockIdx.x * blockDim.x + threadIdx.x] = first * 10000 + second;
@@ -98,7 +98,7 @@ __device__ int64_t block_sum_without_trailing_barrier(int64_t v, int64_t* scratc
 }
 
 __global__ void racy_scratch_reuse_kernel(int64_t* out) {
-  __shared__ int64_t scratch[32];
+  FWL_SHARED(int64_t, scratch, 32);
   const int64_t first = block_sum_without_trailing_barrier(static_cast<int64_t>(threadIdx.x), scratch);
   const int64_t second = block_sum_without_trailing_barrier(int64_t(1), scratch);
   out[blockIdx.x * blockDim.x + threadIdx.x] = first * 10000 + second;
@@ -148,6 +148,15 @@ __global__ void misaligned_pack_kernel(int64_t* out) {
   out[threadIdx.x] = static_cast<int64_t>(v.v[0]);
 }
 
+// Static shared memory read before this block writes it: on a GPU it holds whatever an earlier
+// block (or kernel) left; the emulation fills it with 0xFF bytes per block, so out = -1.
+__global__ void stale_shared_kernel(int64_t* out) {
+  FWL_SHARED(int64_t, last, 1);
+  if (threadIdx.x == 0) out[blockIdx.x * blockDim.x] = last[0];
+  __syncthreads();
+  if (threadIdx.x == 0) last[0] = blockIdx.x + 1;
+}
+
 // The block index of every block, in the order the blocks ran: out[k] = block run k-th.
 __global__ void block_order_kernel(int64_t* out) {
   if (threadIdx.x == 0) {
@@ -193,6 +202,8 @@ at::Tensor selftest(const std::string& name, int64_t threads, int64_t blocks) {
     launch_kernel(misaligned_pack_kernel, g, b, 0, nullptr, p);
   } else if (name == "dynamic_smem_over_48k") {
     launch_kernel(dynamic_reverse_kernel, g, b, 48 * 1024 + 16, nullptr, p);
+  } else if (name == "stale_shared") {
+    launch_kernel(stale_shared_kernel, g, b, 0, nullptr, p);
   } else if (name == "block_order") {
     launch_kernel(block_order_kernel, g, b, 0, nullptr, p);
   } else if (name == "device_assert") {
