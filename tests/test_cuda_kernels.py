@@ -121,8 +121,13 @@ CE_MAPPINGS = {
     # K-dim with few pixels: the classes of a block's pixels cut into slices of 128+ (ce_slices)
     "kdim-split-2": (2, 300, 50),
     "kdim-split-7": (3, 1000, 37),  # 111 pixels: a partial block, 7 slices of 143 and a last of 142
-    "kdim-p37": (5, 6, 37),  # a thread per pixel, the block's last rows idle
-    "kdim-3d": (2, 3, 4, 70),  # 280 pixels: two blocks
+    # K-dim on the (pixel blocks, images) grid (ce_launch): a thread per pixel, or per 16-byte vector
+    # of pixels where P and the logits allow it; the emulation's grid has 3 rows, so 5 images walk past it
+    "kdim-p37": (5, 6, 37),  # a thread per pixel, a block of 64 threads with 27 idle
+    "kdim-3d": (2, 3, 4, 70),  # 280 pixels: a vector of 2 float64 pixels a thread, else one
+    "kdim-p256": (5, 7, 256),  # a vector of pixels a thread in every dtype (aligned)
+    # K-dim with fewer pixels than a warp: flat over the rows, a thread per pixel
+    "kdim-p5-flat": (70, 4, 5),
 }
 
 CE_OPTIONS = {
@@ -253,6 +258,23 @@ def test_forward_operator_outputs(dev, shape, weights, reduction):
         assert got[3].item() == 1.0
 
 
+@pytest.mark.parametrize("options", ["plain", "everything", "none-sample-mean"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mapping", ["kdim-p37", "kdim-p256", "kdim-p5-flat"])
+def test_kdim_pixel_paths(dev, mapping, dtype, offset, options):
+    """The K-dim mappings in every kernel dtype, aligned (a 16-byte vector of pixels a thread where
+    P allows: 4 float32 or 8 half pixels) and misaligned (a pixel a thread), against the float64
+    reference on the same rounded inputs."""
+    shape = CE_MAPPINGS[mapping]
+    x, t, kw = _ce_call(shape, CE_OPTIONS[options], dtype, dev.device, offset=offset)
+    out, grad = _run(dev, fused_wloss.cross_entropy, x, t, kw)
+    ref_out, ref_grad = _run(KernelDevice("ref"), reference.cross_entropy, x.detach().cpu().double(), t.cpu(),
+                             _to_cpu64(kw))
+    assert_close(out.cpu().double(), ref_out, dtype, "value")
+    assert_close(grad.cpu().double(), ref_grad, dtype, "gradient")
+
+
 @pytest.mark.parametrize("shape", [(4, 10), (4, 33), (3, 4100), (3, 6, 5)], ids=str)
 def test_nan_and_inf_logits_as_torch(dev, shape):
     """A NaN anywhere in a row makes its loss NaN, wherever it falls in the row's split over
@@ -312,7 +334,8 @@ def test_noncontiguous_inputs(dev):
     assert_close(grad.cpu(), ref_grad, torch.float64, "gradient")
 
 
-@pytest.mark.parametrize("shape", [(300, 3), (40, 33), (3, 4097), (2, 3, 4, 70), (2, 57345), (3, 1000, 37)], ids=str)
+@pytest.mark.parametrize("shape", [(300, 3), (40, 33), (3, 4097), (2, 3, 4, 70), (5, 7, 256), (2, 57345), (3, 1000, 37)],
+                         ids=str)
 def test_bitwise_repeatable(dev, shape):
     x, t, kw = _ce_call(shape, CE_OPTIONS["everything"], torch.float32, dev.device)
     first = _run(dev, fused_wloss.cross_entropy, x, t, kw)

@@ -54,12 +54,14 @@ inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
 #endif
 }
 
-// A one-dimensional grid of `blocks` blocks, checked before the cast: gridDim.x is unsigned and
-// holds at most 2^31 - 1 blocks; a larger or empty grid is a host error, not a wrapped launch.
-inline dim3 grid_of(int64_t blocks) {
+// A grid of `blocks` x `rows` blocks, checked before the cast: gridDim.x is unsigned and holds at
+// most 2^31 - 1 blocks, gridDim.y at most 65535; a larger or empty grid is a host error, not a
+// wrapped launch.
+inline dim3 grid_of(int64_t blocks, int64_t rows = 1) {
   TORCH_CHECK(blocks >= 1 && blocks <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()),
               "fused_wloss: a launch of ", blocks, " blocks (a grid holds 1 to 2^31 - 1)");
-  return dim3(static_cast<unsigned>(blocks));
+  TORCH_CHECK(rows >= 1 && rows <= 65535, "fused_wloss: a launch of ", rows, " rows of blocks (a grid holds 1 to 65535)");
+  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(rows));
 }
 
 // A failed device-side check stops the kernel, as torch's own index checks do: on the GPU the
@@ -121,6 +123,39 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T>& v) {
   uint4 u;
   memcpy(&u, &v, sizeof(u));
   *reinterpret_cast<uint4*>(p) = u;
+}
+
+// V neighbouring elements of a strided walk (the pixels of one class): one element (V = 1), or
+// one 16-byte Pack (V = Pack<T>::kSize, p aligned).
+template <int V, typename T>
+struct PixelVec {
+  static_assert(V == 1 || V == Pack<T>::kSize, "one element or one 16-byte vector");
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ PixelVec<V, T> load_pixels(const T* p) {
+  PixelVec<V, T> out;
+  if constexpr (V == 1) {
+    out.v[0] = *p;
+  } else {
+    const Pack<T> k = load_pack(p);
+#pragma unroll
+    for (int q = 0; q < V; ++q) out.v[q] = k.v[q];
+  }
+  return out;
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_pixels(T* p, const PixelVec<V, T>& v) {
+  if constexpr (V == 1) {
+    *p = v.v[0];
+  } else {
+    Pack<T> k;
+#pragma unroll
+    for (int q = 0; q < V; ++q) k.v[q] = v.v[q];
+    store_pack(p, k);
+  }
 }
 
 // exp in acc_t through exp2 (one multiply and the hardware's exp2 on the GPU)

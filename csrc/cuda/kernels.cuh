@@ -50,6 +50,7 @@ struct CeKernelArgs {
   const acc_t* sum_w;     // device scalar sum_c class_w[c], or nullptr (then C)
   const acc_t* sample_w;  // [rows] or nullptr
   int64_t rows, C, P;
+  int64_t N;              // rows / P
   int64_t ignore_index;
   double eps;             // label smoothing
   double gamma;           // focal-loss focusing, 0 for plain cross-entropy
@@ -60,7 +61,7 @@ struct CeKernelArgs {
   acc_t* lse;               // [2, rows]: each row's lse as hi, then lo (split_lse)
   scalar_t* loss_rows;      // [rows] for reduction "none", else nullptr
   acc_t* loss_rows_acc;     // instead of loss_rows when the loss is asked for in acc_t (autocast)
-  CePartialSums* partials;  // [gridDim.x], or nullptr for reduction "none" (no finalize kernel)
+  CePartialSums* partials;  // one per block of the forward, or nullptr for reduction "none" (no finalize kernel)
   acc_t* norm_one;          // "none": the normaliser to set to 1 (in place of the finalize kernel)
   // backward
   const acc_t* grad_out;     // [rows] for "none", else [1]
@@ -197,9 +198,10 @@ __device__ __forceinline__ RowStats<acc_t_of<scalar_t>> ce_row_stats_strided(
 
 // The per-row epilogue of the forward, on one thread: log-sum-exp, target gather, weights, loss.
 // In float64 like the CPU kernels, with every lse - x formed as (m - x) + log s.
+// `base`: the offset of the row's first class, ce_row_offset(row, C, P).
 template <typename scalar_t>
-__device__ __forceinline__ CePartialSums ce_forward_row_epilogue(const CeKernelArgs<scalar_t>& a,
-                                                                 int64_t row,
+__device__ __forceinline__ CePartialSums ce_forward_row_epilogue(const CeKernelArgs<scalar_t>& a, int64_t row,
+                                                                 int64_t base,
                                                                  const RowStats<acc_t_of<scalar_t>>& st) {
   const double md = static_cast<double>(st.max);
   const double ls = log(static_cast<double>(st.sum));
@@ -211,7 +213,7 @@ __device__ __forceinline__ CePartialSums ce_forward_row_epilogue(const CeKernelA
   if (t != a.ignore_index) {
     FWL_KERNEL_ASSERT(t >= 0 && t < a.C,
                       "fused_wloss.cross_entropy: target out of range: class indices must be in [0, C) or ignore_index");
-    const double x_t = static_cast<double>(to_acc(a.x[ce_row_offset(row, a.C, a.P) + t * a.P]));
+    const double x_t = static_cast<double>(to_acc(a.x[base + t * a.P]));
     const double w_t = a.class_w ? static_cast<double>(a.class_w[t]) : 1.0;
     const double s = a.sample_w ? static_cast<double>(a.sample_w[row]) : 1.0;
     const double nll = (md - x_t) + ls;
@@ -233,15 +235,16 @@ __device__ __forceinline__ CePartialSums ce_forward_row_epilogue(const CeKernelA
 // The block's partial sums of its rows' results (`mine`: the row a thread finished, zeros for the
 // threads without one), reduced in a fixed order (each warp by shuffles, then warp 0 over the warps,
 // as block_allreduce_sum) rather than by one thread walking up to 256 rows, and written by thread 0
-// (nothing for reduction "none": out == nullptr). Every thread of the block must call it.
-__device__ __forceinline__ void write_block_partial(const CePartialSums& mine, CePartialSums* out) {
+// (nothing for reduction "none": out == nullptr) to out[index]. Every thread of the block must
+// call it.
+__device__ __forceinline__ void write_block_partial(const CePartialSums& mine, CePartialSums* out, int64_t index) {
   FWL_SHARED(double, dscratch, kWarpSize);
   FWL_SHARED(long long, iscratch, kWarpSize);
   if (out == nullptr) return;  // uniform over the block
   const double loss_sum = block_allreduce_sum(mine.loss_sum, dscratch);
   const double weight_sum = block_allreduce_sum(mine.weight_sum, dscratch);
   const long long valid = block_allreduce_sum(mine.valid, iscratch);
-  if (threadIdx.x == 0) out[blockIdx.x] = CePartialSums{loss_sum, weight_sum, valid, 0};
+  if (threadIdx.x == 0) out[index] = CePartialSums{loss_sum, weight_sum, valid, 0};
 }
 
 template <typename scalar_t, bool kBlockPerRow>
@@ -263,9 +266,10 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_forward_kernel(CeKernelArgs<s
   } else if (group > 1) {
     st = group_allreduce_stats(st, group);
   }
-  const CePartialSums mine = lane == 0 && active ? ce_forward_row_epilogue(a, row, st) : CePartialSums{0.0, 0.0, 0, 0};
+  const CePartialSums mine = lane == 0 && active ? ce_forward_row_epilogue(a, row, ce_row_offset(row, a.C, a.P), st)
+                                                 : CePartialSums{0.0, 0.0, 0, 0};
   if (a.norm_one != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *a.norm_one = acc_t(1);
-  write_block_partial(mine, a.partials);
+  write_block_partial(mine, a.partials, blockIdx.x);
 }
 
 // A row split over a.slices blocks (few rows of many classes: every SM gets work): block b takes
@@ -306,10 +310,10 @@ __global__ void __launch_bounds__(kRowsBlock) ce_forward_combine_kernel(CeKernel
   if (row < a.rows) {
     RowStats<acc_t> st = a.slice_stats[row * a.slices];
     for (int k = 1; k < a.slices; ++k) st = row_stats_combine(st, a.slice_stats[row * a.slices + k]);
-    out = ce_forward_row_epilogue(a, row, st);
+    out = ce_forward_row_epilogue(a, row, ce_row_offset(row, a.C, a.P), st);
   }
   if (a.norm_one != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *a.norm_one = acc_t(1);
-  write_block_partial(out, a.partials);
+  write_block_partial(out, a.partials, blockIdx.x);
 }
 
 // The upstream gradient of one row, divided by the normaliser of a "mean" (NaN for a zero
@@ -325,6 +329,82 @@ __device__ __forceinline__ acc_t_of<scalar_t> ce_upstream_grad(const CeKernelArg
     g = n == acc_t(0) ? std::numeric_limits<acc_t>::quiet_NaN() : g / n;
   }
   return g;
+}
+
+// What the backward needs of one row: its gradient, grad(v, c) for logit v of class c, is
+// a * p_c - b [c == t] - e W_c with p_c = exp(v - lse) (ce_index_grad_coeffs).
+template <typename acc_t>
+struct CeRowGrad {
+  const acc_t* class_w;
+  int64_t t;
+  bool ignored, with_e;
+  acc_t w_t, ref, factor, ka;
+  CeGradCoeffs<acc_t> k;
+
+  __device__ __forceinline__ acc_t operator()(acc_t v, int64_t c) const {
+    if (ignored) return acc_t(0);
+    const acc_t e = exp_acc(v - ref);
+    if (c == t) return ce_true_class_grad(k, factor * e, w_t);
+    acc_t g = ka * e;
+    if (with_e) g -= k.e * (class_w ? class_w[c] : acc_t(1));
+    return g;
+  }
+};
+
+// The backward's per-row prologue: target, weights, upstream gradient (and the focal factor) as the
+// coefficients of CeRowGrad. `base`: the offset of the row's first class.
+template <typename scalar_t>
+__device__ __forceinline__ CeRowGrad<acc_t_of<scalar_t>> ce_row_grad(const CeKernelArgs<scalar_t>& a, int64_t row,
+                                                                     int64_t base) {
+  using acc_t = acc_t_of<scalar_t>;
+  CeRowGrad<acc_t> r;
+  r.class_w = a.class_w;
+  r.t = load_target(a.target, a.target_int32, row);
+  r.ignored = r.t == a.ignore_index;
+  if (!r.ignored) {
+    FWL_KERNEL_ASSERT(r.t >= 0 && r.t < a.C,
+                      "fused_wloss.cross_entropy: target out of range: class indices must be in [0, C) or ignore_index");
+  }
+  r.w_t = r.ignored ? acc_t(0) : (a.class_w ? a.class_w[r.t] : acc_t(1));
+  acc_t scale = r.ignored ? acc_t(0) : ce_upstream_grad(a, row) * (a.sample_w ? a.sample_w[row] : acc_t(1));
+  if (a.gamma != 0.0 && !r.ignored) {  // focal loss: d loss / d x_c = G (p_c - [c == t]) times the weights
+    const double nll = (static_cast<double>(a.lse[row]) - static_cast<double>(to_acc(a.x[base + r.t * a.P]))) +
+                       static_cast<double>(a.lse[a.rows + row]);  // (hi - x_t) + lo
+    scale *= static_cast<acc_t>(focal_ce_grad_factor(nll, a.gamma));
+  }
+  const acc_t sum_w = a.sum_w ? *a.sum_w : static_cast<acc_t>(a.C);
+  r.k = ce_index_grad_coeffs<acc_t>(scale, r.w_t, sum_w, static_cast<acc_t>(a.eps), static_cast<acc_t>(a.C));
+  // p_c = exp(x_c - lse), lse = hi + lo (split_lse): subtract ref = hi, the lse rounded to acc_t
+  // (exact for the x near it), and fold the rest, exp(-lo), into the coefficient of p.
+  r.ref = a.lse[row];
+  r.factor = static_cast<acc_t>(exp(-static_cast<double>(a.lse[a.rows + row])));
+  r.ka = r.k.a * r.factor;
+  r.with_e = r.k.e != acc_t(0);
+  return r;
+}
+
+// The gradient of classes [c0, c1) of V neighbouring pixels (rows g[0 .. V-1]) whose logits start
+// at xp and gradient at gp, a class every P elements: four classes' loads in flight before their
+// stores. gp may be xp itself (the in-place gradient): every address is read, then written, by
+// the one thread.
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void ce_grad_pixels(const scalar_t* xp, scalar_t* gp, int64_t P, int64_t c0, int64_t c1,
+                                               const CeRowGrad<acc_t>* g) {
+  auto grad_store = [&](const PixelVec<V, scalar_t>& v, int64_t c) {
+    PixelVec<V, scalar_t> out;
+#pragma unroll
+    for (int q = 0; q < V; ++q) out.v[q] = static_cast<scalar_t>(g[q](to_acc(v.v[q]), c));
+    store_pixels(gp + c * P, out);
+  };
+  int64_t c = c0;
+  for (; c + 4 <= c1; c += 4) {
+    PixelVec<V, scalar_t> v[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = load_pixels<V>(xp + (c + k) * P);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) grad_store(v[k], c + k);
+  }
+  for (; c < c1; ++c) grad_store(load_pixels<V>(xp + c * P), c);
 }
 
 template <typename scalar_t, bool kBlockPerRow>
@@ -345,41 +425,12 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_backward_kernel(CeKernelArgs<
   const int64_t base = ce_row_offset(row, a.C, a.P);
   const scalar_t* xr = a.x + base;
   scalar_t* gr = a.grad_x + base;
-  const int64_t t = load_target(a.target, a.target_int32, row);
-  const bool ignored = t == a.ignore_index;
-  if (!ignored) {
-    FWL_KERNEL_ASSERT(t >= 0 && t < a.C,
-                      "fused_wloss.cross_entropy: target out of range: class indices must be in [0, C) or ignore_index");
-  }
-  const acc_t w_t = ignored ? acc_t(0) : (a.class_w ? a.class_w[t] : acc_t(1));
-  acc_t scale = ignored ? acc_t(0) : ce_upstream_grad(a, row) * (a.sample_w ? a.sample_w[row] : acc_t(1));
-  if (a.gamma != 0.0 && !ignored) {  // focal loss: d loss / d x_c = G (p_c - [c == t]) times the weights
-    const double nll = (static_cast<double>(a.lse[row]) - static_cast<double>(to_acc(xr[t * a.P]))) +
-                       static_cast<double>(a.lse[a.rows + row]);  // (hi - x_t) + lo
-    scale *= static_cast<acc_t>(focal_ce_grad_factor(nll, a.gamma));
-  }
-  const acc_t sum_w = a.sum_w ? *a.sum_w : static_cast<acc_t>(a.C);
-  const CeGradCoeffs<acc_t> k = ce_index_grad_coeffs<acc_t>(scale, w_t, sum_w, static_cast<acc_t>(a.eps),
-                                                            static_cast<acc_t>(a.C));
-  // p_c = exp(x_c - lse), lse = hi + lo (split_lse): subtract ref = hi, the lse rounded to acc_t
-  // (exact for the x near it), and fold the rest, exp(-lo), into the coefficient of p.
-  const acc_t ref = a.lse[row];
-  const acc_t factor = static_cast<acc_t>(exp(-static_cast<double>(a.lse[a.rows + row])));
-  const acc_t ka = k.a * factor;
-  const bool with_e = k.e != acc_t(0);
-  auto grad_of = [&](acc_t v, int64_t c) -> acc_t {
-    if (ignored) return acc_t(0);
-    const acc_t e = exp_acc(v - ref);
-    if (c == t) return ce_true_class_grad(k, factor * e, w_t);
-    acc_t g = ka * e;
-    if (with_e) g -= k.e * (a.class_w ? a.class_w[c] : acc_t(1));
-    return g;
-  };
+  const CeRowGrad<acc_t> grad_of = ce_row_grad(a, row, base);
 
   if (a.P > 1) {  // one thread per pixel: classes at stride P
     int64_t c0, c1;
     ce_class_range(a.C, slice, slices, &c0, &c1);
-    for (int64_t c = c0; c < c1; ++c) gr[c * a.P] = static_cast<scalar_t>(grad_of(to_acc(xr[c * a.P]), c));
+    ce_grad_pixels<1>(xr, gr, a.P, c0, c1, &grad_of);
     return;
   }
   const RowSlice rs = ce_slice_of(reinterpret_cast<uint64_t>(xr), a.C, sizeof(scalar_t), slice, slices);
@@ -408,6 +459,80 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_backward_kernel(CeKernelArgs<
   const int64_t t0 = sp.head + sp.vecs * K;
   for (int64_t i = lane; i < rs.tail; i += group) {
     gr[t0 + i] = static_cast<scalar_t>(grad_of(to_acc(xr[t0 + i]), t0 + i));
+  }
+}
+
+// ---- K-dim inputs on a grid of (pixel blocks, images) ----------------------------------------
+// Thread x of block (bx, by) takes the V pixels from (bx * blockDim.x + x) * V of the images by,
+// by + gridDim.y, ...: no division by P anywhere (the flat mapping above divides every row index),
+// and where V > 1 (P a multiple of V, the logits 16-byte aligned) one 16-byte access covers V
+// pixels of a class. ce_launch picks this mapping when the pixels of an image fill a warp's
+// worth of threads and the classes are not cut into slices.
+
+// The states of V neighbouring pixels whose logits start at xp, over all classes, four classes'
+// loads in flight; for V = 1 the same additions as ce_row_stats_strided.
+template <int V, typename scalar_t>
+__device__ __forceinline__ void ce_pixel_stats(const CeKernelArgs<scalar_t>& a, const scalar_t* xp,
+                                               RowStats<acc_t_of<scalar_t>> (&st)[V]) {
+  using acc_t = acc_t_of<scalar_t>;
+  const bool smooth = a.eps > 0.0;
+  int64_t c = 0;
+  for (; c + 4 <= a.C; c += 4) {
+    PixelVec<V, scalar_t> v[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = load_pixels<V>(xp + (c + k) * a.P);
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      const acc_t col[4] = {to_acc(v[0].v[q]), to_acc(v[1].v[q]), to_acc(v[2].v[q]), to_acc(v[3].v[q])};
+      stats_add(st[q], col, 4, c, a.class_w, smooth);
+    }
+  }
+  for (; c < a.C; ++c) {
+    const PixelVec<V, scalar_t> v = load_pixels<V>(xp + c * a.P);
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      const acc_t x = to_acc(v.v[q]);
+      stats_add(st[q], &x, 1, c, a.class_w, smooth);
+    }
+  }
+}
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kRowsBlock) ce_forward_pixels_kernel(CeKernelArgs<scalar_t> a) {
+  using acc_t = acc_t_of<scalar_t>;
+  const int64_t p0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  CePartialSums mine{0.0, 0.0, 0, 0};
+  if (p0 < a.P) {  // P is a multiple of V: all V pixels or none
+    for (int64_t n = blockIdx.y; n < a.N; n += gridDim.y) {
+      const int64_t base = n * a.C * a.P + p0;
+      RowStats<acc_t> st[V];
+#pragma unroll
+      for (int q = 0; q < V; ++q) st[q] = RowStats<acc_t>::empty();
+      ce_pixel_stats<V>(a, a.x + base, st);
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        const CePartialSums r = ce_forward_row_epilogue(a, n * a.P + p0 + q, base + q, st[q]);
+        mine.loss_sum += r.loss_sum;
+        mine.weight_sum += r.weight_sum;
+        mine.valid += r.valid;
+      }
+    }
+  }
+  if (a.norm_one != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *a.norm_one = acc_t(1);
+  write_block_partial(mine, a.partials, static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x);
+}
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kRowsBlock) ce_backward_pixels_kernel(CeKernelArgs<scalar_t> a) {
+  using acc_t = acc_t_of<scalar_t>;
+  const int64_t p0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (p0 >= a.P) return;
+  for (int64_t n = blockIdx.y; n < a.N; n += gridDim.y) {
+    const int64_t base = n * a.C * a.P + p0;
+    CeRowGrad<acc_t> g[V];
+#pragma unroll
+    for (int q = 0; q < V; ++q) g[q] = ce_row_grad(a, n * a.P + p0 + q, base + q);
+    ce_grad_pixels<V>(a.x + base, a.grad_x + base, a.P, 0, a.C, g);
   }
 }
 
@@ -601,7 +726,7 @@ __global__ void ce_prob_forward_kernel(CeProbKernelArgs<scalar_t> a) {
     }
     out = ce_prob_finish(a, row, m, s, b, dsum);
   }
-  write_block_partial(out, a.partials);
+  write_block_partial(out, a.partials, blockIdx.x);
 }
 
 template <typename scalar_t>

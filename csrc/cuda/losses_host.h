@@ -46,6 +46,9 @@ inline void check_same_device(const at::Tensor& input, const c10::optional<at::T
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether p (nullptr counts as aligned: an output not written) may take 16-byte vector accesses.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 template <typename T>
 T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
@@ -58,8 +61,23 @@ struct CeLaunch {
   int threads;       // blockDim.x
   int64_t blocks;    // of the forward (of its slice kernel for a split row) and of the backward
   int slices = 1;    // blocks per row or per block of pixels (ce_slices)
+  int pixels = 0;    // K-dim on the (pixel blocks, images) grid: the pixels a thread takes; 0: not
+  int64_t grid_y = 1;  // that grid's rows of blocks (images, at most kMaxGridRows)
   int64_t partials;  // partial sums the forward writes: its blocks, or the combine kernel's
 };
+
+// The (pixel blocks, images) grid of K-dim inputs (ce_forward_pixels_kernel): a thread takes the
+// pixels of one 16-byte vector when the logits allow it and there are enough of them that half
+// the threads an H100 holds still have work (132 SMs x 1024); its rows of blocks walk the images,
+// at most 65535 of them (gridDim.y's limit). The emulation takes vectors whenever it may and caps
+// the rows at 3, so that its small test shapes take both paths and the walk past the last row.
+#if defined(FWL_EMULATE_CUDA)
+constexpr int64_t kPixelVectorMinThreads = 0;
+constexpr int64_t kMaxGridRows = 3;
+#else
+constexpr int64_t kPixelVectorMinThreads = 132 * 1024;
+constexpr int64_t kMaxGridRows = 65535;
+#endif
 
 // Few long rows, or few blocks of K-dim pixels with many classes: the classes are cut into slices,
 // a block each, so that the launch has about kSplitTargetBlocks blocks (two 512-thread blocks per
@@ -78,13 +96,26 @@ inline int ce_slices(int64_t units, int64_t C, int64_t min_classes) {
   return static_cast<int>(std::max<int64_t>(1, std::min(want, C / min_classes)));
 }
 
-inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes) {
+// `aligned`: the logits (and, for the backward, the gradient) start at a 16-byte boundary.
+inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes, bool aligned) {
   CeLaunch l{};
   const int64_t per_vec = 16 / elem_bytes;
-  if (P > 1) {  // a thread per pixel, the classes cut into slices when the pixels are few
+  if (P > 1) {  // a thread per pixel (or per vector of pixels), the classes cut into slices when the pixels are few
     l = {false, 1, kRowsBlock, ceil_div(rows, kRowsBlock)};
     l.slices = ce_slices(l.blocks, C, kMinPixelSliceClasses);
-    l.blocks *= l.slices;
+    const bool vectors = aligned && P % per_vec == 0 && P / per_vec >= kWarpSize && rows / per_vec >= kPixelVectorMinThreads;
+    const int64_t pixels = vectors ? per_vec : 1;
+    const int64_t tiles = P / pixels;  // threads an image needs
+    if (l.slices == 1 && tiles >= kWarpSize) {  // the (pixel blocks, images) grid
+      int64_t threads = kWarpSize;
+      while (threads < tiles && threads < kRowsBlock) threads *= 2;
+      l.pixels = static_cast<int>(pixels);
+      l.threads = static_cast<int>(threads);
+      l.blocks = ceil_div(tiles, threads);
+      l.grid_y = std::min(rows / P, kMaxGridRows);
+    } else {  // flat over the rows, a division per row
+      l.blocks *= l.slices;
+    }
   } else if (C <= 4096) {  // a group of up to a warp per row, about two vectors a lane
     l.block_per_row = false;
     l.group = static_cast<int>(threads_per_row(C, per_vec, 2, kWarpSize));
@@ -99,7 +130,7 @@ inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes
     l.slices = ce_slices(rows, C, kMinRowSliceClasses);
     l.blocks = rows * l.slices;
   }
-  l.partials = l.slices > 1 ? ceil_div(rows, kRowsBlock) : l.blocks;
+  l.partials = l.slices > 1 ? ceil_div(rows, kRowsBlock) : l.blocks * l.grid_y;
   return l;
 }
 
@@ -135,6 +166,7 @@ CeKernelArgs<scalar_t> ce_kernel_args(const CeShape& s, const CeLaunch& l, const
   a.rows = s.N * s.P;
   a.C = s.C;
   a.P = s.P;
+  a.N = s.N;
   a.ignore_index = ignore_index;
   a.eps = label_smoothing;
   a.gamma = gamma;
@@ -153,6 +185,11 @@ void launch_ce_forward(const CeLaunch& l, const CeKernelArgs<scalar_t>& a, cudaS
       launch_kernel(ce_forward_slice_kernel<scalar_t>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
     }
     launch_kernel(ce_forward_combine_kernel<scalar_t>, grid_of(l.partials), dim3(kRowsBlock), 0, stream, a);
+  } else if (l.pixels > 1) {
+    launch_kernel(ce_forward_pixels_kernel<scalar_t, Pack<scalar_t>::kSize>, grid_of(l.blocks, l.grid_y),
+                  dim3(l.threads), 0, stream, a);
+  } else if (l.pixels == 1) {
+    launch_kernel(ce_forward_pixels_kernel<scalar_t, 1>, grid_of(l.blocks, l.grid_y), dim3(l.threads), 0, stream, a);
   } else if (l.block_per_row) {
     launch_kernel(ce_forward_kernel<scalar_t, true>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
   } else {
@@ -162,7 +199,12 @@ void launch_ce_forward(const CeLaunch& l, const CeKernelArgs<scalar_t>& a, cudaS
 
 template <typename scalar_t>
 void launch_ce_backward(const CeLaunch& l, const CeKernelArgs<scalar_t>& a, cudaStream_t stream) {
-  if (l.block_per_row) {
+  if (l.pixels > 1) {
+    launch_kernel(ce_backward_pixels_kernel<scalar_t, Pack<scalar_t>::kSize>, grid_of(l.blocks, l.grid_y),
+                  dim3(l.threads), 0, stream, a);
+  } else if (l.pixels == 1) {
+    launch_kernel(ce_backward_pixels_kernel<scalar_t, 1>, grid_of(l.blocks, l.grid_y), dim3(l.threads), 0, stream, a);
+  } else if (l.block_per_row) {
     launch_kernel(ce_backward_kernel<scalar_t, true>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
   } else {
     launch_kernel(ce_backward_kernel<scalar_t, false>, grid_of(l.blocks), dim3(l.threads), 0, stream, a);
@@ -253,7 +295,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
     return {loss, lse, class_weight_out, norm};
   }
 
-  const CeLaunch l = ce_launch(rows, s.C, s.P, x.element_size());
+  const CeLaunch l = ce_launch(rows, s.C, s.P, x.element_size(), aligned16(x.data_ptr()));
   // "none" needs no partial sums and no finalize kernel: the forward sets the normaliser to 1
   at::Tensor partials = reduction == kNone ? at::Tensor()
                         : at::empty({l.partials * static_cast<int64_t>(sizeof(CePartialSums))}, x.options().dtype(at::kByte));
@@ -330,7 +372,7 @@ inline void ce_backward_into(const at::Tensor& grad_input, const at::Tensor& gra
   g = grad_loss.to(acc).contiguous();  // a float32 upstream gradient (autocast) is not rounded
   const at::Tensor n = (reduction == kMean || reduction == kSampleMean) ? norm.to(acc).contiguous() : at::Tensor();
 
-  const CeLaunch l = ce_launch(rows, s.C, s.P, x.element_size());
+  const CeLaunch l = ce_launch(rows, s.C, s.P, x.element_size(), aligned16(x.data_ptr()) && aligned16(grad_input.data_ptr()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_wloss_ce_backward", [&] {
     using acc_t = acc_t_of<scalar_t>;
     CeKernelArgs<scalar_t> a = ce_kernel_args<scalar_t>(s, l, x, t, class_w, sum_w, sw, ignore_index, label_smoothing, gamma);
@@ -530,8 +572,6 @@ inline at::Tensor cross_entropy_prob_backward(const at::Tensor& grad_loss, const
 constexpr int64_t kBceElemsPerBlock = 4096;
 constexpr int64_t kBceMaxSegments = 1024;
 
-// Whether p (nullptr counts as aligned: an output not written) may take 16-byte vector accesses.
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename scalar_t>
 BceKernelArgs<scalar_t> bce_args(const BceInputs& b, double gamma, double alpha) {
