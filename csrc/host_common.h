@@ -165,6 +165,31 @@ inline CeShape ce_prob_shape(const at::Tensor& input, const at::Tensor& target) 
   return {input.size(0), input.size(1), P, std::move(loss_shape)};
 }
 
+// What the probability-target kernels read: classes-last logits (see classes_last_rows) in place as
+// (N * P) rows of C, with the targets as rows in the same order (their own rows view where they
+// are classes-last too, else one permuted copy, no larger than the copy of the logits it saves);
+// any other logits and targets contiguous, as (N, C, P).
+struct CeProbOperands {
+  at::Tensor x, t;
+  CeShape s;
+};
+
+inline CeProbOperands ce_prob_kernel_view(const at::Tensor& input, const at::Tensor& target, CeShape s) {
+  const at::Tensor rows = classes_last_rows(input);
+  if (!rows.defined()) return {input.contiguous(), target.contiguous(), std::move(s)};
+  at::Tensor t_rows = classes_last_rows(target);
+  if (!t_rows.defined()) t_rows = target.permute(classes_last_order(target.dim())).contiguous().view({-1, s.C});
+  s.N *= s.P;
+  s.P = 1;
+  return {rows, t_rows, std::move(s)};
+}
+
+// The gradient the kernels wrote for ce_prob_kernel_view's x (rows, or contiguous) in the layout
+// of `input`: a view of the rows in the logits' own classes-last layout.
+inline at::Tensor ce_prob_grad_as_input(const at::Tensor& grad, const at::Tensor& input) {
+  return classes_last_rows(input).defined() ? rows_as_input_layout(grad, input) : grad;
+}
+
 // The class weights of a cross-entropy call with probability targets, acc_t[C] (undefined without
 // any): the static weight times the dynamic weight of each class's soft count sum_i q[i, c] (over
 // samples and positions), the schemes of scheme_weight (a count below 0 counts as 0). ATen

@@ -257,7 +257,7 @@ def _ce_prob_forward_fake(input, target, weight, sample_weight, label_smoothing,
 
 def _ce_prob_backward_fake(grad_loss, input, target, class_weight, sample_weight, stats, norm, label_smoothing,
                            reduction):
-    return input.new_empty(input.shape)
+    return ce_grad_like(input)
 
 
 def _ce_prob_setup_context(ctx, inputs, output):

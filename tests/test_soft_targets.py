@@ -127,6 +127,39 @@ def test_low_precision_within_twice_torch(path, dtype, target_dtype, options, sh
     assert _max_err(ours, exact) <= 2 * _max_err(theirs, exact) + floor
 
 
+def _classes_last(t):
+    """t with the same values, laid out with its classes (dim 1) innermost in memory."""
+    order = (0, *range(2, t.dim()), 1)
+    back = [order.index(d) for d in range(t.dim())]
+    return t.permute(order).contiguous().permute(back)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("targets", ["classes-last", "contiguous"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("options", ["plain", "everything"])
+@pytest.mark.parametrize("shape", [(3, 7, 5, 6), (2, 40, 9, 30), (2, 4, 3, 5, 2)], ids=str)
+def test_classes_last_logits_are_read_in_place(path, shape, options, reduction, targets):
+    """channels_last, channels_last_3d and any classes-innermost logits: the kernels read them as
+    rows of classes with no copy, the targets as rows in the same order (in place when they are
+    classes-last too, else permuted), and the gradient comes back in the logits' own layout, as the
+    backward's fake kernel lays it out."""
+    x, q, kw = _case(shape, OPTIONS[options], torch.float64, seed=sum(shape))
+    kw["reduction"] = reduction
+    x_cl = _classes_last(x)
+    q_in = _classes_last(q) if targets == "classes-last" else q
+    assert not x_cl.is_contiguous() and torch.equal(x_cl, x)
+    with serve(path):
+        xd, qd, kwd = on_device(path, x_cl, q_in, kw)
+        assert xd.stride() == x_cl.stride()
+        loss, grad = value_and_grad(fused_wloss.cross_entropy, Sample("ours", (xd, qd), kwd, False))
+    exp_loss, exp_grad = _exact(x, q, kw)
+    torch.testing.assert_close(loss.cpu(), exp_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad.cpu(), exp_grad, rtol=1e-10, atol=1e-12)
+    assert grad.stride() == x_cl.stride(), (grad.stride(), x_cl.stride())
+    assert ops.ce_grad_like(x_cl).stride() == x_cl.stride()
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_float32_targets_are_read_as_they_are(path):
     """float32 targets with bfloat16 logits: the kernels read them unrounded (a bfloat16 copy of
@@ -162,6 +195,9 @@ def test_opcheck():
         (x, q, None, None, 0.0, 0, 0, 1.0, 0.999),
         (x.reshape(3, 2, 13).transpose(1, 2).contiguous(), q.reshape(3, 2, 13).transpose(1, 2).contiguous(),
          None, None, 0.0, 3, 2, 1.0, 0.999),
+        # channels_last logits and targets: read in place, the gradient in their layout
+        (x.reshape(3, 2, 1, 13).permute(0, 3, 1, 2), q.reshape(3, 2, 1, 13).permute(0, 3, 1, 2),
+         None, None, 0.1, 0, 1, 1.0, 0.999),
     ]:
         torch.library.opcheck(torch.ops.fused_wloss.cross_entropy_prob_forward,
                               (args[0].clone().requires_grad_(True),) + args[1:])

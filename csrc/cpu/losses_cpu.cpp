@@ -444,11 +444,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_fo
     double smoothing, double beta, c10::optional<at::ScalarType> loss_dtype) {
   const int di = dtype_index(input.scalar_type());
   const at::ScalarType acc = acc_dtype(input.scalar_type());
-  const CeShape s = ce_prob_shape(input, target);
+  const auto [x, t, s] = ce_prob_kernel_view(input, target, ce_prob_shape(input, target));
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
   const at::ScalarType out_dtype = loss_dtype_of(loss_dtype, input.scalar_type());
   const int64_t rows = s.N * s.P;
-  const at::Tensor x = input.contiguous(), t = target.contiguous();
   const at::Tensor class_w = ce_prob_class_weights(t, weight, s.C, scheme, smoothing, beta, acc);
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
   at::Tensor stats = at::empty({3, rows}, x.options().dtype(acc));  // lse hi, lse lo, B
@@ -489,12 +488,11 @@ at::Tensor cross_entropy_prob_backward_cpu(const at::Tensor& grad_loss, const at
                                            const at::Tensor& norm, double label_smoothing, int64_t reduction) {
   const int di = dtype_index(input.scalar_type());
   const at::ScalarType acc = acc_dtype(input.scalar_type());
-  const CeShape s = ce_prob_shape(input, target);
+  const auto [x, t, s] = ce_prob_kernel_view(input, target, ce_prob_shape(input, target));
   TORCH_CHECK(reduction >= kNone && reduction <= kSampleMean, "fused_wloss: bad reduction code ", reduction);
   const int64_t rows = s.N * s.P;
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == rows, "fused_wloss: stats must have "
               "shape (3, ", rows, ") (the forward's per-element statistics), got ", stats.sizes());
-  const at::Tensor x = input.contiguous(), t = target.contiguous();
   const at::Tensor class_w =
       class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
@@ -513,7 +511,7 @@ at::Tensor cross_entropy_prob_backward_cpu(const at::Tensor& grad_loss, const at
       for (int64_t c = begin; c < end; ++c) fn(args, c);
     });
   }
-  return grad_input;
+  return ce_prob_grad_as_input(grad_input, input);
 }
 
 // ---------------------------------------------------------------------------------------------

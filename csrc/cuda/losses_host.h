@@ -460,11 +460,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
   check_same_device(input, sample_weight, "sample_weight");
   const at::ScalarType out_dtype = loss_dtype_of(loss_dtype, input.scalar_type());
   const bool loss_acc = out_dtype != input.scalar_type();
-  const CeShape s = ce_prob_shape(input, target);
+  const auto [x, t, s] = ce_prob_kernel_view(input, target, ce_prob_shape(input, target));
   const CallContext call(input);
   const cudaStream_t stream = call.stream();
   const at::ScalarType acc = acc_dtype(input.scalar_type());
-  const at::Tensor x = input.contiguous(), t = target.contiguous();
   const int64_t rows = s.N * s.P;
   const at::Tensor class_w = ce_prob_class_weights(t, weight, s.C, scheme, smoothing, beta, acc);
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
@@ -536,17 +535,16 @@ inline at::Tensor cross_entropy_prob_backward(const at::Tensor& grad_loss, const
   TORCH_CHECK(class_weight.device() == input.device() && stats.device() == input.device() &&
                   norm.device() == input.device() && grad_loss.device() == input.device(),
               "fused_wloss: grad_loss, class_weight, stats and norm must be on the input's device ", input.device());
-  const CeShape s = ce_prob_shape(input, target);
+  const auto [x, t, s] = ce_prob_kernel_view(input, target, ce_prob_shape(input, target));
   const CallContext call(input);
   const cudaStream_t stream = call.stream();
   const at::ScalarType acc = acc_dtype(input.scalar_type());
-  const at::Tensor x = input.contiguous(), t = target.contiguous();
   const int64_t rows = s.N * s.P;
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == rows, "fused_wloss: stats must have "
               "shape (3, ", rows, ") (the forward's per-element statistics), got ", stats.sizes());
   check_grad_loss(grad_loss, reduction, rows);
-  at::Tensor grad_input = at::empty(x.sizes(), x.options());
-  if (rows == 0 || s.C == 0) return grad_input;
+  at::Tensor grad_input = at::empty(x.sizes(), x.options());  // classes-last rows: see the return
+  if (rows == 0 || s.C == 0) return ce_prob_grad_as_input(grad_input, input);
   const at::Tensor class_w = class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
   const at::Tensor stats_acc = stats.to(acc).contiguous();
@@ -564,7 +562,7 @@ inline at::Tensor cross_entropy_prob_backward(const at::Tensor& grad_loss, const
     a.grad_x = grad_input.data_ptr<scalar_t>();
     launch_kernel(ce_prob_backward_kernel<scalar_t>, grid_of(blocks), dim3(256), 0, stream, a);
   });
-  return grad_input;
+  return ce_prob_grad_as_input(grad_input, input);
 }
 
 // ---- binary cross-entropy ---------------------------------------------------------------------
