@@ -5,7 +5,8 @@ runs them; without a GPU they skip, and the lane's dry run runs the ones that fi
   of test_cuda_kernels.py turn them off);
 - focal loss on the GPU;
 - launches of more than 65,535 blocks, a row of 256k bfloat16 classes, an input of more than 2^31
-  elements (int64 indexing);
+  elements (int64 indexing); the K-dim pixel grid at a size that takes its vectors on a GPU, and
+  with more images than a grid has rows;
 - CUDA-graph replay on new data copied into the captured inputs, torch.compile(mode="reduce-overhead");
 - bitwise repeatability of the probability-target and BCE kernels;
 - the GPU's float64 results against the emulated kernels' on the same seeded inputs, carried as
@@ -120,6 +121,42 @@ def test_more_than_65535_blocks():
     x = torch.randn(9_000_000, 10, generator=gen, device="cuda")
     t = torch.randint(0, 10, (9_000_000,), generator=gen, device="cuda")
     _check_rows(x, t, [0, 8_388_607, 8_999_999], torch.float32, "grouped rows")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
+def test_kdim_pixel_grid_at_full_size(dtype, offset):
+    """K-dim logits large enough for the pixel grid's 16-byte vectors of pixels on the GPU (at least
+    132 x 1024 vectors; the emulation takes them at any size), and misaligned (a pixel a thread),
+    against the float64 reference on the GPU."""
+    requires_real_gpu()
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    shape = (80, 19, 128, 128)
+    flat = torch.randn(offset + 80 * 19 * 128 * 128, generator=gen, device="cuda") * 3
+    x = flat.to(dtype)[offset:].view(shape)
+    assert (x.data_ptr() % 16 == 0) == (offset == 0)
+    t = torch.randint(0, 19, (80, 128, 128), generator=gen, device="cuda")
+    t[:, ::7] = -100
+    w = torch.rand(19, generator=gen, device="cuda").to(dtype) + 0.5
+    for kw in ({"weight": w, "label_smoothing": 0.1, "reduction": "none"}, {"class_weighting": "inverse"}):
+        got = value_and_grad(fused_wloss.cross_entropy, Sample("gpu", (x, t), kw, False))
+        kw64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        want = value_and_grad(reference.cross_entropy, Sample("ref", (x.double(), t), kw64, False))
+        assert_close(got[0].double(), want[0], dtype, "value")
+        assert_close(got[1].double(), want[1], dtype, "gradient")
+
+
+def test_kdim_images_past_the_grid_rows():
+    """More images than a grid has rows of blocks (65535): the pixel grid walks the rest."""
+    requires_real_gpu()
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    x = torch.randn(70000, 3, 32, generator=gen, device="cuda")
+    t = torch.randint(0, 3, (70000, 32), generator=gen, device="cuda")
+    got = value_and_grad(fused_wloss.cross_entropy, Sample("gpu", (x, t), {"reduction": "none"}, True))
+    want = value_and_grad(reference.cross_entropy, Sample("ref", (x.double(), t), {"reduction": "none"}, False))
+    assert_close(got[0].double(), want[0], torch.float32, "value")
+    assert_close(got[1].double(), want[1], torch.float32, "gradient")
+    assert got[0][65535:].abs().min() > 0  # the images past the grid's rows were written
 
 
 def test_a_row_of_256k_bfloat16_classes():
