@@ -159,13 +159,19 @@ def check_cross_entropy(
     return CrossEntropyArgs(num_classes, prob_target, reduction, weighting)
 
 
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    # a BatchedTensor, or one under another wrapper (vmap(grad(...)) wraps it for grad too)
+    return torch._C._are_functorch_transforms_active() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise IndexError if a class-index target is outside [0, C) and is not ignore_index.
 
-    No host synchronisation on CUDA (a device-side assert instead); skipped while compiling and
-    when switched off with :func:`set_target_validation`.
+    No host synchronisation on CUDA (a device-side assert instead); skipped while compiling, under
+    torch.func.vmap over the target (a data-dependent branch, which vmap cannot batch; an index out
+    of range then fails in the gather) and when switched off with :func:`set_target_validation`.
     """
-    if not _validate_targets or torch.compiler.is_compiling() or target.numel() == 0:
+    if not _validate_targets or torch.compiler.is_compiling() or target.numel() == 0 or _functorch_wrapped(target):
         return
     t = target.long()
     bad = ((t < 0) | (t >= num_classes)) & (t != ignore_index)

@@ -481,6 +481,7 @@ def _fused_supported(input, linear_weight, weight, sample_weight, prob_target) -
         and input.dtype in ops.KERNEL_DTYPES
         and not ops._wants_grad(weight)
         and not ops._wants_grad(sample_weight)
+        and not ops.functorch_active()
     )
 
 

@@ -185,10 +185,19 @@ def _ce_backward(ctx, grad_loss, *_unused):
     return (grad_input,) + (None,) * (ctx.num_inputs - 1)
 
 
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active. The operators' autograd
+    formulas, registered through torch.library, do not support those transforms, so such calls go
+    to the reference, which is plain torch and supports them all. False while Dynamo traces (it
+    cannot trace the check; compiled code takes the operators)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def ce_supported(input, target, weight, sample_weight, prob_target: bool) -> bool:
     """Whether the kernels serve this call; the others go to the reference."""
     return not (
-        (prob_target and not prob_target_supported(input, target))
+        functorch_active()
+        or (prob_target and not prob_target_supported(input, target))
         or input.dtype not in KERNEL_DTYPES
         or _wants_grad(weight)
         or _wants_grad(sample_weight)
@@ -381,7 +390,8 @@ def bce_target_supported(input, target) -> bool:
 
 def bce_supported(input, target, weight, pos_weight, sample_weight) -> bool:
     return not (
-        input.dtype not in KERNEL_DTYPES
+        functorch_active()
+        or input.dtype not in KERNEL_DTYPES
         or not bce_target_supported(input, target)
         or target.requires_grad
         or _wants_grad(weight)

@@ -128,3 +128,50 @@ def test_compiled_autograd_traces_the_eager_backward():
         got = step()
     torch._dynamo.reset()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+# ---- torch.func --------------------------------------------------------------------------------
+
+def _func_cases():
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 5, (6,), generator=gen)
+    q = torch.softmax(torch.randn(6, 5, generator=gen, dtype=torch.float64), -1)
+    y = (torch.rand(6, 5, generator=gen) < 0.3).double()
+    w = torch.rand(5, generator=gen, dtype=torch.float64) + 0.5
+    return x, {
+        "ce": (lambda v: fused_wloss.cross_entropy(v, t, weight=w, label_smoothing=0.1, class_weighting="inverse"), t),
+        "ce-soft": (lambda v: fused_wloss.cross_entropy(v, q, label_smoothing=0.1), q),
+        "bce": (lambda v: fused_wloss.binary_cross_entropy_with_logits(v, y, class_weighting="balanced", gamma=2.0), y),
+    }
+
+
+@pytest.mark.parametrize("case", ["ce", "ce-soft", "bce"])
+def test_torch_func_grad_and_jacrev(case):
+    """torch.func transforms, which the operators' torch.library autograd formulas do not support,
+    take the reference (plain torch) and give autograd's gradient and Jacobian."""
+    x, cases = _func_cases()
+    fn, _ = cases[case]
+    xr = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad(fn(xr), xr)
+    torch.testing.assert_close(torch.func.grad(fn)(x), want, rtol=1e-12, atol=1e-14)
+    jac = torch.func.jacrev(fn)(x)
+    torch.testing.assert_close(jac, want, rtol=1e-12, atol=1e-14)
+
+
+def test_torch_func_per_sample_gradients():
+    """vmap(grad(...)): per-sample gradients of the loss (the Opacus-style recipe), as torch's."""
+    x, _ = _func_cases()
+    t = torch.randint(0, 5, (6,), generator=torch.Generator().manual_seed(1))
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+
+    def per_sample(loss):
+        return torch.func.vmap(torch.func.grad(lambda v, tt: loss(v[None], tt[None], weight=w, label_smoothing=0.1)))(x, t)
+
+    torch.testing.assert_close(per_sample(fused_wloss.cross_entropy), per_sample(torch.nn.functional.cross_entropy))
+    W = torch.randn(5, 3, dtype=torch.float64)
+    h = torch.randn(6, 3, dtype=torch.float64)
+    got = torch.func.grad(lambda m: fused_wloss.linear_cross_entropy(h, m, t))(W)
+    Wr = W.clone().requires_grad_()
+    (want,) = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ Wr.T, t), Wr)
+    torch.testing.assert_close(got, want)
