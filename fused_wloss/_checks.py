@@ -164,7 +164,7 @@ def _functorch_wrapped(t: torch.Tensor) -> bool:
     return torch._C._are_functorch_transforms_active() and torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int, loss: str = "cross_entropy") -> None:
     """Raise IndexError if a class-index target is outside [0, C) and is not ignore_index.
 
     No host synchronisation on CUDA (a device-side assert instead); skipped while compiling, under
@@ -179,13 +179,13 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
         if bool(bad.any()):
             position = int(bad.flatten().nonzero()[0])
             raise IndexError(
-                f"cross_entropy: target must hold class indices in [0, {num_classes}) or "
+                f"{loss}: target must hold class indices in [0, {num_classes}) or "
                 f"ignore_index={ignore_index}, found {int(t.flatten()[position])} at element {position}"
             )
     else:
         torch._assert_async(
             torch.logical_not(bad.any()),
-            f"cross_entropy: target must hold class indices in [0, {num_classes}) or ignore_index",
+            f"{loss}: target must hold class indices in [0, {num_classes}) or ignore_index",
         )
 
 

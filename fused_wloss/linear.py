@@ -594,6 +594,8 @@ def _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_
     sw = None if sample_weight is None else sample_weight.reshape(-1)
     n = t.shape[0]
     rows = chunk_rows(n, num_classes, x.dtype, chunk_size)
+    # before the chunks: the kernels' own check would name cross_entropy and a row of the chunk
+    _checks.check_target_range(t, num_classes, ignore_index, loss=_LOSS)
 
     # What depends on the targets alone, before the first chunk (no pass over logits, no host sync).
     synced = weighting is not None and distributed.sync_active(weighting)

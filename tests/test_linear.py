@@ -603,10 +603,14 @@ def test_bad_input_names_the_argument(case):
         fused_wloss.linear_cross_entropy(*args, **kwargs)
 
 
-def test_out_of_range_target_is_an_error():
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_out_of_range_target_is_an_error(chunk_size):
+    """An IndexError that names this function and the target's own position, not a row of the
+    chunk that met it."""
     x, w = torch.randn(5, 4), torch.randn(7, 4)
-    with pytest.raises((RuntimeError, IndexError, ValueError), match="target"):
-        fused_wloss.linear_cross_entropy(x, w, torch.tensor([0, 1, 7, 2, 3]))
+    with pytest.raises(IndexError, match=r"^linear_cross_entropy: target must hold class indices in \[0, 7\) or "
+                                         r"ignore_index=-100, found 7 at element 3$"):
+        fused_wloss.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 7, 3]), chunk_size=chunk_size)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to put one argument elsewhere")
