@@ -395,7 +395,10 @@ CUDA_FULL = _cases(
 CUDA_QUICK = (
     _cases([("ce", (65536, 10)), ("ce", (16384, 1000)), ("ce", (8192, 32000)), ("ce", (2048, 256000))],
            ["static", "dynamic"], ["bfloat16", "float32"])
-    + [Case("ce", (16384, 1000), "sample", "bfloat16"), Case("ce", (16384, 1000), "soft", "bfloat16"), Case("ce", (32, 19, 512, 512), "dynamic", "bfloat16"),
+    + [Case("ce", (16384, 1000), "sample", "bfloat16"), Case("ce", (16384, 1000), "soft", "bfloat16"),
+       # a row cut into slices (8 rows of 256k classes) and the K-dim pixel grid in both vector widths
+       Case("ce", (8, 256000), "static", "bfloat16"),
+       Case("ce", (32, 19, 512, 512), "dynamic", "bfloat16"), Case("ce", (32, 19, 512, 512), "static", "float32"),
        Case("bce", (16384, 1000), "dynamic", "bfloat16"),
        Case("ce", (8192, 32000), "static", "bfloat16", amp=True), Case("bce", (16384, 1000), "dynamic", "bfloat16", amp=True)]
 )
