@@ -180,19 +180,24 @@ __device__ __forceinline__ T group_allreduce(T v, int width, Op op) {
   return v;
 }
 
-// The row state of the online softmax with the label-smoothing sums (see RowStats in the shared
-// math), all-reduced over a group of lanes.
+// The maximum of two values, NaN if either is NaN (a NaN logit makes its row's loss NaN).
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return (a > b || a != a) ? a : b; }
+};
+
+// The row state of the online softmax (see RowStats in the shared math), all-reduced over a group
+// of lanes in two phases: the maximum first (a state's max is never NaN), then each lane refers its
+// state to it once, and the sums add, with the label-smoothing sums only when `smooth` (uniform
+// over the group; without it they are 0 everywhere). Per xor step two shuffles and two additions
+// where combining whole states took four shuffles and an exponential.
 template <typename acc_t>
-__device__ __forceinline__ RowStats<acc_t> group_allreduce_stats(RowStats<acc_t> s, int width) {
-  for (int offset = width / 2; offset > 0; offset /= 2) {
-    RowStats<acc_t> o;
-    o.max = __shfl_xor_sync(kFullMask, s.max, offset, width);
-    o.sum = __shfl_xor_sync(kFullMask, s.sum, offset, width);
-    o.wdiff = __shfl_xor_sync(kFullMask, s.wdiff, offset, width);
-    o.wsum = __shfl_xor_sync(kFullMask, s.wsum, offset, width);
-    // the lower lane's state first, so both lanes of a pair form the same value
-    const bool lower = (threadIdx.x & offset) == 0;
-    s = lower ? row_stats_combine(s, o) : row_stats_combine(o, s);
+__device__ __forceinline__ RowStats<acc_t> group_allreduce_stats(RowStats<acc_t> s, int width, bool smooth) {
+  s = row_stats_rebase(s, group_allreduce(s.max, width, MaxOp{}));
+  s.sum = group_allreduce(s.sum, width, SumOp{});
+  if (smooth) {
+    s.wdiff = group_allreduce(s.wdiff, width, SumOp{});
+    s.wsum = group_allreduce(s.wsum, width, SumOp{});
   }
   return s;
 }
@@ -201,16 +206,16 @@ __device__ __forceinline__ RowStats<acc_t> group_allreduce_stats(RowStats<acc_t>
 // reduce, warp 0 reduces the warp results in warp order, everyone reads the result. `scratch`
 // holds 32 values of shared memory. Every thread of the block must call it.
 template <typename acc_t>
-__device__ __forceinline__ RowStats<acc_t> block_allreduce_stats(RowStats<acc_t> s,
-                                                                  RowStats<acc_t>* scratch) {
+__device__ __forceinline__ RowStats<acc_t> block_allreduce_stats(RowStats<acc_t> s, RowStats<acc_t>* scratch,
+                                                                  bool smooth) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int warps = blockDim.x / kWarpSize;
-  s = group_allreduce_stats(s, kWarpSize);
+  s = group_allreduce_stats(s, kWarpSize, smooth);
   if (lane == 0) scratch[warp] = s;
   __syncthreads();
   if (warp == 0) {
     RowStats<acc_t> w = lane < warps ? scratch[lane] : RowStats<acc_t>::empty();
-    w = group_allreduce_stats(w, kWarpSize);
+    w = group_allreduce_stats(w, kWarpSize, smooth);
     if (lane == 0) scratch[0] = w;
   }
   __syncthreads();
@@ -219,11 +224,6 @@ __device__ __forceinline__ RowStats<acc_t> block_allreduce_stats(RowStats<acc_t>
   return out;
 }
 
-// The maximum of two values, NaN if either is NaN (a NaN logit makes its row's loss NaN).
-struct MaxOp {
-  template <typename T>
-  __device__ __forceinline__ T operator()(T a, T b) const { return (a > b || a != a) ? a : b; }
-};
 
 // All-reduce with `op` over the whole block, as block_allreduce_sum below (`identity` fills the
 // lanes past the last warp).

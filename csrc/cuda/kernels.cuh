@@ -262,9 +262,9 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_forward_kernel(CeKernelArgs<s
   if (active) st = a.P > 1 ? ce_row_stats_strided(a, row, 0, a.C) : ce_row_stats_contiguous(a, row, lane, group);
   // every thread takes part in the reductions, active or not
   if (kBlockPerRow) {
-    st = block_allreduce_stats(st, scratch);
+    st = block_allreduce_stats(st, scratch, a.eps > 0.0);
   } else if (group > 1) {
-    st = group_allreduce_stats(st, group);
+    st = group_allreduce_stats(st, group, a.eps > 0.0);
   }
   const CePartialSums mine = lane == 0 && active ? ce_forward_row_epilogue(a, row, ce_row_offset(row, a.C, a.P), st)
                                                  : CePartialSums{0.0, 0.0, 0, 0};
@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_forward_slice_kernel(CeKernel
   const int slice = static_cast<int>(static_cast<int64_t>(blockIdx.x) - row * a.slices);
   RowStats<acc_t> st = ce_row_stats_contiguous(a, row, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x),
                                                slice, a.slices);
-  st = block_allreduce_stats(st, scratch);
+  st = block_allreduce_stats(st, scratch, a.eps > 0.0);
   if (threadIdx.x == 0) a.slice_stats[blockIdx.x] = st;
 }
 
