@@ -477,6 +477,16 @@ def test_target_out_of_range_is_a_device_assert():
         torch.ops.fused_wloss_emu.cross_entropy_forward(x, t, None, None, -100, 0.0, 2, 0, 1.0, 0.999)
     with dev.calls(), pytest.raises(RuntimeError, match="target out of range"):
         torch.ops.fused_wloss_emu.cross_entropy_forward(x, t - 7, None, None, -100, 0.0, 2, 1, 1.0, 0.999)
+    # the backward checks too: grouped rows, and a block per row (where one thread forms the row's prologue)
+    for C in (5, 4097):
+        x = torch.randn(2, C, device=dev.device)
+        good = torch.tensor([0, C - 1], device=dev.device)
+        with dev.calls():
+            loss, lse, cw, norm = torch.ops.fused_wloss_emu.cross_entropy_forward(x, good, None, None, -100, 0.0, 2, 0,
+                                                                                 1.0, 0.999)
+        with dev.calls(), pytest.raises(RuntimeError, match="target out of range"):
+            torch.ops.fused_wloss_emu.cross_entropy_backward(torch.ones(()), x, good + 1, cw, None, lse, norm, -100,
+                                                             0.0, 2, 0.0)
 
 
 def test_emulated_and_cpu_kernels_agree():

@@ -425,7 +425,15 @@ __global__ void __launch_bounds__(kMaxRowBlock) ce_backward_kernel(CeKernelArgs<
   const int64_t base = ce_row_offset(row, a.C, a.P);
   const scalar_t* xr = a.x + base;
   scalar_t* gr = a.grad_x + base;
-  const CeRowGrad<acc_t> grad_of = ce_row_grad(a, row, base);
+  CeRowGrad<acc_t> grad_of;
+  if constexpr (kBlockPerRow) {  // the row's prologue once a block (float64 exp, focal, loads), not per thread
+    FWL_SHARED(CeRowGrad<acc_t>, block_grad, 1);
+    if (threadIdx.x == 0) block_grad[0] = ce_row_grad(a, row, base);
+    __syncthreads();  // every thread of the block has this row: none returned above
+    grad_of = block_grad[0];
+  } else {
+    grad_of = ce_row_grad(a, row, base);
+  }
 
   if (a.P > 1) {  // one thread per pixel: classes at stride P
     int64_t c0, c1;
@@ -566,8 +574,8 @@ __global__ void class_count_kernel(const void* target, bool target_int32, int64_
 }
 
 // One block: class_w[c] = static_w[c] * scheme(counts[c]) (counts may be nullptr: static weights
-// only; static_w may be nullptr: 1, and class_w is written without being read), and
-// *sum_w = sum_c class_w[c], reduced in a fixed order.
+// only, which are then read and not written; static_w may be nullptr: 1, and class_w is written
+// without being read), and *sum_w = sum_c class_w[c], reduced in a fixed order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kClassWeightThreads) class_weight_kernel(const unsigned long long* counts, int64_t C, int scheme,
                                     acc_t smoothing, acc_t beta, bool has_static, acc_t* class_w, acc_t* sum_w) {
@@ -576,7 +584,7 @@ __global__ void __launch_bounds__(kClassWeightThreads) class_weight_kernel(const
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     acc_t w = has_static ? class_w[c] : acc_t(1);
     if (counts != nullptr) w *= scheme_weight<acc_t>(scheme, static_cast<acc_t>(counts[c]), smoothing, beta);
-    class_w[c] = w;
+    if (counts != nullptr || !has_static) class_w[c] = w;
     local += w;
   }
   const acc_t total = block_allreduce_sum(local, scratch);

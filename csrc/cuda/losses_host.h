@@ -357,12 +357,13 @@ inline void ce_backward_into(const at::Tensor& grad_input, const at::Tensor& gra
   const at::Tensor class_w = class_weight.numel() > 0 ? as_acc(class_weight, acc, "class_weight", s.C) : at::Tensor();
   at::Tensor sum_w;
   if (class_w.defined() && label_smoothing > 0.0) {
+    // the forward's sum of the weights, again: one block, which reads the weights without counts
+    // and so writes nothing back to them (no copy)
     sum_w = at::empty({}, x.options().dtype(acc));
-    at::Tensor w_copy = class_w.clone();  // the kernel writes its input back
     AT_DISPATCH_FLOATING_TYPES(acc, "fused_wloss_class_weight_sum", [&] {
       launch_kernel(class_weight_kernel<scalar_t>, dim3(1), dim3(kClassWeightThreads), 0, stream,
                     static_cast<const unsigned long long*>(nullptr), s.C, 0, scalar_t(1), scalar_t(0), true,
-                    w_copy.data_ptr<scalar_t>(), sum_w.data_ptr<scalar_t>());
+                    const_cast<scalar_t*>(class_w.data_ptr<scalar_t>()), sum_w.data_ptr<scalar_t>());
     });
   }
   const at::Tensor sw = as_acc(sample_weight, acc, "sample_weight", rows);
