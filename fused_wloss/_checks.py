@@ -167,9 +167,10 @@ def _functorch_wrapped(t: torch.Tensor) -> bool:
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int, loss: str = "cross_entropy") -> None:
     """Raise IndexError if a class-index target is outside [0, C) and is not ignore_index.
 
-    No host synchronisation on CUDA (a device-side assert instead); skipped while compiling, under
-    torch.func.vmap over the target (a data-dependent branch, which vmap cannot batch; an index out
-    of range then fails in the gather) and when switched off with :func:`set_target_validation`.
+    No host synchronisation on CUDA (a device-side assert instead); skipped while compiling, for a
+    target wrapped by a torch.func transform (the check is a data-dependent branch, which vmap
+    cannot batch; an index out of range then fails in the gather or scatter instead) and when
+    switched off with :func:`set_target_validation`.
     """
     if not _validate_targets or torch.compiler.is_compiling() or target.numel() == 0 or _functorch_wrapped(target):
         return

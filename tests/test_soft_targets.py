@@ -36,6 +36,7 @@ SHAPES = {
     "rows-tail": (9, 45),
     "rows": (70, 300),
     "rows-wide": (4, 1000),
+    "rows-block": (9, 4100),  # a block per row on CUDA; 9 rows walk past the emulation's 4-block grid
     "kdim": (4, 5, 3, 7),
     "kdim-wide": (2, 40, 21),
 }
@@ -314,8 +315,9 @@ def test_hostile_targets_agree_with_reference(case):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_more_rows_than_the_cuda_grid(path):
-    """More rows than the CUDA forward's fixed grid of 16,384 blocks: blocks take every 16,384th
-    row and add their partials in order (the same sums on every GPU)."""
+    """Many rows: on CUDA, 2^14 + 700 rows of 5 classes take 534 blocks of the grouped rows kernels
+    (the block-per-row forward's fixed grid, walked past by "rows-block" above, applies to wider
+    rows only)."""
     x, q, kw = _case((16384 + 700, 5), OPTIONS["everything"], torch.float64, seed=3)
     with serve(path):
         x, q, kw = on_device(path, x, q, kw)

@@ -621,8 +621,10 @@ __global__ void ce_finalize_kernel(const CePartialSums* partials, int64_t count,
 
 // ---- cross-entropy, probability targets ----------------------------------------------------
 // loss = s (B log_s - D), B = sum_c W_c q'_c, D = sum_c W_c q'_c (x_c - m), q' = keep q + spread;
-// gradient g s (B p_c - W_c q'_c) (see csrc/cpu/ce_prob.h). Rows of P == 1 inputs go a block per
-// row, K-dim pixels a thread per pixel; the backward is flat over the elements.
+// gradient g s (B p_c - W_c q'_c) (see csrc/cpu/ce_prob.h). Rows of P == 1 inputs up to 4096
+// classes go a group of lanes per row in both passes (ce_prob_*_rows_kernel), wider rows a block
+// per row in the forward; K-dim pixels a thread per pixel; the backward of wide rows and K-dim
+// inputs is flat over the elements.
 
 template <typename scalar_t>
 struct CeProbKernelArgs {
@@ -633,6 +635,7 @@ struct CeProbKernelArgs {
   const acc_t* class_w;     // [C] or nullptr
   const acc_t* sample_w;    // [rows] or nullptr
   int64_t rows, C, P;
+  int group;                // lanes per row of the rows kernels
   double keep, spread;      // q' = keep q + spread
   // forward
   acc_t* stats;             // [3, rows]: lse hi, lse lo, B
@@ -645,6 +648,16 @@ struct CeProbKernelArgs {
   int reduction;
   scalar_t* grad_x;
 };
+
+// The upstream gradient of a "mean"/"sum" (divided by a "mean"'s normaliser, NaN for a zero one).
+template <typename scalar_t>
+__device__ __forceinline__ acc_t_of<scalar_t> ce_prob_upstream_all(const CeProbKernelArgs<scalar_t>& a) {
+  using acc_t = acc_t_of<scalar_t>;
+  if (a.reduction == kNone) return acc_t(0);
+  const acc_t g = a.grad_out[0];
+  if (a.norm == nullptr) return g;
+  return *a.norm == acc_t(0) ? std::numeric_limits<acc_t>::quiet_NaN() : g / *a.norm;
+}
 
 template <typename scalar_t>
 __device__ __forceinline__ acc_t_of<scalar_t> prob_target(const CeProbKernelArgs<scalar_t>& a, int64_t i) {
@@ -737,16 +750,66 @@ __global__ void ce_prob_forward_kernel(CeProbKernelArgs<scalar_t> a) {
   write_block_partial(out, a.partials, blockIdx.x);
 }
 
+// Rows of at most 4096 classes (P == 1): a group of a.group lanes per row, blockDim / group rows a
+// block, the lanes of a row on neighbouring classes (coalesced). Two passes over the row, as the
+// block-per-row path: its maximum, then (from cache) the exponentials, B and D; group shuffles
+// reduce each, lane 0 finishes the row, the block writes one partial sum.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRowsBlock) ce_prob_forward_rows_kernel(CeProbKernelArgs<scalar_t> a) {
+  using acc_t = acc_t_of<scalar_t>;
+  const int group = a.group;
+  const int lane = static_cast<int>(threadIdx.x) % group;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
+  const bool active = row < a.rows;
+  const int64_t base = row * a.C;
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  if (active) {
+    for (int64_t c = lane; c < a.C; c += group) m = MaxOp{}(m, to_acc(a.x[base + c]));
+  }
+  m = group_allreduce(m, group, MaxOp{});  // every lane takes part, active or not
+  acc_t s = 0, b = 0, dsum = 0;
+  if (active) {
+    for (int64_t c = lane; c < a.C; c += group) {
+      const acc_t d = to_acc(a.x[base + c]) - m;
+      s += exp_acc(d);
+      const acc_t wq = ce_prob_weighted_target(a, base + c, c);
+      b += wq;
+      dsum += wq * d;
+    }
+  }
+  s = group_allreduce(s, group, SumOp{});
+  b = group_allreduce(b, group, SumOp{});
+  dsum = group_allreduce(dsum, group, SumOp{});
+  const CePartialSums mine = lane == 0 && active ? ce_prob_finish(a, row, m, s, b, dsum) : CePartialSums{0.0, 0.0, 0, 0};
+  write_block_partial(mine, a.partials, blockIdx.x);
+}
+
+// The backward of the same rows, mapped alike: the row's statistics loaded once, one exponential
+// an element, no division.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRowsBlock) ce_prob_backward_rows_kernel(CeProbKernelArgs<scalar_t> a) {
+  using acc_t = acc_t_of<scalar_t>;
+  const int group = a.group;
+  const int lane = static_cast<int>(threadIdx.x) % group;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
+  if (row >= a.rows) return;
+  const acc_t g = (a.reduction == kNone ? a.grad_out[row] : ce_prob_upstream_all(a)) *
+                  (a.sample_w ? a.sample_w[row] : acc_t(1));
+  const acc_t ref = a.stats[row];  // p = exp(x - hi) exp(-lo): the second factor folded into bf
+  const acc_t bf = a.stats[2 * a.rows + row] * exp_acc(-a.stats[a.rows + row]);
+  const int64_t base = row * a.C;
+  for (int64_t c = lane; c < a.C; c += group) {
+    const acc_t e = exp_acc(to_acc(a.x[base + c]) - ref);
+    a.grad_x[base + c] = static_cast<scalar_t>(g * (bf * e - ce_prob_weighted_target(a, base + c, c)));
+  }
+}
+
 template <typename scalar_t>
 __global__ void ce_prob_backward_kernel(CeProbKernelArgs<scalar_t> a) {
   using acc_t = acc_t_of<scalar_t>;
   const int64_t numel = a.rows * a.C;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  acc_t g_all = 0;
-  if (a.reduction != kNone) {
-    g_all = a.grad_out[0];
-    if (a.norm != nullptr) g_all = *a.norm == acc_t(0) ? std::numeric_limits<acc_t>::quiet_NaN() : g_all / *a.norm;
-  }
+  const acc_t g_all = ce_prob_upstream_all(a);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
     int64_t row, c;
     if (a.P == 1) {

@@ -449,6 +449,21 @@ inline int ce_prob_threads(int64_t C) {
   return t;
 }
 
+// Rows (P == 1) of at most this many classes go the grouped rows kernels (a group of lanes per
+// row, about eight classes a lane up to a warp), wider rows a block per row (forward) and the
+// flat kernel (backward).
+constexpr int64_t kProbRowsMaxClasses = 4096;
+
+inline int ce_prob_group(int64_t C) { return static_cast<int>(threads_per_row(C, 8, 1, kWarpSize)); }
+
+// The block-per-row forward's fixed grid (rows a grid apart beyond it: the same partials on any
+// GPU). The emulation's is 4 blocks, so that small test shapes walk past it.
+#if defined(FWL_EMULATE_CUDA)
+constexpr int64_t kMaxProbBlocks = 4;
+#else
+constexpr int64_t kMaxProbBlocks = 16384;
+#endif
+
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& sample_weight, double label_smoothing, int64_t reduction, int64_t scheme,
@@ -491,12 +506,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
     }
     return {loss, stats, class_weight_out, norm};
   }
-  const bool block_per_row = s.P == 1;
+  const bool grouped = s.P == 1 && s.C <= kProbRowsMaxClasses;
+  const bool block_per_row = s.P == 1 && !grouped;
+  const int group = ce_prob_group(s.C);
   const int threads = block_per_row ? ce_prob_threads(s.C) : kRowsBlock;
-  // a block per row up to a fixed grid (rows a grid apart beyond it: the same partials on any GPU);
-  // a thread per pixel for K-dim inputs
-  constexpr int64_t kMaxProbBlocks = 16384;
-  const int64_t blocks = block_per_row ? std::min(rows, kMaxProbBlocks) : ceil_div(rows, kRowsBlock);
+  // grouped rows kRowsBlock / group a block; a block per row up to a fixed grid; a thread per pixel
+  // for K-dim inputs
+  const int64_t blocks = grouped         ? ceil_div(rows, kRowsBlock / group)
+                         : block_per_row ? std::min(rows, kMaxProbBlocks)
+                                         : ceil_div(rows, kRowsBlock);
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "fused_wloss.cross_entropy: ", rows,
               " elements of probability targets need more than 2^31 - 1 blocks");
   at::Tensor partials = at::empty({blocks * static_cast<int64_t>(sizeof(CePartialSums))}, x.options().dtype(at::kByte));
@@ -514,7 +532,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
       a.loss_rows = ptr_or_null<scalar_t>(loss_rows);
     }
     a.partials = reinterpret_cast<CePartialSums*>(partials.data_ptr());
-    if (block_per_row) {
+    a.group = group;
+    if (grouped) {
+      launch_kernel(ce_prob_forward_rows_kernel<scalar_t>, grid_of(blocks), dim3(threads), 0, stream, a);
+    } else if (block_per_row) {
       launch_kernel(ce_prob_forward_kernel<scalar_t, true>, grid_of(blocks), dim3(threads), 0, stream, a);
     } else {
       launch_kernel(ce_prob_forward_kernel<scalar_t, false>, grid_of(blocks), dim3(threads), 0, stream, a);
@@ -561,7 +582,13 @@ inline at::Tensor cross_entropy_prob_backward(const at::Tensor& grad_loss, const
     a.norm = ptr_or_null<acc_t>(n);
     a.reduction = static_cast<int>(reduction);
     a.grad_x = grad_input.data_ptr<scalar_t>();
-    launch_kernel(ce_prob_backward_kernel<scalar_t>, grid_of(blocks), dim3(256), 0, stream, a);
+    if (s.P == 1 && s.C <= kProbRowsMaxClasses) {
+      a.group = ce_prob_group(s.C);
+      launch_kernel(ce_prob_backward_rows_kernel<scalar_t>, grid_of(ceil_div(rows, kRowsBlock / a.group)),
+                    dim3(kRowsBlock), 0, stream, a);
+    } else {
+      launch_kernel(ce_prob_backward_kernel<scalar_t>, grid_of(blocks), dim3(256), 0, stream, a);
+    }
   });
   return ce_prob_grad_as_input(grad_input, input);
 }
