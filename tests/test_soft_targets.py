@@ -39,6 +39,8 @@ SHAPES = {
     "rows-block": (9, 4100),  # a block per row on CUDA; 9 rows walk past the emulation's 4-block grid
     "kdim": (4, 5, 3, 7),
     "kdim-wide": (2, 40, 21),
+    # on CUDA the pixel grid (40 pixels: 64-thread blocks); 5 images walk past the emulation's 3 grid rows
+    "kdim-pixels": (5, 6, 40),
 }
 OPTIONS = {
     "plain": {},

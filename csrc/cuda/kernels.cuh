@@ -623,8 +623,9 @@ __global__ void ce_finalize_kernel(const CePartialSums* partials, int64_t count,
 // loss = s (B log_s - D), B = sum_c W_c q'_c, D = sum_c W_c q'_c (x_c - m), q' = keep q + spread;
 // gradient g s (B p_c - W_c q'_c) (see csrc/cpu/ce_prob.h). Rows of P == 1 inputs up to 4096
 // classes go a group of lanes per row in both passes (ce_prob_*_rows_kernel), wider rows a block
-// per row in the forward; K-dim pixels a thread per pixel; the backward of wide rows and K-dim
-// inputs is flat over the elements.
+// per row in the forward and flat over the elements in the backward; K-dim pixels a thread per
+// pixel in both passes, on the (pixel blocks, images) grid of the index-target kernels where an
+// image has a warp's worth of pixels (ce_prob_*_pixels_kernel), else flat over the rows.
 
 template <typename scalar_t>
 struct CeProbKernelArgs {
@@ -635,6 +636,7 @@ struct CeProbKernelArgs {
   const acc_t* class_w;     // [C] or nullptr
   const acc_t* sample_w;    // [rows] or nullptr
   int64_t rows, C, P;
+  int64_t N;                // rows / P
   int group;                // lanes per row of the rows kernels
   double keep, spread;      // q' = keep q + spread
   // forward
@@ -697,6 +699,23 @@ __device__ CePartialSums ce_prob_finish(const CeProbKernelArgs<scalar_t>& a, int
   return CePartialSums{loss, sr, 1, 0};
 }
 
+// One K-dim pixel's forward, its classes a plane apart from `base`: two passes, as the rows.
+template <typename scalar_t>
+__device__ __forceinline__ CePartialSums ce_prob_pixel(const CeProbKernelArgs<scalar_t>& a, int64_t row, int64_t base) {
+  using acc_t = acc_t_of<scalar_t>;
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t c = 0; c < a.C; ++c) m = MaxOp{}(m, to_acc(a.x[base + c * a.P]));
+  acc_t s = 0, b = 0, dsum = 0;
+  for (int64_t c = 0; c < a.C; ++c) {
+    const acc_t d = to_acc(a.x[base + c * a.P]) - m;
+    s += exp_acc(d);
+    const acc_t wq = ce_prob_weighted_target(a, base + c * a.P, c);
+    b += wq;
+    dsum += wq * d;
+  }
+  return ce_prob_finish(a, row, m, s, b, dsum);
+}
+
 template <typename scalar_t, bool kBlockPerRow>
 __global__ void ce_prob_forward_kernel(CeProbKernelArgs<scalar_t> a) {
   using acc_t = acc_t_of<scalar_t>;
@@ -732,21 +751,7 @@ __global__ void ce_prob_forward_kernel(CeProbKernelArgs<scalar_t> a) {
   }
   // K-dim: a thread per pixel, its classes a plane apart
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  CePartialSums out{0.0, 0.0, 0, 0};
-  if (row < a.rows) {
-    const int64_t base = ce_row_offset(row, a.C, a.P);
-    acc_t m = neg_inf;
-    for (int64_t c = 0; c < a.C; ++c) m = MaxOp{}(m, to_acc(a.x[base + c * a.P]));
-    acc_t s = 0, b = 0, dsum = 0;
-    for (int64_t c = 0; c < a.C; ++c) {
-      const acc_t d = to_acc(a.x[base + c * a.P]) - m;
-      s += exp_acc(d);
-      const acc_t wq = ce_prob_weighted_target(a, base + c * a.P, c);
-      b += wq;
-      dsum += wq * d;
-    }
-    out = ce_prob_finish(a, row, m, s, b, dsum);
-  }
+  const CePartialSums out = row < a.rows ? ce_prob_pixel(a, row, ce_row_offset(row, a.C, a.P)) : CePartialSums{0.0, 0.0, 0, 0};
   write_block_partial(out, a.partials, blockIdx.x);
 }
 
@@ -801,6 +806,51 @@ __global__ void __launch_bounds__(kRowsBlock) ce_prob_backward_rows_kernel(CePro
   for (int64_t c = lane; c < a.C; c += group) {
     const acc_t e = exp_acc(to_acc(a.x[base + c]) - ref);
     a.grad_x[base + c] = static_cast<scalar_t>(g * (bf * e - ce_prob_weighted_target(a, base + c, c)));
+  }
+}
+
+// K-dim on the (pixel blocks, images) grid (see ce_forward_pixels_kernel): a thread per pixel, no
+// division; one partial sum per block.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRowsBlock) ce_prob_forward_pixels_kernel(CeProbKernelArgs<scalar_t> a) {
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  CePartialSums mine{0.0, 0.0, 0, 0};
+  if (p < a.P) {
+    for (int64_t n = blockIdx.y; n < a.N; n += gridDim.y) {
+      const CePartialSums r = ce_prob_pixel(a, n * a.P + p, n * a.C * a.P + p);
+      mine.loss_sum += r.loss_sum;
+      mine.weight_sum += r.weight_sum;
+      mine.valid += r.valid;
+    }
+  }
+  write_block_partial(mine, a.partials, static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x);
+}
+
+// Its backward: the pixel's statistics once, four classes' logits in flight, one exponential an
+// element, no division (the flat kernel below divides every element's index twice).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRowsBlock) ce_prob_backward_pixels_kernel(CeProbKernelArgs<scalar_t> a) {
+  using acc_t = acc_t_of<scalar_t>;
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= a.P) return;
+  const acc_t g_all = ce_prob_upstream_all(a);
+  for (int64_t n = blockIdx.y; n < a.N; n += gridDim.y) {
+    const int64_t row = n * a.P + p, base = n * a.C * a.P + p;
+    const acc_t g = (a.reduction == kNone ? a.grad_out[row] : g_all) * (a.sample_w ? a.sample_w[row] : acc_t(1));
+    const acc_t ref = a.stats[row];
+    const acc_t bf = a.stats[2 * a.rows + row] * exp_acc(-a.stats[a.rows + row]);
+    auto grad = [&](acc_t x, int64_t c) {
+      return static_cast<scalar_t>(g * (bf * exp_acc(x - ref) - ce_prob_weighted_target(a, base + c * a.P, c)));
+    };
+    int64_t c = 0;
+    for (; c + 4 <= a.C; c += 4) {
+      acc_t v[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[k] = to_acc(a.x[base + (c + k) * a.P]);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) a.grad_x[base + (c + k) * a.P] = grad(v[k], c + k);
+    }
+    for (; c < a.C; ++c) a.grad_x[base + c * a.P] = grad(to_acc(a.x[base + c * a.P]), c);
   }
 }
 

@@ -437,6 +437,7 @@ CeProbKernelArgs<scalar_t> ce_prob_kernel_args(const CeShape& s, const at::Tenso
   a.rows = s.N * s.P;
   a.C = s.C;
   a.P = s.P;
+  a.N = s.N;
   a.keep = 1.0 - label_smoothing;
   a.spread = s.C > 0 ? label_smoothing / static_cast<double>(s.C) : 0.0;
   return a;
@@ -455,6 +456,24 @@ inline int ce_prob_threads(int64_t C) {
 constexpr int64_t kProbRowsMaxClasses = 4096;
 
 inline int ce_prob_group(int64_t C) { return static_cast<int>(threads_per_row(C, 8, 1, kWarpSize)); }
+
+// The (pixel blocks, images) grid of the K-dim soft-target kernels, a thread per pixel, where an
+// image has at least a warp's worth of pixels (else threads == 0: flat over the rows).
+struct PixelGrid {
+  int threads = 0;
+  int64_t blocks = 0, rows = 0;
+};
+
+inline PixelGrid ce_prob_pixel_grid(int64_t N, int64_t P) {
+  PixelGrid g;
+  if (P < kWarpSize) return g;
+  int64_t t = kWarpSize;
+  while (t < P && t < kRowsBlock) t *= 2;
+  g.threads = static_cast<int>(t);
+  g.blocks = ceil_div(P, t);
+  g.rows = std::min(N, kMaxGridRows);
+  return g;
+}
 
 // The block-per-row forward's fixed grid (rows a grid apart beyond it: the same partials on any
 // GPU). The emulation's is 4 blocks, so that small test shapes walk past it.
@@ -509,12 +528,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
   const bool grouped = s.P == 1 && s.C <= kProbRowsMaxClasses;
   const bool block_per_row = s.P == 1 && !grouped;
   const int group = ce_prob_group(s.C);
-  const int threads = block_per_row ? ce_prob_threads(s.C) : kRowsBlock;
-  // grouped rows kRowsBlock / group a block; a block per row up to a fixed grid; a thread per pixel
-  // for K-dim inputs
+  const PixelGrid pg = s.P > 1 ? ce_prob_pixel_grid(s.N, s.P) : PixelGrid{};
+  const int threads = block_per_row ? ce_prob_threads(s.C) : pg.threads > 0 ? pg.threads : kRowsBlock;
+  // grouped rows kRowsBlock / group a block; a block per row up to a fixed grid; K-dim a thread per
+  // pixel, on the pixel grid or flat
   const int64_t blocks = grouped         ? ceil_div(rows, kRowsBlock / group)
                          : block_per_row ? std::min(rows, kMaxProbBlocks)
-                                         : ceil_div(rows, kRowsBlock);
+                         : pg.threads > 0 ? pg.blocks * pg.rows
+                                          : ceil_div(rows, kRowsBlock);
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "fused_wloss.cross_entropy: ", rows,
               " elements of probability targets need more than 2^31 - 1 blocks");
   at::Tensor partials = at::empty({blocks * static_cast<int64_t>(sizeof(CePartialSums))}, x.options().dtype(at::kByte));
@@ -537,6 +558,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
       launch_kernel(ce_prob_forward_rows_kernel<scalar_t>, grid_of(blocks), dim3(threads), 0, stream, a);
     } else if (block_per_row) {
       launch_kernel(ce_prob_forward_kernel<scalar_t, true>, grid_of(blocks), dim3(threads), 0, stream, a);
+    } else if (pg.threads > 0) {
+      launch_kernel(ce_prob_forward_pixels_kernel<scalar_t>, grid_of(pg.blocks, pg.rows), dim3(threads), 0, stream, a);
     } else {
       launch_kernel(ce_prob_forward_kernel<scalar_t, false>, grid_of(blocks), dim3(threads), 0, stream, a);
     }
@@ -582,10 +605,14 @@ inline at::Tensor cross_entropy_prob_backward(const at::Tensor& grad_loss, const
     a.norm = ptr_or_null<acc_t>(n);
     a.reduction = static_cast<int>(reduction);
     a.grad_x = grad_input.data_ptr<scalar_t>();
+    const PixelGrid pg = s.P > 1 ? ce_prob_pixel_grid(s.N, s.P) : PixelGrid{};
     if (s.P == 1 && s.C <= kProbRowsMaxClasses) {
       a.group = ce_prob_group(s.C);
       launch_kernel(ce_prob_backward_rows_kernel<scalar_t>, grid_of(ceil_div(rows, kRowsBlock / a.group)),
                     dim3(kRowsBlock), 0, stream, a);
+    } else if (pg.threads > 0) {
+      launch_kernel(ce_prob_backward_pixels_kernel<scalar_t>, grid_of(pg.blocks, pg.rows), dim3(pg.threads), 0,
+                    stream, a);
     } else {
       launch_kernel(ce_prob_backward_kernel<scalar_t>, grid_of(blocks), dim3(256), 0, stream, a);
     }
