@@ -12,7 +12,7 @@ The model, per kernel pass:
   loads per iteration times their width), times the resident threads of an SM, against what Little's
   law asks of an SM: its share of the copy bandwidth times a loaded DRAM latency of about 800 ns;
 - waves: a partial last wave runs at the fraction of the SMs it fills;
-- a fixed cost of 3 us a launch.
+- a fixed cost of 3 us a launch (ours and the floor's: the floor is timed as calls too).
 It leaves out instruction throughput, caches and DRAM page effects: a prediction to check, never a
 result to report as measured.
 """
@@ -133,15 +133,24 @@ def bce_plan(shape: Tuple[int, ...], elem: int) -> List[Pass]:
             Pass("bce_backward", bwd_blocks, 256, 3 * numel * elem, 2 * 16)]
 
 
-def predict(loss: str, shape: Tuple[int, ...], elem: int) -> Tuple[float, float]:
+# The small launches around the main passes, by weighting: "static" copies the weights to the
+# accumulation dtype and finalizes the reduced loss; "dynamic" zeroes the counts, counts, forms the
+# weights and finalizes (BCE: two label-sum kernels instead of counting). A split row adds its
+# combine kernel (ce_plan's forward kernel "ce_forward_slice").
+SMALL_LAUNCHES = {("ce", "static"): 2, ("ce", "dynamic"): 4, ("bce", "static"): 2, ("bce", "dynamic"): 3}
+
+
+def predict(loss: str, shape: Tuple[int, ...], elem: int, weighting: str = "static") -> Tuple[float, float]:
     """(predicted forward+backward seconds, predicted fraction of the copy floor)."""
     plan = ce_plan(shape, elem) if loss == "ce" else bce_plan(shape, elem)
     t = sum(pass_time(p, elem) for p in plan)
+    t += LAUNCH * (SMALL_LAUNCHES[(loss, weighting)] + (plan[0].kernel == "ce_forward_slice"))
     numel = math.prod(shape)
-    # the lane benchmark's floor (benchmarks/run.py, floor_calls): the logits read, then read and
-    # written by a copy; BCE's targets, as large as the logits, read once more
-    units = 4 if loss == "bce" else 3
-    floor = units * numel * elem / COPY_BW
+    # the lane benchmark's floor (benchmarks/run.py, floor_calls), timed as calls like ours: the
+    # logits read (x.sum()), then read and written by a copy; BCE's targets, as large as the
+    # logits, read once more (y.sum()); a launch each
+    units, launches = (4, 3) if loss == "bce" else (3, 2)
+    floor = units * numel * elem / COPY_BW + launches * LAUNCH
     return t, floor / t
 
 
@@ -152,12 +161,13 @@ LANE_SHAPES = [("ce", (65536, 10)), ("ce", (16384, 1000)), ("ce", (8192, 32000))
 
 def main() -> int:
     print("predicted on an H100 (a model, not a measurement; see benchmarks/cuda_model.py)")
-    print(f"{'case':<24} {'dtype':<9} {'fwd+bwd us':>11} {'% of floor':>11}")
+    print(f"{'case':<24} {'dtype':<9} {'weighting':<9} {'fwd+bwd us':>11} {'% of floor':>11}")
     for loss, shape in LANE_SHAPES:
         for dtype, elem in (("float32", 4), ("bfloat16", 2)):
-            t, frac = predict(loss, shape, elem)
-            name = f"{loss}-{'x'.join(map(str, shape))}"
-            print(f"{name:<24} {dtype:<9} {t * 1e6:>11.1f} {100 * frac:>10.0f}%")
+            for weighting in ("static", "dynamic"):
+                t, frac = predict(loss, shape, elem, weighting)
+                name = f"{loss}-{'x'.join(map(str, shape))}"
+                print(f"{name:<24} {dtype:<9} {weighting:<9} {t * 1e6:>11.1f} {100 * frac:>10.0f}%")
     return 0
 
 
