@@ -41,6 +41,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 from fuzzing import fuzz_settings  # noqa: E402
+from helpers import emulation_namespace  # noqa: E402
 
 
 def _settings(default_examples: int):
@@ -226,19 +227,27 @@ def _with_isa(isa, fn):
         _extension.use_cpu_isa(before.lower())
 
 
-def check_ce(case: CeCase, dtype: torch.dtype) -> None:
+def _on_path(path: Optional[str], isa: str, fn):
+    """fn() on the CPU kernels of `isa`, or (path "emu") on the emulated CUDA kernels."""
+    if path == "emu":
+        with ops.use_namespace(emulation_namespace()):
+            return fn()
+    return _with_isa(isa, fn)
+
+
+def check_ce(case: CeCase, dtype: torch.dtype, path: Optional[str] = None) -> None:
     x, t, kwargs = build_ce(case, dtype)
     assert ops.ce_supported(x, t, kwargs.get("weight"), kwargs.get("sample_weight"), False)
-    got = _with_isa(case.isa, lambda: _value_and_grad(fused_wloss.cross_entropy, x, t, **kwargs))
+    got = _on_path(path, case.isa, lambda: _value_and_grad(fused_wloss.cross_entropy, x, t, **kwargs))
     exact = _value_and_grad(reference.cross_entropy, x.double(), t, **_double(kwargs))
     at_dtype = None if dtype == torch.float64 else _value_and_grad(reference.cross_entropy, x, t, **kwargs)
     _assert_agree(got, exact, dtype, f"cross_entropy {case}", at_dtype)
 
 
-def check_bce(case: BceCase, dtype: torch.dtype) -> None:
+def check_bce(case: BceCase, dtype: torch.dtype, path: Optional[str] = None) -> None:
     x, t, kwargs = build_bce(case, dtype)
     assert ops.bce_supported(x, t, kwargs.get("weight"), kwargs.get("pos_weight"), kwargs.get("sample_weight"))
-    got = _with_isa(case.isa, lambda: _value_and_grad(
+    got = _on_path(path, case.isa, lambda: _value_and_grad(
         fused_wloss.binary_cross_entropy_with_logits, x, t, **kwargs))
     fn = reference.binary_cross_entropy_with_logits
     exact = _value_and_grad(fn, x.double(), t.double(), **_double(kwargs))
@@ -261,7 +270,7 @@ def _batch_weighting(balanced):
 
 
 @st.composite
-def ce_cases(draw):
+def ce_cases(draw, max_elements: int = CE_MAX_ELEMENTS):
     num_classes = draw(_num_classes)
     rank = draw(st.integers(1, 4))
     if rank == 1:
@@ -269,7 +278,7 @@ def ce_cases(draw):
     else:
         spatial = tuple(draw(st.lists(st.integers(0, 40), min_size=rank - 2, max_size=rank - 2)))
         per_sample = num_classes * math.prod(spatial)
-        max_n = min(70, CE_MAX_ELEMENTS // per_sample) if per_sample else 70
+        max_n = min(70, max_elements // per_sample) if per_sample else 70
         shape = (draw(st.integers(0, max_n)), num_classes) + spatial
     return CeCase(
         shape=shape,
@@ -297,9 +306,9 @@ def _run_options(draw) -> dict:
 
 
 @st.composite
-def bce_cases(draw):
+def bce_cases(draw, max_side: int = 50):
     rank = draw(st.integers(0, 3))
-    shape = tuple(draw(st.lists(st.integers(0, 50), min_size=rank, max_size=rank)))
+    shape = tuple(draw(st.lists(st.integers(0, max_side), min_size=rank, max_size=rank)))
     weights = [None, "label", "full", "scalar", "label_expanded"] + (["row"] if len(shape) >= 2 else [])
     return BceCase(
         shape=shape,
@@ -347,6 +356,29 @@ def test_cross_entropy_kernels_match_reference(dtype, case):
 @example(case=BceCase((), class_weighting=BatchWeighting("inverse", smoothing=0.03125), reduction="none", seed=218))
 def test_bce_kernels_match_reference(dtype, case):
     check_bce(case, dtype)
+
+
+# The same properties on the emulated CUDA kernels (csrc/emu): every mapping the small draws reach
+# (grouped rows, the K-dim pixel grid with and without vectors, flat pixels, BCE vectors and
+# elements) on every layout, with fewer and smaller examples (the emulation runs each GPU thread as
+# a fiber). Replay a failure with check_ce(case, dtype, "emu").
+EMU = pytest.mark.skipif(emulation_namespace() is None, reason="fused_wloss._cuda_emu not built")
+
+
+@EMU
+@DTYPES
+@_settings(default_examples=150)
+@given(case=ce_cases(max_elements=2**15))
+def test_cross_entropy_emulated_cuda_kernels_match_reference(dtype, case):
+    check_ce(case, dtype, "emu")
+
+
+@EMU
+@DTYPES
+@_settings(default_examples=150)
+@given(case=bce_cases(max_side=30))
+def test_bce_emulated_cuda_kernels_match_reference(dtype, case):
+    check_bce(case, dtype, "emu")
 
 
 # ---- regressions: cases the properties once found -------------------------------------------------
