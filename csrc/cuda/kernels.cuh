@@ -4,8 +4,11 @@
 // Cross-entropy, input viewed as (N, C, P) with row r = n * P + p:
 // - ce_forward_kernel / ce_backward_kernel with kBlockPerRow = false: a group of `group` lanes
 //   (a power of two up to 32) per row, blockDim / group rows per block, for C up to a few
-//   thousand; for K-dim inputs (P > 1) one thread per pixel, walking the classes with stride P,
-//   so that a warp reads 32 neighbouring pixels of one class at a time.
+//   thousand; for K-dim inputs (P > 1) with fewer than 32 pixels an image, or with few pixels of
+//   many classes (sliced), one thread per pixel, walking the classes with stride P, so that a warp
+//   reads 32 neighbouring pixels of one class at a time.
+// - K-dim inputs otherwise: ce_forward_pixels_kernel / ce_backward_pixels_kernel on a grid of
+//   (pixel blocks, images), a pixel or a 16-byte vector of pixels a thread, no division.
 // - the same kernels with kBlockPerRow = true: one block per row, for large C; for few rows of
 //   many classes a row is cut into slices, a block each (ce_forward_slice_kernel writes each
 //   slice's state, ce_forward_combine_kernel combines a row's states in slice order; the backward
@@ -19,6 +22,8 @@
 //
 // Counting: class_count_kernel histograms the targets (integer atomics, exact in any order);
 // class_weight_kernel forms the weights and their sum in one block.
+//
+// Probability targets: see the section below.
 //
 // Binary cross-entropy: flat over the elements, a 16-byte vector of logits per thread and step
 // where every operand is aligned, the (row, label) of each element carried along without a
