@@ -794,6 +794,23 @@ __global__ void __launch_bounds__(kRowsBlock) ce_prob_forward_rows_kernel(CeProb
   write_block_partial(mine, a.partials, blockIdx.x);
 }
 
+// What the soft-target backward needs of one row (or pixel): its gradient at logit x of class c,
+// element i, is g (bf exp(x - ref) - W_c q'_c), with g the upstream gradient times the sample
+// weight, ref the lse's hi part and bf = B exp(-lo) (p = exp(x - hi) exp(-lo)).
+template <typename acc_t>
+struct CeProbRowGrad {
+  acc_t g, ref, bf;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ CeProbRowGrad<acc_t_of<scalar_t>> ce_prob_row_grad(const CeProbKernelArgs<scalar_t>& a,
+                                                                              int64_t row,
+                                                                              acc_t_of<scalar_t> g_all) {
+  using acc_t = acc_t_of<scalar_t>;
+  const acc_t g = (a.reduction == kNone ? a.grad_out[row] : g_all) * (a.sample_w ? a.sample_w[row] : acc_t(1));
+  return {g, a.stats[row], a.stats[2 * a.rows + row] * exp_acc(-a.stats[a.rows + row])};
+}
+
 // The backward of the same rows, mapped alike: the row's statistics loaded once, one exponential
 // an element, no division.
 template <typename scalar_t>
@@ -803,14 +820,11 @@ __global__ void __launch_bounds__(kRowsBlock) ce_prob_backward_rows_kernel(CePro
   const int lane = static_cast<int>(threadIdx.x) % group;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
   if (row >= a.rows) return;
-  const acc_t g = (a.reduction == kNone ? a.grad_out[row] : ce_prob_upstream_all(a)) *
-                  (a.sample_w ? a.sample_w[row] : acc_t(1));
-  const acc_t ref = a.stats[row];  // p = exp(x - hi) exp(-lo): the second factor folded into bf
-  const acc_t bf = a.stats[2 * a.rows + row] * exp_acc(-a.stats[a.rows + row]);
+  const CeProbRowGrad<acc_t> r = ce_prob_row_grad(a, row, ce_prob_upstream_all(a));
   const int64_t base = row * a.C;
   for (int64_t c = lane; c < a.C; c += group) {
-    const acc_t e = exp_acc(to_acc(a.x[base + c]) - ref);
-    a.grad_x[base + c] = static_cast<scalar_t>(g * (bf * e - ce_prob_weighted_target(a, base + c, c)));
+    const acc_t e = exp_acc(to_acc(a.x[base + c]) - r.ref);
+    a.grad_x[base + c] = static_cast<scalar_t>(r.g * (r.bf * e - ce_prob_weighted_target(a, base + c, c)));
   }
 }
 
@@ -841,11 +855,9 @@ __global__ void __launch_bounds__(kRowsBlock) ce_prob_backward_pixels_kernel(CeP
   const acc_t g_all = ce_prob_upstream_all(a);
   for (int64_t n = blockIdx.y; n < a.N; n += gridDim.y) {
     const int64_t row = n * a.P + p, base = n * a.C * a.P + p;
-    const acc_t g = (a.reduction == kNone ? a.grad_out[row] : g_all) * (a.sample_w ? a.sample_w[row] : acc_t(1));
-    const acc_t ref = a.stats[row];
-    const acc_t bf = a.stats[2 * a.rows + row] * exp_acc(-a.stats[a.rows + row]);
+    const CeProbRowGrad<acc_t> r = ce_prob_row_grad(a, row, g_all);
     auto grad = [&](acc_t x, int64_t c) {
-      return static_cast<scalar_t>(g * (bf * exp_acc(x - ref) - ce_prob_weighted_target(a, base + c * a.P, c)));
+      return static_cast<scalar_t>(r.g * (r.bf * exp_acc(x - r.ref) - ce_prob_weighted_target(a, base + c * a.P, c)));
     };
     int64_t c = 0;
     for (; c + 4 <= a.C; c += 4) {
