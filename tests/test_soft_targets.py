@@ -36,7 +36,10 @@ SHAPES = {
     "rows-tail": (9, 45),
     "rows": (70, 300),
     "rows-wide": (4, 1000),
-    "rows-block": (9, 4100),  # a block per row on CUDA; 9 rows walk past the emulation's 4-block grid
+    # a block per row on CUDA; 9 rows walk past the emulation's 4-block grid and take the block-per-row
+    # backward there (fewer than 4 rows, or fewer than 264 on a GPU, the flat one)
+    "rows-block": (9, 4100),
+    "rows-block-few": (3, 4100),
     "kdim": (4, 5, 3, 7),
     "kdim-wide": (2, 40, 21),
     # on CUDA the pixel grid (40 pixels: 64-thread blocks); 5 images walk past the emulation's 3 grid rows

@@ -628,9 +628,9 @@ __global__ void ce_finalize_kernel(const CePartialSums* partials, int64_t count,
 // loss = s (B log_s - D), B = sum_c W_c q'_c, D = sum_c W_c q'_c (x_c - m), q' = keep q + spread;
 // gradient g s (B p_c - W_c q'_c) (see csrc/cpu/ce_prob.h). Rows of P == 1 inputs up to 4096
 // classes go a group of lanes per row in both passes (ce_prob_*_rows_kernel), wider rows a block
-// per row in the forward and flat over the elements in the backward; K-dim pixels a thread per
-// pixel in both passes, on the (pixel blocks, images) grid of the index-target kernels where an
-// image has a warp's worth of pixels (ce_prob_*_pixels_kernel), else flat over the rows.
+// per row in both (a flat backward over the elements when the rows are few); K-dim pixels a
+// thread per pixel in both passes, on the (pixel blocks, images) grid of the index-target kernels
+// where an image has a warp's worth of pixels (ce_prob_*_pixels_kernel), else flat over the rows.
 
 template <typename scalar_t>
 struct CeProbKernelArgs {
@@ -811,8 +811,9 @@ __device__ __forceinline__ CeProbRowGrad<acc_t_of<scalar_t>> ce_prob_row_grad(co
   return {g, a.stats[row], a.stats[2 * a.rows + row] * exp_acc(-a.stats[a.rows + row])};
 }
 
-// The backward of the same rows, mapped alike: the row's statistics loaded once, one exponential
-// an element, no division.
+// The backward of the same rows, mapped alike (and of wider rows with a.group = blockDim, a block
+// a row: it needs no shuffles): the row's statistics loaded once, one exponential an element, no
+// division.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kRowsBlock) ce_prob_backward_rows_kernel(CeProbKernelArgs<scalar_t> a) {
   using acc_t = acc_t_of<scalar_t>;

@@ -476,11 +476,15 @@ inline PixelGrid ce_prob_pixel_grid(int64_t N, int64_t P) {
 }
 
 // The block-per-row forward's fixed grid (rows a grid apart beyond it: the same partials on any
-// GPU). The emulation's is 4 blocks, so that small test shapes walk past it.
+// GPU). Wider rows take the rows backward too, a block of kRowsBlock lanes per row, where there
+// are rows enough for the GPU (kSplitTargetBlocks), else the flat backward. The emulation's grid
+// is 4 blocks and its row minimum 4, so that small test shapes reach every path.
 #if defined(FWL_EMULATE_CUDA)
 constexpr int64_t kMaxProbBlocks = 4;
+constexpr int64_t kProbRowBlocksMinRows = 4;
 #else
 constexpr int64_t kMaxProbBlocks = 16384;
+constexpr int64_t kProbRowBlocksMinRows = kSplitTargetBlocks;
 #endif
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward(
@@ -606,8 +610,9 @@ inline at::Tensor cross_entropy_prob_backward(const at::Tensor& grad_loss, const
     a.reduction = static_cast<int>(reduction);
     a.grad_x = grad_input.data_ptr<scalar_t>();
     const PixelGrid pg = s.P > 1 ? ce_prob_pixel_grid(s.N, s.P) : PixelGrid{};
-    if (s.P == 1 && s.C <= kProbRowsMaxClasses) {
-      a.group = ce_prob_group(s.C);
+    if (s.P == 1 && (s.C <= kProbRowsMaxClasses || rows >= kProbRowBlocksMinRows)) {
+      // a group of lanes per row, a whole block for wide rows (the backward needs no shuffles)
+      a.group = s.C <= kProbRowsMaxClasses ? ce_prob_group(s.C) : kRowsBlock;
       launch_kernel(ce_prob_backward_rows_kernel<scalar_t>, grid_of(ceil_div(rows, kRowsBlock / a.group)),
                     dim3(kRowsBlock), 0, stream, a);
     } else if (pg.threads > 0) {
