@@ -146,6 +146,21 @@ def test_kdim_pixel_grid_at_full_size(dtype, offset):
         assert_close(got[1].double(), want[1], dtype, "gradient")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_wide_soft_target_rows_take_a_block_per_row(dtype):
+    """Probability targets over 4100 classes with rows enough (264 or more) for the block-per-row
+    backward on a GPU (the emulation takes it from 4 rows), against the float64 reference."""
+    requires_real_gpu()
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    x = (torch.randn(300, 4100, generator=gen, device="cuda") * 3).to(dtype)
+    q = torch.softmax(torch.randn(300, 4100, generator=gen, device="cuda") * 2, -1).to(dtype)
+    kw = {"label_smoothing": 0.1, "reduction": "none"}
+    got = value_and_grad(fused_wloss.cross_entropy, Sample("gpu", (x, q), kw, False))
+    want = value_and_grad(reference.cross_entropy, Sample("ref", (x.double(), q.double()), kw, False))
+    assert_close(got[0].double(), want[0], dtype, "value")
+    assert_close(got[1].double(), want[1], dtype, "gradient")
+
+
 def test_kdim_images_past_the_grid_rows():
     """More images than a grid has rows of blocks (65535): the pixel grid walks the rest."""
     requires_real_gpu()
