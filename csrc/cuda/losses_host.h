@@ -96,6 +96,25 @@ inline int ce_slices(int64_t units, int64_t C, int64_t min_classes) {
   return static_cast<int>(std::max<int64_t>(1, std::min(want, C / min_classes)));
 }
 
+// The (pixel blocks, images) grid of N images of `tiles` threads each (a pixel, or a vector of
+// pixels, a thread): blocks of 32 to kRowsBlock threads, rows of blocks walking the images; where
+// an image has fewer than a warp's worth of threads, threads == 0 (flat over the rows instead).
+struct PixelGrid {
+  int threads = 0;
+  int64_t blocks = 0, rows = 0;
+};
+
+inline PixelGrid pixel_grid(int64_t N, int64_t tiles) {
+  PixelGrid g;
+  if (tiles < kWarpSize) return g;
+  int64_t t = kWarpSize;
+  while (t < tiles && t < kRowsBlock) t *= 2;
+  g.threads = static_cast<int>(t);
+  g.blocks = ceil_div(tiles, t);
+  g.rows = std::min(N, kMaxGridRows);
+  return g;
+}
+
 // `aligned`: the logits (and, for the backward, the gradient) start at a 16-byte boundary.
 inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes, bool aligned) {
   CeLaunch l{};
@@ -105,14 +124,12 @@ inline CeLaunch ce_launch(int64_t rows, int64_t C, int64_t P, int64_t elem_bytes
     l.slices = ce_slices(l.blocks, C, kMinPixelSliceClasses);
     const bool vectors = aligned && P % per_vec == 0 && P / per_vec >= kWarpSize && rows / per_vec >= kPixelVectorMinThreads;
     const int64_t pixels = vectors ? per_vec : 1;
-    const int64_t tiles = P / pixels;  // threads an image needs
-    if (l.slices == 1 && tiles >= kWarpSize) {  // the (pixel blocks, images) grid
-      int64_t threads = kWarpSize;
-      while (threads < tiles && threads < kRowsBlock) threads *= 2;
+    const PixelGrid g = pixel_grid(rows / P, P / pixels);
+    if (l.slices == 1 && g.threads > 0) {  // the (pixel blocks, images) grid
       l.pixels = static_cast<int>(pixels);
-      l.threads = static_cast<int>(threads);
-      l.blocks = ceil_div(tiles, threads);
-      l.grid_y = std::min(rows / P, kMaxGridRows);
+      l.threads = g.threads;
+      l.blocks = g.blocks;
+      l.grid_y = g.rows;
     } else {  // flat over the rows, a division per row
       l.blocks *= l.slices;
     }
@@ -451,29 +468,10 @@ inline int ce_prob_threads(int64_t C) {
 }
 
 // Rows (P == 1) of at most this many classes go the grouped rows kernels (a group of lanes per
-// row, about eight classes a lane up to a warp), wider rows a block per row (forward) and the
-// flat kernel (backward).
+// row, about eight classes a lane up to a warp); wider rows a block per row (see below).
 constexpr int64_t kProbRowsMaxClasses = 4096;
 
 inline int ce_prob_group(int64_t C) { return static_cast<int>(threads_per_row(C, 8, 1, kWarpSize)); }
-
-// The (pixel blocks, images) grid of the K-dim soft-target kernels, a thread per pixel, where an
-// image has at least a warp's worth of pixels (else threads == 0: flat over the rows).
-struct PixelGrid {
-  int threads = 0;
-  int64_t blocks = 0, rows = 0;
-};
-
-inline PixelGrid ce_prob_pixel_grid(int64_t N, int64_t P) {
-  PixelGrid g;
-  if (P < kWarpSize) return g;
-  int64_t t = kWarpSize;
-  while (t < P && t < kRowsBlock) t *= 2;
-  g.threads = static_cast<int>(t);
-  g.blocks = ceil_div(P, t);
-  g.rows = std::min(N, kMaxGridRows);
-  return g;
-}
 
 // The block-per-row forward's fixed grid (rows a grid apart beyond it: the same partials on any
 // GPU). Wider rows take the rows backward too, a block of kRowsBlock lanes per row, where there
@@ -532,7 +530,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_
   const bool grouped = s.P == 1 && s.C <= kProbRowsMaxClasses;
   const bool block_per_row = s.P == 1 && !grouped;
   const int group = ce_prob_group(s.C);
-  const PixelGrid pg = s.P > 1 ? ce_prob_pixel_grid(s.N, s.P) : PixelGrid{};
+  const PixelGrid pg = s.P > 1 ? pixel_grid(s.N, s.P) : PixelGrid{};
   const int threads = block_per_row ? ce_prob_threads(s.C) : pg.threads > 0 ? pg.threads : kRowsBlock;
   // grouped rows kRowsBlock / group a block; a block per row up to a fixed grid; K-dim a thread per
   // pixel, on the pixel grid or flat
@@ -609,7 +607,7 @@ inline at::Tensor cross_entropy_prob_backward(const at::Tensor& grad_loss, const
     a.norm = ptr_or_null<acc_t>(n);
     a.reduction = static_cast<int>(reduction);
     a.grad_x = grad_input.data_ptr<scalar_t>();
-    const PixelGrid pg = s.P > 1 ? ce_prob_pixel_grid(s.N, s.P) : PixelGrid{};
+    const PixelGrid pg = s.P > 1 ? pixel_grid(s.N, s.P) : PixelGrid{};
     if (s.P == 1 && (s.C <= kProbRowsMaxClasses || rows >= kProbRowBlocksMinRows)) {
       // a group of lanes per row, a whole block for wide rows (the backward needs no shuffles)
       a.group = s.C <= kProbRowsMaxClasses ? ce_prob_group(s.C) : kRowsBlock;
