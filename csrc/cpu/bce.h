@@ -107,8 +107,12 @@ struct Bce {
   // fit of (atanh(s) / s - 1) / z (relative error 4e-9), no log call and no cancellation as e -> 0;
   // 2 ulp at worst. float64 keeps log(u) * e / (u - 1), u = 1 + e (exact where u rounds to 1).
   static Vec exp_neg_abs(const Vec& v) {
-    const Vec zero(acc_t(0));
-    return exp_shifted(zero - v.abs(), zero);
+    const Vec neg_abs = v | Vec(acc_t(-0.0));  // -|x|: the sign bit set
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return exp2_nonpositive(neg_abs * Vec(static_cast<acc_t>(kLog2e)));
+    } else {
+      return neg_abs.exp();
+    }
   }
 
   static Vec log1p_exp_neg_abs(const Vec& v) { return log1p_of(exp_neg_abs(v)); }
@@ -141,21 +145,21 @@ struct Bce {
   // torch's NaN and +inf there: a lane test that a finite batch never takes.
   static Vec plain_loss(const Vec& vx, const Vec& l, const Vec& nt, const Vec& pt) {
     const Vec zero(acc_t(0));
-    const Vec slope = Vec::blendv(zero - pt, nt, vx >= zero);
+    const Vec slope = select_nonneg(vx, nt, zero - pt);
     const Vec loss = at::vec::fmadd(nt + pt, l, slope * vx);
+    if (C10_LIKELY(!any_neg_inf(vx))) return loss;
     const Vec neg_inf = vx == Vec(-std::numeric_limits<acc_t>::infinity());
-    if (C10_LIKELY(!any_lane(neg_inf))) return loss;
     const Vec sp_neg = at::vec::maximum(zero - vx, zero) + l;
     return Vec::blendv(loss, at::vec::fmadd(nt + pt, sp_neg, nt * vx), neg_inf);
   }
 
   // sigmoid(x) and sigmoid(-x) from e = exp(-|x|), exact in both tails
   static void sigmoids(const Vec& vx, const Vec& e, Vec* sig, Vec* sig_neg) {
-    const Vec one(acc_t(1)), zero(acc_t(0));
+    const Vec one(acc_t(1));
     const Vec inv = reciprocal(one + e);
-    const Vec nonneg = vx >= zero;  // all-ones lanes where x >= 0
-    *sig = Vec::blendv(e * inv, inv, nonneg);
-    *sig_neg = Vec::blendv(inv, e * inv, nonneg);
+    const Vec e_inv = e * inv;
+    *sig = select_nonneg(vx, inv, e_inv);
+    *sig_neg = select_nonneg(vx, e_inv, inv);
   }
 
   // The sigmoid focal loss (bce_focal_loss in fused_wloss_math.h): gamma != 0 or alpha >= 0.

@@ -262,6 +262,38 @@ inline bool any_lane(const V& mask) {
   return mask.zero_mask() != (1 << V::size()) - 1;
 }
 
+// Element selection on the sign of x, for the hot BCE loops. at::vec's AVX-512 comparisons return a
+// vector (a mask widened to all-ones lanes) that blendv then compares back into a mask: two extra
+// instructions a blend, and three for a lane test. These use the comparison's mask as it comes;
+// other instruction sets go through blendv. The results are the same bits either way.
+
+// Lanes of `a` where x >= 0, of `b` elsewhere (x NaN included).
+template <typename V>
+C10_ALWAYS_INLINE V select_nonneg(const V& x, const V& a, const V& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
+  } else if constexpr (std::is_same_v<V, Vectorized<double>>) {
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(x, _mm512_setzero_pd(), _CMP_GE_OQ), b, a);
+  }
+#endif
+  return V::blendv(b, a, x >= V(0));
+}
+
+// Whether any lane of x is -inf.
+template <typename V>
+C10_ALWAYS_INLINE bool any_neg_inf(const V& x) {
+  using T = typename V::value_type;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) {
+    return _mm512_cmp_ps_mask(x, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ) != 0;
+  } else if constexpr (std::is_same_v<V, Vectorized<double>>) {
+    return _mm512_cmp_pd_mask(x, _mm512_set1_pd(-std::numeric_limits<double>::infinity()), _CMP_EQ_OQ) != 0;
+  }
+#endif
+  return any_lane(x == V(-std::numeric_limits<T>::infinity()));
+}
+
 // The n < V elements from p on, as acc_t, with `fill` in the other lanes: one masked load for
 // float32 on AVX-512 (no fault past the end: masked lanes are not read).
 template <typename T, typename V>
