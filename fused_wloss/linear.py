@@ -9,8 +9,8 @@ chunk of rows at a time:
    counts, the dynamic class weights and the normaliser of ``"mean"``/``"sample_mean"`` (the same
    code as :func:`fused_wloss.cross_entropy`'s ``return_stats``; with ``BatchWeighting(sync=True)``
    summed over the process group). No pass over the logits, no host synchronisation.
-2. Per chunk of rows (by default as many as keep the chunk's logits within 8 MiB, at least 64 while
-   that stays within 32 MiB: see chunk_rows), the logits come from one matmul (BLAS or cuBLAS
+2. Per chunk of rows (by default a power of two: as many as keep the chunk's logits within 8 MiB,
+   at least 64 while that stays within 32 MiB: see chunk_rows), the logits come from one matmul (BLAS or cuBLAS
    through ATen), the cross-entropy kernels give the chunk's loss and, when a gradient is wanted,
    the gradient of the logits, written over the logits themselves (``cross_entropy_grad_``: no
    second chunk-sized buffer), which is multiplied straight back into the gradients of the input,
@@ -46,7 +46,8 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "LinearCrossEntropyLoss", "MAX_CHUNK_BYTES", "
 
 # Rows per chunk, by default: as many as keep the chunk's logits within DEFAULT_CHUNK_BYTES (peak
 # memory near torch's chunked path), but at least MIN_CHUNK_ROWS while the chunk stays within
-# MAX_CHUNK_BYTES. Each chunk's weight gradient is a rank-(rows) update that reads and writes all
+# MAX_CHUNK_BYTES, rounded down to a power of two (torch's chunked path also cuts powers of two: at
+# (4096, 256, 32000) both take 64 rows, where 8 MiB alone would be 65 and 0.1 MiB more). Each chunk's weight gradient is a rank-(rows) update that reads and writes all
 # C x H of it, so thin chunks of a large head are bound by that traffic: at (2048, 1024, 128256)
 # float32 here, 16-row chunks (8 MiB) took 19.4 s a forward+backward, 65 rows (32 MiB) 11.9 s,
 # 256 rows 8.8 s. At (4096, 256, 32000) 8 MiB is already 65 rows (4 and 32 MiB were within 7%).
@@ -170,12 +171,12 @@ def _as_int_or_none(value, name: str):
 def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size: Optional[int] = None) -> int:
     """Rows per chunk: ``chunk_size`` when given, else as many as keep one chunk's logits within
     :data:`DEFAULT_CHUNK_BYTES`, raised to :data:`MIN_CHUNK_ROWS` where that stays within
-    :data:`MAX_CHUNK_BYTES` (at least one row, at most ``num_rows``)."""
+    :data:`MAX_CHUNK_BYTES`, rounded down to a power of two (at least one row, at most ``num_rows``)."""
     if chunk_size is not None:
         return max(1, min(chunk_size, max(num_rows, 1)))
     row_bytes = max(1, num_classes * torch.empty((), dtype=dtype).element_size())
-    rows = max(DEFAULT_CHUNK_BYTES // row_bytes, min(MIN_CHUNK_ROWS, MAX_CHUNK_BYTES // row_bytes))
-    return max(1, min(max(num_rows, 1), rows))
+    rows = max(1, DEFAULT_CHUNK_BYTES // row_bytes, min(MIN_CHUNK_ROWS, MAX_CHUNK_BYTES // row_bytes))
+    return min(max(num_rows, 1), 1 << (rows.bit_length() - 1))
 
 
 # ---- the operators --------------------------------------------------------------------------------
@@ -521,7 +522,8 @@ def linear_cross_entropy(
             focal loss, and ``(loss, CrossEntropyStats)`` as the result.
         chunk_size: rows per chunk of the fused path; default: as many as keep one chunk's logits
             within 8 MiB (:data:`DEFAULT_CHUNK_BYTES`), and at least 64 rows where that keeps them
-            within 32 MiB (large heads: each chunk updates the whole weight gradient).
+            within 32 MiB (large heads: each chunk updates the whole weight gradient), rounded
+            down to a power of two.
 
     The fused path (class-index targets, a 2-D ``linear_weight``, a device the kernels serve) never
     holds more than one chunk of logits and its gradient; see the module docstring for how. Under
@@ -609,7 +611,9 @@ def _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_
             sums, world = distributed.all_reduce_sum(sums, weighting.process_group)
         counts, class_weight, norm = functional._ce_weights_and_norm(
             sums, num_classes, weight, weighting, reduction, False, sw is not None, acc)
-        stats = CrossEntropyStats(counts, class_weight.detach(), norm.detach())
+        if return_stats:
+            stats = CrossEntropyStats(counts, class_weight.detach(), norm.detach())
+        del sums, counts  # C-long: not held through the chunks (peak memory)
     else:
         class_weight = None if weight is None else weight.to(acc)
         norm = torch.ones((), dtype=acc, device=x.device)

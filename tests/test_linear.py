@@ -533,9 +533,10 @@ def test_half_weight_gradient_in_class_blocks(fused_only, path, monkeypatch):
 
 
 def test_default_chunk_rows():
-    """8 MiB of logits, at least 64 rows while a chunk stays within 32 MiB, within [1, N]."""
-    assert linear.chunk_rows(16384, 1000, torch.float32) == (8 << 20) // 4000
-    assert linear.chunk_rows(4096, 32000, torch.float32) == (8 << 20) // 128000  # 65 rows
+    """8 MiB of logits, at least 64 rows while a chunk stays within 32 MiB, a power of two, within [1, N]."""
+    assert linear.chunk_rows(16384, 1000, torch.float32) == 2048  # 8 MiB is 2097 rows
+    assert linear.chunk_rows(4096, 32000, torch.float32) == 64  # 8 MiB is 65 rows
+    assert linear.chunk_rows(4096, 32000, torch.bfloat16) == 128  # 131
     assert linear.chunk_rows(2048, 128256, torch.float32) == 64  # 8 MiB would be 16 rows
     assert linear.chunk_rows(2048, 1 << 20, torch.float32) == 8  # 64 rows would pass 32 MiB
     assert linear.chunk_rows(10, 1000, torch.float32) == 10

@@ -215,12 +215,17 @@ void empty_cpu_cache() { OutputCache::get().clear(); }
 
 namespace {
 
+// The float64 sum of a vector, first to last; a contiguous float or double one is read in place (the
+// linear head calls this once per chunk of rows, with C-long class weights: no float64 copy each).
 double sum_in_order(const at::Tensor& t, int64_t fallback) {
   if (!t.defined()) return static_cast<double>(fallback);
-  const at::Tensor d = t.to(at::kDouble);
-  const double* p = d.data_ptr<double>();
+  const bool direct = t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+  const at::Tensor d = direct ? t : t.contiguous().to(at::kDouble);
   double s = 0;
-  for (int64_t i = 0; i < d.numel(); ++i) s += p[i];
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "sum_in_order", [&] {
+    const scalar_t* p = d.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < d.numel(); ++i) s += static_cast<double>(p[i]);
+  });
   return s;
 }
 
