@@ -105,8 +105,7 @@ at::Tensor ce_class_weights(const at::Tensor& target, const c10::optional<at::Te
     for (int64_t c = 0; c < C; ++c) {
       int64_t n = 0;
       for (int i = 0; i < nthreads; ++i) n += hist[static_cast<size_t>(i) * C + c];
-      w[c] *= scheme_weight<scalar_t>(scheme, static_cast<scalar_t>(n),
-                                      static_cast<scalar_t>(smoothing), static_cast<scalar_t>(beta));
+      w[c] *= static_cast<scalar_t>(scheme_weight(scheme, static_cast<double>(n), smoothing, beta));
     }
   });
   return class_w;
@@ -609,12 +608,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward_cpu(
       scalar_t* nw = neg_dyn.data_ptr<scalar_t>();
       scalar_t* pw = pos_dyn.data_ptr<scalar_t>();
       for (int64_t l = 0; l < s.L; ++l) {
-        pw[l] = scheme_weight<scalar_t>(scheme, static_cast<scalar_t>(npos[l]),
-                                        static_cast<scalar_t>(smoothing), static_cast<scalar_t>(beta));
-        nw[l] = balanced ? scheme_weight<scalar_t>(scheme, static_cast<scalar_t>(nneg[l]),
-                                                   static_cast<scalar_t>(smoothing),
-                                                   static_cast<scalar_t>(beta))
-                         : pw[l];
+        pw[l] = static_cast<scalar_t>(scheme_weight(scheme, npos[l], smoothing, beta));
+        nw[l] = balanced ? static_cast<scalar_t>(scheme_weight(scheme, nneg[l], smoothing, beta)) : pw[l];
       }
     });
   }

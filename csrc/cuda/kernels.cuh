@@ -583,12 +583,12 @@ __global__ void class_count_kernel(const void* target, bool target_int32, int64_
 // without being read), and *sum_w = sum_c class_w[c], reduced in a fixed order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kClassWeightThreads) class_weight_kernel(const unsigned long long* counts, int64_t C, int scheme,
-                                    acc_t smoothing, acc_t beta, bool has_static, acc_t* class_w, acc_t* sum_w) {
+                                    double smoothing, double beta, bool has_static, acc_t* class_w, acc_t* sum_w) {
   FWL_SHARED(acc_t, scratch, kWarpSize);
   acc_t local = 0;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     acc_t w = has_static ? class_w[c] : acc_t(1);
-    if (counts != nullptr) w *= scheme_weight<acc_t>(scheme, static_cast<acc_t>(counts[c]), smoothing, beta);
+    if (counts != nullptr) w *= static_cast<acc_t>(scheme_weight(scheme, static_cast<double>(counts[c]), smoothing, beta));
     if (counts != nullptr || !has_static) class_w[c] = w;
     local += w;
   }
@@ -1182,7 +1182,7 @@ __global__ void __launch_bounds__(kBceLabelSumThreads) bce_label_sum_kernel(cons
 // positive part and (balanced) of its negative part.
 template <typename acc_t>
 __global__ void bce_label_weight_kernel(const double* part, int64_t segments, int64_t rows, int64_t L,
-                                        int64_t per, int scheme, acc_t smoothing, acc_t beta, bool balanced,
+                                        int64_t per, int scheme, double smoothing, double beta, bool balanced,
                                         acc_t* neg_w, acc_t* pos_w) {
   const int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (l >= L) return;
@@ -1193,9 +1193,9 @@ __global__ void bce_label_weight_kernel(const double* part, int64_t segments, in
     npos += part[s * L + l];
     nneg += in_segment - part[s * L + l];
   }
-  const acc_t pw = scheme_weight<acc_t>(scheme, static_cast<acc_t>(npos), smoothing, beta);
+  const acc_t pw = static_cast<acc_t>(scheme_weight(scheme, npos, smoothing, beta));
   pos_w[l] = pw;
-  neg_w[l] = balanced ? scheme_weight<acc_t>(scheme, static_cast<acc_t>(nneg), smoothing, beta) : pw;
+  neg_w[l] = balanced ? static_cast<acc_t>(scheme_weight(scheme, nneg, smoothing, beta)) : pw;
 }
 
 }  // namespace cuda

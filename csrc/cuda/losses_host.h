@@ -260,7 +260,7 @@ inline std::pair<at::Tensor, at::Tensor> ce_class_weights(const at::Tensor& targ
       launch_kernel(class_weight_kernel<scalar_t>, dim3(1), dim3(kClassWeightThreads), 0, stream,
                     counts.defined() ? reinterpret_cast<const unsigned long long*>(counts.data_ptr<int64_t>())
                                      : nullptr,
-                    C, static_cast<int>(scheme), static_cast<scalar_t>(smoothing), static_cast<scalar_t>(beta),
+                    C, static_cast<int>(scheme), smoothing, beta,
                     has_weight, class_w.data_ptr<scalar_t>(), sum_w.data_ptr<scalar_t>());
     });
   }
@@ -379,7 +379,7 @@ inline void ce_backward_into(const at::Tensor& grad_input, const at::Tensor& gra
     sum_w = at::empty({}, x.options().dtype(acc));
     AT_DISPATCH_FLOATING_TYPES(acc, "fused_wloss_class_weight_sum", [&] {
       launch_kernel(class_weight_kernel<scalar_t>, dim3(1), dim3(kClassWeightThreads), 0, stream,
-                    static_cast<const unsigned long long*>(nullptr), s.C, 0, scalar_t(1), scalar_t(0), true,
+                    static_cast<const unsigned long long*>(nullptr), s.C, 0, 1.0, 0.0, true,
                     const_cast<scalar_t*>(class_w.data_ptr<scalar_t>()), sum_w.data_ptr<scalar_t>());
     });
   }
@@ -687,7 +687,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_forward(
       AT_DISPATCH_FLOATING_TYPES(acc, "fused_wloss_bce_label_weights", [&] {
         launch_kernel(bce_label_weight_kernel<scalar_t>, grid_of(ceil_div(s.L, 256)), dim3(256), 0, stream,
                       static_cast<const double*>(part.data_ptr<double>()), segments, s.rows, s.L, per,
-                      static_cast<int>(scheme), static_cast<scalar_t>(smoothing), static_cast<scalar_t>(beta),
+                      static_cast<int>(scheme), smoothing, beta,
                       balanced, neg_dyn.data_ptr<scalar_t>(), pos_dyn.data_ptr<scalar_t>());
       });
     }
