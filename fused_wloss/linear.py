@@ -10,8 +10,8 @@ chunk of rows at a time:
    code as :func:`fused_wloss.cross_entropy`'s ``return_stats``; with ``BatchWeighting(sync=True)``
    summed over the process group). No pass over the logits, no host synchronisation.
 2. Per chunk of rows (by default a power of two: as many as keep the chunk's logits within 8 MiB,
-   at least 64 while that stays within 32 MiB: see chunk_rows), the logits come from one matmul (BLAS or cuBLAS
-   through ATen), the cross-entropy kernels give the chunk's loss and, when a gradient is wanted,
+   at least 64 while that stays within 32 MiB: see chunk_rows), the logits come from one matmul
+   (BLAS or cuBLAS through ATen), the cross-entropy kernels give the chunk's loss and, when a gradient is wanted,
    the gradient of the logits, written over the logits themselves (``cross_entropy_grad_``: no
    second chunk-sized buffer), which is multiplied straight back into the gradients of the input,
    the linear weight and the bias.
@@ -47,10 +47,11 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "LinearCrossEntropyLoss", "MAX_CHUNK_BYTES", "
 # Rows per chunk, by default: as many as keep the chunk's logits within DEFAULT_CHUNK_BYTES (peak
 # memory near torch's chunked path), but at least MIN_CHUNK_ROWS while the chunk stays within
 # MAX_CHUNK_BYTES, rounded down to a power of two (torch's chunked path also cuts powers of two: at
-# (4096, 256, 32000) both take 64 rows, where 8 MiB alone would be 65 and 0.1 MiB more). Each chunk's weight gradient is a rank-(rows) update that reads and writes all
-# C x H of it, so thin chunks of a large head are bound by that traffic: at (2048, 1024, 128256)
-# float32 here, 16-row chunks (8 MiB) took 19.4 s a forward+backward, 65 rows (32 MiB) 11.9 s,
-# 256 rows 8.8 s. At (4096, 256, 32000) 8 MiB is already 65 rows (4 and 32 MiB were within 7%).
+# (4096, 256, 32000) both take 64 rows, where 8 MiB alone would be 65 and 0.1 MiB more). Each
+# chunk's weight gradient is a rank-(rows) update that reads and writes all C x H of it, so thin
+# chunks of a large head are bound by that traffic: at (2048, 1024, 128256) float32 here, 16-row
+# chunks (8 MiB) took 19.4 s a forward+backward, 65 rows (32 MiB) 11.9 s, 256 rows 8.8 s. At
+# (4096, 256, 32000) 8 MiB is already 64 rows (4 and 32 MiB were within 7%).
 DEFAULT_CHUNK_BYTES = 8 << 20
 MAX_CHUNK_BYTES = 32 << 20
 MIN_CHUNK_ROWS = 64
