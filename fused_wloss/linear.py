@@ -20,6 +20,12 @@ chunk of rows at a time:
    float32 and in place (so it runs once). For ``reduction="none"`` the backward needs a gradient
    per row, and float16 gradients formed before a GradScaler's scale is known would underflow: both
    recompute each chunk's logits in the backward from the saved per-row log-sum-exp instead.
+4. Heads so wide that 64 whole rows would pass 8 MiB (float32 language-model vocabularies of 128k)
+   cut the classes too (plan_blocks): thin chunks of rows make every matmul stream the whole
+   weight for a few rows, at half the speed of square ones. Blocks of up to 2048 rows by a tile
+   of classes take two passes: the forward forms each row's log-sum-exp over the tiles, the
+   backward recomputes each tile's logits and turns them into their gradient in place (four
+   square matmuls a block where rows take three thin ones; see "class tiles" below).
 
 Both steps are registered operators (``fused_wloss::linear_cross_entropy_forward`` /
 ``_backward``) with fake kernels and autograd formulas, so ``torch.compile(fullgraph=True)`` traces
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +47,8 @@ from . import _autocast, _checks, distributed, functional
 from ._backend import use_extension
 from ._weighting import CrossEntropyStats
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "LinearCrossEntropyLoss", "MAX_CHUNK_BYTES", "MIN_CHUNK_ROWS", "chunk_rows",
-           "linear_cross_entropy"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "LinearCrossEntropyLoss", "MAX_CHUNK_BYTES", "MIN_CHUNK_ROWS", "TILE_MIN_ROWS",
+           "TILE_ROWS", "chunk_rows", "linear_cross_entropy", "plan_blocks"]
 
 # Rows per chunk, by default: as many as keep the chunk's logits within DEFAULT_CHUNK_BYTES (peak
 # memory near torch's chunked path), but at least MIN_CHUNK_ROWS while the chunk stays within
@@ -55,6 +61,14 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "LinearCrossEntropyLoss", "MAX_CHUNK_BYTES", "
 DEFAULT_CHUNK_BYTES = 8 << 20
 MAX_CHUNK_BYTES = 32 << 20
 MIN_CHUNK_ROWS = 64
+# Heads wider than that (float32: more than 32768 classes) cut the classes as well (plan_blocks):
+# blocks of TILE_ROWS rows by as many classes as fit in DEFAULT_CHUNK_BYTES, a log-sum-exp pass
+# and a gradient pass over the class tiles. Four matmuls a block instead of three, but square
+# ones: at (2048, 1024, 128256) float32 here, 2048 x 1024 tiles (8 MiB) took 10.1 s against 11.4 s
+# for 64-row chunks (31 MiB) and 13.3 s for 32-row chunks (16 MiB). At (4096, 256, 32000), whose
+# 64 whole rows fit in 8 MiB, tiles were 10% slower than rows, so that head keeps rows.
+TILE_ROWS = 2048
+TILE_MIN_ROWS = 256
 
 _LOSS = "linear_cross_entropy"
 
@@ -155,11 +169,21 @@ def _check_args(input, linear_weight, linear_bias, target, weight, sample_weight
         0.0 <= label_smoothing <= 1.0
     ):
         raise ValueError(f"{_LOSS}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"{_LOSS}: chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     return num_classes, prob_target
+
+
+def _check_chunk_size(chunk_size) -> None:
+    def positive(v):
+        return not isinstance(v, bool) and isinstance(v, int) and v >= 1
+
+    if chunk_size is None or positive(chunk_size):
+        return
+    if isinstance(chunk_size, tuple) and len(chunk_size) == 2 and all(positive(v) for v in chunk_size):
+        return
+    raise ValueError(
+        f"{_LOSS}: chunk_size must be a positive int (rows per chunk), a pair of positive ints "
+        f"(rows, classes) per block, or None, got {chunk_size!r}")
 
 
 def _as_int_or_none(value, name: str):
@@ -167,6 +191,13 @@ def _as_int_or_none(value, name: str):
     if value is None or isinstance(value, bool) or not isinstance(value, numbers.Integral):
         return value
     return int(value)
+
+
+def _as_chunk_size(value):
+    """chunk_size with NumPy's ints as ints, and a (rows, classes) list as a tuple."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_as_int_or_none(v, "chunk_size") for v in value)
+    return _as_int_or_none(value, "chunk_size")
 
 
 def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size: Optional[int] = None) -> int:
@@ -178,6 +209,34 @@ def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size: 
     row_bytes = max(1, num_classes * torch.empty((), dtype=dtype).element_size())
     rows = max(1, DEFAULT_CHUNK_BYTES // row_bytes, min(MIN_CHUNK_ROWS, MAX_CHUNK_BYTES // row_bytes))
     return min(max(num_rows, 1), 1 << (rows.bit_length() - 1))
+
+
+def plan_blocks(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size=None) -> Tuple[int, int]:
+    """The blocks of logits the fused path forms: ``(rows, classes)``, where ``classes`` is 0 for
+    whole rows (one pass, :func:`chunk_rows`) and otherwise the class tile of the two-pass path.
+
+    ``chunk_size`` as given to :func:`linear_cross_entropy`: an int is rows of whole rows, a pair
+    is (rows, classes). By default, float32 and float64 heads too wide for :data:`MIN_CHUNK_ROWS`
+    whole rows in :data:`DEFAULT_CHUNK_BYTES` take class tiles when there are more than
+    :data:`TILE_MIN_ROWS` rows: blocks of up to :data:`TILE_ROWS` rows and as many classes as fit
+    in :data:`DEFAULT_CHUNK_BYTES`. Half precision always takes whole rows (a pair's rows): its
+    tiles would need float32 copies for the softmax and float32 sums of the gradients."""
+    tiles_ok = dtype in (torch.float32, torch.float64)
+    if isinstance(chunk_size, tuple):
+        rows, classes = chunk_size
+        rows = max(1, min(rows, max(num_rows, 1)))
+        return rows, (0 if classes >= num_classes or not tiles_ok else classes)
+    elem = torch.empty((), dtype=dtype).element_size()
+    if (
+        chunk_size is not None
+        or not tiles_ok
+        or num_rows <= TILE_MIN_ROWS
+        or MIN_CHUNK_ROWS * num_classes * elem <= DEFAULT_CHUNK_BYTES
+    ):
+        return chunk_rows(num_rows, num_classes, dtype, chunk_size), 0
+    rows = min(num_rows, TILE_ROWS)
+    classes = max(1, DEFAULT_CHUNK_BYTES // (rows * elem))
+    return rows, (0 if classes >= num_classes else classes)
 
 
 # ---- the operators --------------------------------------------------------------------------------
@@ -239,6 +298,17 @@ class _GradSink:
         return self.input, weight, bias
 
 
+def _tiled(chunk_classes: int, linear_weight: torch.Tensor) -> bool:
+    """Whether the operators take the class-tiled two-pass path (float32 and float64 only: the
+    softmax runs in place on the tile, in its dtype)."""
+    if not 0 < chunk_classes < linear_weight.shape[0]:
+        return False
+    torch._check(linear_weight.dtype in (torch.float32, torch.float64),
+                 lambda: f"fused_wloss: class tiles (chunk_classes={chunk_classes}) need float32 or float64 "
+                 f"input, got {linear_weight.dtype}")
+    return True
+
+
 def _recomputes(reduce: bool, dtype: torch.dtype) -> bool:
     """Whether the backward recomputes each chunk's logits instead of scaling gradients the
     forward formed: for reduction="none" (a gradient per row), and for float16, whose gradients
@@ -258,6 +328,171 @@ def _chunks(input, linear_weight, linear_bias, target, sample_weight, chunk_rows
             yield r0, r1, x, target[r0:r1], sw, _chunk_logits(x, linear_weight, linear_bias)
 
 
+# ---- class tiles: the two-pass path -------------------------------------------------------------
+#
+# A block of rows is cut into tiles of classes. The forward (pass 1) forms each row's log-sum-exp
+# online over the tiles, kept as (m, log s): the running maximum m and the log of the sum of
+# exp(logit - m), so that nll = (m - z_t) + log s loses nothing to a large m, as the kernels keep
+# theirs in two parts. It also picks up the target logit z_t from the tile that holds it and, for
+# label smoothing, sum_c W_c (z_c - m0) with m0 the first tile's maximum (no cancellation against
+# the log-sum-exp). The backward (pass 2) recomputes each tile's logits and writes their gradient
+# over them,
+#     A_i p_ic - B_i [c == t_i] - E_i W_c,
+# with the per-row coefficients of csrc/fused_wloss_math.h (ce_grad_coeffs, focal_ce_grad_factor)
+# and p_ic = exp(z_ic - m_i - log s_i); then multiplies it into the gradients of the input, the
+# linear weight (a tile's classes, once per block of rows) and the bias. Only float32 and float64
+# (plan_blocks): the loss math runs in the logits' dtype, in place on the tile.
+
+def _tile_ranges(num_classes: int, classes: int):
+    for c0 in range(0, num_classes, classes):
+        yield c0, min(num_classes, c0 + classes)
+
+
+def _target_in_tile(t, c0: int, c1: int):
+    """(column of the target within the tile, clamped; whether the tile holds it)."""
+    return (t - c0).clamp(0, c1 - c0 - 1), (t >= c0) & (t < c1)
+
+
+def _tiled_stats(input, linear_weight, linear_bias, target, class_weight, label_smoothing, rows, classes):
+    """Pass 1 over every block: per row (m, log s, z_t) as a (3, N) tensor, and for label
+    smoothing sum_c W_c (z_c - m0) with m0 (else None)."""
+    n, num_classes = input.shape[0], linear_weight.shape[0]
+    stats = input.new_empty((3, n))
+    smooth = None
+    if label_smoothing > 0.0:
+        smooth = input.new_empty((2, n))
+    with torch.autocast(input.device.type, enabled=False):
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            x, t = input[r0:r1], target[r0:r1]
+            m = torch.full((r1 - r0,), -math.inf, dtype=input.dtype, device=input.device)
+            s = torch.zeros_like(m)
+            z_t = torch.zeros_like(m)
+            q = m0 = None
+            for c0, c1 in _tile_ranges(num_classes, classes):
+                z = _chunk_logits(x, linear_weight[c0:c1], None if linear_bias is None else linear_bias[c0:c1])
+                col, hit = _target_in_tile(t, c0, c1)
+                z_t = torch.where(hit, z.gather(1, col[:, None]).squeeze(1), z_t)
+                top = z.amax(1)
+                shift = torch.where(top.isfinite(), top, 0.0)  # an all -inf or +inf row: no inf - inf
+                z.sub_(shift[:, None])
+                if smooth is not None:
+                    if m0 is None:
+                        m0, q = shift, torch.zeros_like(m)
+                    if class_weight is None:
+                        q += z.sum(1) + (c1 - c0) * (shift - m0)
+                    else:
+                        w_tile = class_weight[c0:c1]
+                        q += torch.mv(z, w_tile) + w_tile.sum() * (shift - m0)
+                z_sum = z.exp_().sum(1)
+                top = torch.maximum(m, shift)
+                s = s * torch.exp(m - top) + z_sum * torch.exp(shift - top)
+                m = top
+                del z
+            stats[0, r0:r1] = m
+            stats[1, r0:r1] = s.log()
+            stats[2, r0:r1] = z_t
+            if smooth is not None:
+                smooth[0, r0:r1] = q
+                smooth[1, r0:r1] = m0
+    return stats, smooth
+
+
+def _row_weights(target, class_weight, sample_weight, ignore_index, dtype):
+    """(valid, W[t_i] (or None), s_i v_i): the target's class weight and the row's weight."""
+    valid = target != ignore_index
+    w_t = None
+    if class_weight is not None:
+        w_t = class_weight[torch.where(valid, target, 0).clamp(0, max(class_weight.shape[0] - 1, 0))]
+    row = valid.to(dtype)
+    if sample_weight is not None:
+        row = row * sample_weight
+    return valid, w_t, row
+
+
+def _tiled_losses(stats, smooth, target, class_weight, sample_weight, ignore_index, label_smoothing, gamma,
+                  num_classes):
+    """The row losses from pass 1's statistics (fused_wloss.reference's formula, ignored rows 0)."""
+    m, log_s, z_t = stats
+    valid, w_t, row = _row_weights(target, class_weight, sample_weight, ignore_index, stats.dtype)
+    nll = (m - z_t) + log_s
+    if gamma > 0.0:
+        u = -torch.expm1(-nll)
+        nll = torch.where(u > 0, u.clamp(min=0) ** gamma, 0.0) * nll
+    loss = nll if w_t is None else w_t * nll
+    if label_smoothing > 0.0:
+        q, m0 = smooth
+        total_weight = num_classes if class_weight is None else class_weight.sum()
+        smoothed = total_weight * ((m - m0) + log_s) - q  # sum_c W_c (lse - z_c)
+        loss = (1.0 - label_smoothing) * loss + (label_smoothing / num_classes) * smoothed
+    return torch.where(valid, row * loss, 0.0)
+
+
+def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight, stats,
+                    ignore_index, label_smoothing, gamma, rows, classes, needs):
+    """Pass 2: the gradients of sum_i grad_loss_i loss_i with respect to input, linear weight and
+    bias (where ``needs`` asks), each tile's logits recomputed and turned into their gradient in place."""
+    n, num_classes = input.shape[0], linear_weight.shape[0]
+    want_x, want_w, want_b = needs[0], needs[1], needs[2] and linear_bias is not None
+    grad_x = torch.empty_like(input) if want_x else input.new_empty(0)
+    # (written by the first block of rows; none at all without rows)
+    grad_w = (torch.empty_like(linear_weight) if n else torch.zeros_like(linear_weight)) if want_w else input.new_empty(0)
+    grad_b = torch.zeros_like(linear_bias) if want_b else input.new_empty(0)
+    if not (want_x or want_w or want_b):
+        return grad_x, grad_w, grad_b
+    eps = label_smoothing
+    with torch.autocast(input.device.type, enabled=False):
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            x, t = input[r0:r1], target[r0:r1]
+            m, log_s, z_t = stats[:, r0:r1]
+            valid, w_t, row = _row_weights(t, class_weight, None if sample_weight is None else sample_weight[r0:r1],
+                                           ignore_index, input.dtype)
+            f = torch.where(valid, grad_loss[r0:r1] * row, 0.0)
+            if w_t is not None:
+                f = f * w_t
+            e = None
+            if gamma > 0.0:  # focal_ce_grad_factor
+                nll = (m - z_t) + log_s
+                u, p_t = -torch.expm1(-nll), torch.exp(-nll)
+                u_safe = torch.where(u > 0, u, 1.0)
+                factor = u_safe ** gamma + gamma * p_t * u_safe ** (gamma - 1.0) * torch.where(p_t > 0, nll, 0.0)
+                a = b = f * torch.where(u > 0, factor, 0.0)
+            elif eps > 0.0:
+                f_row = torch.where(valid, grad_loss[r0:r1] * row, 0.0)
+                total_weight = num_classes if class_weight is None else class_weight.sum()
+                b = (1.0 - eps) * f
+                a = b + (eps * total_weight / num_classes) * f_row
+                e = (eps / num_classes) * f_row
+            else:
+                a = b = f
+            for c0, c1 in _tile_ranges(num_classes, classes):
+                w_tile = linear_weight[c0:c1]
+                g = _chunk_logits(x, w_tile, None if linear_bias is None else linear_bias[c0:c1])
+                g.sub_(m[:, None]).sub_(log_s[:, None]).exp_().mul_(a[:, None])
+                if e is not None:
+                    if class_weight is None:
+                        g.sub_(e[:, None])
+                    else:
+                        g.addr_(e, class_weight[c0:c1], alpha=-1)
+                col, hit = _target_in_tile(t, c0, c1)
+                g.scatter_add_(1, col[:, None], torch.where(hit & valid, -b, 0.0)[:, None])
+                if want_x:
+                    if c0 == 0:
+                        torch.mm(g, w_tile, out=grad_x[r0:r1])
+                    else:
+                        grad_x[r0:r1].addmm_(g, w_tile)
+                if want_w:
+                    if r0 == 0:
+                        torch.mm(g.t(), x, out=grad_w[c0:c1])
+                    else:
+                        grad_w[c0:c1].addmm_(g.t(), x)
+                if want_b:
+                    grad_b[c0:c1] += g.sum(0)
+                del g
+    return grad_x, grad_w, grad_b
+
+
 def _ce_ops():
     from . import ops
 
@@ -269,12 +504,21 @@ def _forward_op(
     input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
     target: torch.Tensor, class_weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
     scale: torch.Tensor, ignore_index: int, label_smoothing: float, reduce: bool, gamma: float,
-    chunk_rows: int, needs_grad: List[bool], loss_dtype: Optional[torch.dtype],
+    chunk_rows: int, needs_grad: List[bool], loss_dtype: Optional[torch.dtype], chunk_classes: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """input (N, H), linear_weight (C, H), target (N,). ``reduce``: returns ``scale`` times the
     weighted sum of the row losses (in the accumulation dtype) and, where ``needs_grad`` asks,
     its gradients with respect to input, linear_weight and linear_bias; else the row losses
-    (``loss_dtype``) and their log-sum-exp, shape (2, N), for the backward."""
+    (``loss_dtype``) and their log-sum-exp, shape (2, N), for the backward. With class tiles
+    (0 < ``chunk_classes`` < C; float32 or float64) only the loss, and the statistics of pass 1,
+    shape (3, N), for the backward, which recomputes the logits."""
+    if _tiled(chunk_classes, linear_weight):
+        stats, smooth = _tiled_stats(input, linear_weight, linear_bias, target, class_weight, label_smoothing,
+                                     chunk_rows, chunk_classes)
+        losses = _tiled_losses(stats, smooth, target, class_weight, sample_weight, ignore_index, label_smoothing,
+                               gamma, linear_weight.shape[0])
+        loss = losses.sum() * scale if reduce else losses.to(loss_dtype or input.dtype)
+        return (loss, input.new_empty(0), input.new_empty(0), input.new_empty(0), stats)
     ops = _ce_ops()
     acc = _acc_dtype(input.dtype)
     n = input.shape[0]
@@ -312,11 +556,14 @@ def _forward_op(
 
 @_forward_op.register_fake
 def _forward_fake(input, linear_weight, linear_bias, target, class_weight, sample_weight, scale, ignore_index,
-                  label_smoothing, reduce, gamma, chunk_rows, needs_grad, loss_dtype):
+                  label_smoothing, reduce, gamma, chunk_rows, needs_grad, loss_dtype, chunk_classes=0):
     torch._check(input.dim() == 2 and linear_weight.dim() == 2,
                  lambda: "linear_cross_entropy_forward: input (N, H) and linear_weight (C, H)")
     acc = _acc_dtype(input.dtype)
     n = input.shape[0]
+    if _tiled(chunk_classes, linear_weight):
+        loss = input.new_empty(() if reduce else (n,), dtype=acc if reduce else (loss_dtype or input.dtype))
+        return (loss, input.new_empty(0), input.new_empty(0), input.new_empty(0), input.new_empty((3, n)))
     if not reduce:
         return (input.new_empty(n, dtype=loss_dtype or input.dtype), input.new_empty(0), input.new_empty(0),
                 input.new_empty(0), input.new_empty((2, n), dtype=acc))
@@ -338,10 +585,14 @@ def _backward_op(
     grad_loss: torch.Tensor, input: torch.Tensor, linear_weight: torch.Tensor,
     linear_bias: Optional[torch.Tensor], target: torch.Tensor, class_weight: Optional[torch.Tensor],
     sample_weight: Optional[torch.Tensor], lse: torch.Tensor, ignore_index: int, label_smoothing: float,
-    gamma: float, chunk_rows: int, needs_grad: List[bool],
+    gamma: float, chunk_rows: int, needs_grad: List[bool], chunk_classes: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of ``reduction="none"``'s row losses weighted by ``grad_loss`` (N,): each
-    chunk's logits recomputed, their gradient from the saved log-sum-exp."""
+    chunk's logits recomputed, their gradient from the saved log-sum-exp (with class tiles, from
+    pass 1's statistics, shape (3, N))."""
+    if _tiled(chunk_classes, linear_weight):
+        return _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight,
+                               lse, ignore_index, label_smoothing, gamma, chunk_rows, chunk_classes, needs_grad)
     ops = _ce_ops()
     sink = _GradSink(input, linear_weight, linear_bias, needs_grad)
     norm = torch.ones((), dtype=lse.dtype, device=input.device)
@@ -357,27 +608,28 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _backward_fake(grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight, lse,
-                   ignore_index, label_smoothing, gamma, chunk_rows, needs_grad):
+                   ignore_index, label_smoothing, gamma, chunk_rows, needs_grad, chunk_classes=0):
     return _grads_fake(input, linear_weight, linear_bias, needs_grad)
 
 
 def _setup_forward(ctx, inputs, output):
     (input, linear_weight, linear_bias, target, class_weight, sample_weight, scale, ignore_index,
-     label_smoothing, reduce, gamma, chunk_rows, needs_grad, _loss_dtype) = inputs
+     label_smoothing, reduce, gamma, chunk_rows, needs_grad, _loss_dtype, *rest) = inputs
+    chunk_classes = rest[0] if rest else 0
     _loss, grad_input, grad_weight, grad_bias, lse = output
     # only the loss is differentiable; no zero gradients materialised for the other outputs (one
     # would be a tensor of the linear weight's size)
     ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias, lse)
     ctx.set_materialize_grads(False)
     ctx.reduce = reduce
-    ctx.recompute = _recomputes(reduce, input.dtype)
+    ctx.recompute = _recomputes(reduce, input.dtype) or _tiled(chunk_classes, linear_weight)
     ctx.needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                  linear_bias is not None and ctx.needs_input_grad[2]]
     ctx.told = list(needs_grad)
     ctx.consumed = False
     ctx.refused = any(ctx.needs_input_grad[3:7])
     if ctx.recompute:
-        ctx.options = (ignore_index, label_smoothing, gamma, chunk_rows)
+        ctx.options = (ignore_index, label_smoothing, gamma, chunk_rows, ctx.needs, chunk_classes)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, sample_weight, lse, scale)
     else:
         ctx.save_for_backward(grad_input, grad_weight, grad_bias)
@@ -385,7 +637,7 @@ def _setup_forward(ctx, inputs, output):
 
 def _backward_formula(ctx, grad_loss, *_unused):
     if grad_loss is None:  # (materialize_grads off) nothing flows into the loss
-        return (None,) * 14
+        return (None,) * 15
     if ctx.refused:
         raise RuntimeError(
             "fused_wloss.linear_cross_entropy_forward: gradients with respect to target, weight, "
@@ -424,10 +676,9 @@ def _backward_formula(ctx, grad_loss, *_unused):
         if ctx.reduce:  # each row's upstream gradient: grad_output times the reduction's scale
             grad_loss = (grad_loss.to(scale.dtype) * scale).expand(input.shape[0])
         out = torch.ops.fused_wloss.linear_cross_entropy_backward(
-            grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight, lse,
-            *ctx.options, ctx.needs)
+            grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight, lse, *ctx.options)
         grads = [g if need else None for g, need in zip(out, ctx.needs)]
-    return (*grads,) + (None,) * 11
+    return (*grads,) + (None,) * 12
 
 
 def _scaled(t: torch.Tensor, g: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -501,7 +752,7 @@ def linear_cross_entropy(
     class_weighting=None,
     gamma: float = 0.0,
     return_stats: bool = False,
-    chunk_size: Optional[int] = None,
+    chunk_size: Union[int, Tuple[int, int], None] = None,
 ):
     r"""``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without holding the
     logits: :func:`torch.nn.functional.linear_cross_entropy` plus fused_wloss's weighting.
@@ -521,10 +772,14 @@ def linear_cross_entropy(
             a weight per element of the unreduced loss (the target's shape), class weights from this
             call's targets (``BatchWeighting(sync=True)`` sums the counts over the process group),
             focal loss, and ``(loss, CrossEntropyStats)`` as the result.
-        chunk_size: rows per chunk of the fused path; default: as many as keep one chunk's logits
-            within 8 MiB (:data:`DEFAULT_CHUNK_BYTES`), and at least 64 rows where that keeps them
-            within 32 MiB (large heads: each chunk updates the whole weight gradient), rounded
-            down to a power of two.
+        chunk_size: the blocks of logits the fused path forms (:func:`plan_blocks`). An int:
+            chunks of that many whole rows. A pair ``(rows, classes)``: blocks of that many rows
+            by that many classes, in two passes (float32 and float64; half precision takes the
+            rows whole). Default: whole rows, as many as keep a chunk within 8 MiB
+            (:data:`DEFAULT_CHUNK_BYTES`) and at least 64 while that stays within 32 MiB, rounded
+            down to a power of two; but float32/float64 heads too wide for 64 rows in 8 MiB (more
+            than 32768 float32 classes), with more than 256 rows, take 8 MiB blocks of up to 2048
+            rows by as many classes.
 
     The fused path (class-index targets, a 2-D ``linear_weight``, a device the kernels serve) never
     holds more than one chunk of logits and its gradient; see the module docstring for how. Under
@@ -538,7 +793,7 @@ def linear_cross_entropy(
         # states with a float32 head are the usual mixed-precision call
         (input, linear_weight, linear_bias), _ = _autocast_cast(input, linear_weight, linear_bias)
     ignore_index = _as_int_or_none(ignore_index, "ignore_index")
-    chunk_size = _as_int_or_none(chunk_size, "chunk_size")
+    chunk_size = _as_chunk_size(chunk_size)
     num_classes, prob_target = _check_args(input, linear_weight, linear_bias, target, weight, sample_weight,
                                            ignore_index, label_smoothing, chunk_size)
     gamma = _checks.check_focal_ce(gamma, label_smoothing, prob_target, loss=_LOSS)
@@ -596,7 +851,7 @@ def _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_
     t = target.reshape(-1)
     sw = None if sample_weight is None else sample_weight.reshape(-1)
     n = t.shape[0]
-    rows = chunk_rows(n, num_classes, x.dtype, chunk_size)
+    rows, classes = plan_blocks(n, num_classes, x.dtype, chunk_size)
     # before the chunks: the kernels' own check would name cross_entropy and a row of the chunk
     _checks.check_target_range(t, num_classes, ignore_index, loss=_LOSS)
 
@@ -632,7 +887,7 @@ def _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_
     loss, *_ = torch.ops.fused_wloss.linear_cross_entropy_forward(
         x.contiguous(), lw.contiguous(), None if lb is None else lb.contiguous(), t,
         applied, None if sw is None else sw.detach().to(acc),
-        scale, ignore_index, label_smoothing, reduction != "none", gamma, rows, needs, loss_dtype)
+        scale, ignore_index, label_smoothing, reduction != "none", gamma, rows, needs, loss_dtype, classes)
     if reduction == "none":
         loss = loss.reshape(lead)
     else:
@@ -659,7 +914,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  bias: bool = False, device=None, dtype=None, reduction: str = "mean",
                  weight: Optional[torch.Tensor] = None, ignore_index: Optional[int] = None,
                  label_smoothing: float = 0.0, options=None, class_weighting=None, gamma: float = 0.0,
-                 chunk_size: Optional[int] = None) -> None:
+                 chunk_size: Union[int, Tuple[int, int], None] = None) -> None:
         super().__init__()
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(f"{_LOSS}: weight must have shape ({num_classes},), got {_shape(weight.shape)}")
@@ -667,9 +922,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             0.0 <= label_smoothing <= 1.0
         ):
             raise ValueError(f"{_LOSS}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"{_LOSS}: chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
+        chunk_size = _as_chunk_size(chunk_size)
+        _check_chunk_size(chunk_size)
         self.register_buffer("weight", weight)
         self.reduction = _checks.reduction_mode(None, None, reduction, loss=_LOSS)
         self.num_classes = num_classes

@@ -93,6 +93,13 @@ def fused_only(monkeypatch):
     monkeypatch.setattr(linear, "_unfused", refuse)
 
 
+def _refuse_rows(monkeypatch):
+    """Fails a call that forms chunks of whole rows (class tiles never do)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("linear_cross_entropy took whole rows, not class tiles")
+    monkeypatch.setattr(linear, "_chunks", refuse)
+
+
 def _assert_close(actual, expected, dtype, what):
     tol = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-5, 2e-6)}.get(dtype, (2e-2, 2e-2))
     torch.testing.assert_close(actual.double(), expected.double().to(actual.device), rtol=tol[0], atol=tol[1],
@@ -358,12 +365,15 @@ def test_opcheck():
                           (torch.rand(11), x, w, b, t, cw, sw, lse, -100, 0.0, 0.0, 4, [True, True, True]))
 
 
+@pytest.mark.parametrize("chunk", [5, (5, 5)], ids=["rows", "class-tiles"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_compile_fullgraph(fused_only, reduction):
+def test_compile_fullgraph(fused_only, monkeypatch, reduction, chunk):
+    if isinstance(chunk, tuple):
+        _refuse_rows(monkeypatch)
     x, w, b, t, kw = _case((4, 9), 8, 12, OPTIONS["everything"], torch.float32)
 
     def step(x, w, b):
-        out = fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, chunk_size=5, **kw)
+        out = fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, chunk_size=chunk, **kw)
         return out if reduction != "none" else out.sum()
 
     torch._dynamo.reset()
@@ -545,6 +555,141 @@ def test_default_chunk_rows():
     assert linear.chunk_rows(100, 1000, torch.float32, chunk_size=7) == 7
 
 
+# ---- class tiles (the two-pass path of wide heads) -----------------------------------------------
+
+@pytest.fixture
+def tiles_only(fused_only, monkeypatch):
+    """Fails a test whose fused call would not take class tiles (the chunks of whole rows are not
+    formed on the tiled path)."""
+    _refuse_rows(monkeypatch)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", sorted(OPTIONS) + ["focal-below-one"])
+def test_class_tiles_match_composition(tiles_only, path, option, reduction):
+    options = {"gamma": 0.5, "sample_weight": "sample"} if option == "focal-below-one" else OPTIONS[option]
+    _check(path, (29,), 12, 17, options, reduction, chunk_size=(8, 5))
+
+
+TILINGS = {  # (rows, classes, chunk_size)
+    "one-class-tiles": (9, 6, (4, 1)),
+    "one-row-blocks": (7, 13, (1, 4)),
+    "ragged-last-tile-and-block": (23, 13, (5, 4)),
+    "rows-fewer-than-block": (6, 13, (64, 6)),
+    "exact-tiles": (24, 12, (8, 4)),
+    "two-tiles": (10, 13, (10, 12)),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("tiling", sorted(TILINGS))
+def test_tile_boundaries(tiles_only, path, tiling, reduction):
+    rows, classes, chunk = TILINGS[tiling]
+    _check(path, (rows,), 10, classes, OPTIONS["everything"], reduction, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("lead", [(), (3, 7)], ids=["unbatched", "BT"])
+def test_class_tiles_leading_shapes_and_no_bias(tiles_only, path, lead):
+    _check(path, lead, 8, 11, {"weight": "class", "label_smoothing": 0.1}, "none", chunk_size=(4, 3), bias=False)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_class_tiles_float32(tiles_only, path):
+    """float32 to float32 precision: the log-sum-exp kept as (max, log of the sum) loses nothing
+    to a large maximum (logits offset by 300)."""
+    x, w, b, t, kw = _case((40,), 32, 50, OPTIONS["everything"], torch.float64)
+    b = b + 300.0
+    exact, exact_grads = _grads(lambda x, w, b: _composition(x, w, b, t, "mean", kw), x, w, b)
+    with serve(path):
+        args = on_device(path, x.float(), w.float(), b.float(), t, {k: v.float() if isinstance(v, torch.Tensor) else v
+                                                                  for k, v in kw.items()})
+        x32, w32, b32, t32, kw32 = args
+        got, got_grads = _grads(lambda x, w, b: fused_wloss.linear_cross_entropy(
+            x, w, t32, linear_bias=b, chunk_size=(16, 7), **kw32), x32, w32, b32)
+    _assert_close(got, exact, torch.float32, "loss")
+    for name, g, h in zip(["input", "linear_weight", "linear_bias"], got_grads, exact_grads):
+        _assert_close(g, h, torch.float32, f"grad of {name}")
+
+
+def test_class_tiles_gradcheck(tiles_only):
+    x, w, b, t, kw = _case((7,), 5, 6, OPTIONS["everything"])
+    leaves = [v.detach().requires_grad_(True) for v in (x, w, b)]
+    for reduction in ("none", "mean"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction,
+                                                             chunk_size=(3, 4), **kw), leaves)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("shape", [(0, 4), (5, 0)], ids=["no-rows", "no-features"])
+def test_class_tiles_empty(tiles_only, shape, reduction):
+    """No rows: zero gradients (a sum over nothing), the mean NaN as torch's; no features: logits
+    of the bias alone."""
+    x, w, b, t, _ = _case((shape[0],), shape[1], 7, {}, ignored=False)
+    got, got_grads = _grads(lambda x, w, b: fused_wloss.linear_cross_entropy(
+        x, w, t, linear_bias=b, reduction=reduction, chunk_size=(2, 3)), x, w, b)
+    want, want_grads = _grads(lambda x, w, b: _composition(x, w, b, t, reduction, {}), x, w, b)
+    _assert_close(got, want, torch.float64, "loss")
+    for name, g, h in zip(["input", "linear_weight", "linear_bias"], got_grads, want_grads):
+        _assert_close(g, h, torch.float64, f"grad of {name}")
+
+
+def test_class_tiles_backward_twice(tiles_only):
+    """The tiled backward recomputes the logits: a second backward (retain_graph) works and agrees."""
+    x, w, b, t, kw = _case((9,), 5, 6, OPTIONS["weight"])
+    xg = x.clone().requires_grad_(True)
+    loss = fused_wloss.linear_cross_entropy(xg, w, t, linear_bias=b, chunk_size=(4, 4), **kw)
+    (first,) = torch.autograd.grad(loss, xg, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, xg)
+    assert torch.equal(first, second)
+
+
+def test_class_tiles_opcheck():
+    x, w, b, t, kw = _case((11,), 6, 9, OPTIONS["weight"], torch.float32, ignored=True)
+    cw, sw, scale = kw["weight"], torch.rand(11) + 0.5, torch.tensor(0.25)
+    for args in [
+        (x, w, b, t, cw, sw, scale, -100, 0.1, True, 0.0, 4, [True, True, True], None, 4),
+        (x, w, None, t, None, None, scale, -100, 0.0, False, 2.0, 3, [True, False, False], None, 2),
+    ]:
+        leaves = tuple(v.clone().requires_grad_(need) if v is not None else None for v, need in zip(args[:3], args[12]))
+        torch.library.opcheck(torch.ops.fused_wloss.linear_cross_entropy_forward, leaves + args[3:])
+    stats = torch.stack([torch.randn(11), torch.rand(11), torch.randn(11)])
+    torch.library.opcheck(torch.ops.fused_wloss.linear_cross_entropy_backward,
+                          (torch.rand(11), x, w, b, t, cw, sw, stats, -100, 0.1, 0.0, 4, [True, True, True], 4))
+
+
+def test_half_precision_takes_the_rows_of_a_pair(fused_only):
+    """Half precision has no tiled path: a (rows, classes) pair gives its rows whole, the same
+    values as chunk_size=rows."""
+    x, w, b, t, kw = _case((30,), 16, 20, OPTIONS["weight"], torch.bfloat16)
+    assert linear.plan_blocks(30, 20, torch.bfloat16, (8, 5)) == (8, 0)
+    pair = _grads(lambda x, w, b: fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=(8, 5), **kw),
+                  x, w, b)
+    rows = _grads(lambda x, w, b: fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=8, **kw),
+                  x, w, b)
+    assert torch.equal(pair[0], rows[0]) and all(torch.equal(g, h) for g, h in zip(pair[1], rows[1]))
+
+
+def test_default_blocks():
+    """Whole rows unless 64 of them pass 8 MiB in float32/float64 with more than 256 rows; then
+    blocks of up to 2048 rows by as many classes as fit in 8 MiB."""
+    f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
+    assert linear.plan_blocks(16384, 1000, f32) == (2048, 0)
+    assert linear.plan_blocks(4096, 32000, f32) == (64, 0)  # 64 rows are 7.8 MiB
+    assert linear.plan_blocks(2048, 128256, f32) == (2048, 1024)
+    assert linear.plan_blocks(65536, 128256, f32) == (2048, 1024)
+    assert linear.plan_blocks(1000, 128256, f32) == (1000, 2097)
+    assert linear.plan_blocks(4096, 32000, f64) == (2048, 512)
+    assert linear.plan_blocks(256, 128256, f32) == (64, 0)  # too few rows for tiles
+    assert linear.plan_blocks(2048, 128256, bf16) == (64, 0)  # half precision: rows
+    assert linear.plan_blocks(2048, 128256, f32, 32) == (32, 0)
+    assert linear.plan_blocks(2048, 128256, f32, (512, 4096)) == (512, 4096)
+    assert linear.plan_blocks(10, 100, f32, (64, 100)) == (10, 0)  # a tile of every class: whole rows
+
+
 # ---- the module ----------------------------------------------------------------------------------
 
 def test_module_layout_and_values():
@@ -587,6 +732,9 @@ BAD = {
     "reduction": (lambda x, w, t: ((x, w, t), {"reduction": "avg"}), ValueError, "reduction"),
     "smoothing": (lambda x, w, t: ((x, w, t), {"label_smoothing": 1.5}), ValueError, "label_smoothing"),
     "chunk": (lambda x, w, t: ((x, w, t), {"chunk_size": 0}), ValueError, "chunk_size"),
+    "chunk-pair": (lambda x, w, t: ((x, w, t), {"chunk_size": (4, 0)}), ValueError, r"chunk_size must be .* pair"),
+    "chunk-triple": (lambda x, w, t: ((x, w, t), {"chunk_size": (4, 2, 1)}), ValueError, "chunk_size"),
+    "chunk-float": (lambda x, w, t: ((x, w, t), {"chunk_size": 2.5}), ValueError, "chunk_size"),
     "int-input": (lambda x, w, t: ((x.long(), w, t), {}), TypeError, "input must be a floating-point"),
     "0d-input": (lambda x, w, t: ((x[0, 0], w, t), {}), ValueError, "0-d"),
     "class-weighting": (lambda x, w, t: ((x, w, t), {"class_weighting": "bogus"}), ValueError, "class_weighting"),
@@ -624,9 +772,12 @@ def test_device_mismatch_names_the_argument():
 # ---- memory --------------------------------------------------------------------------------------
 
 _MEMORY_SCRIPT = textwrap.dedent("""
-    import ctypes, gc, json, torch
+    import ctypes, gc, json, sys, torch
     import fused_wloss
-    N, H, C, chunk = 2048, 64, 8192, 256
+    N, H, C = 2048, 64, 8192
+    chunk = json.loads(sys.argv[1])
+    chunk = tuple(chunk) if isinstance(chunk, list) else chunk
+    block = chunk[0] * chunk[1] if isinstance(chunk, tuple) else chunk * C
 
     def status_kb(field):
         with open("/proc/self/status") as f:
@@ -648,20 +799,22 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     grads = run()
     peak = (status_kb("VmHWM") - before) * 1024
     print(json.dumps({"peak": peak, "grads": x.numel() * 4 + w.numel() * 4, "logits": N * C * 4,
-                      "chunk": chunk * C * 4}))
+                      "chunk": block * 4}))
 """)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
-def test_peak_memory_is_a_few_chunks_not_the_logits():
+@pytest.mark.parametrize("chunk", [256, [1024, 2048]], ids=["rows", "class-tiles"])
+def test_peak_memory_is_a_few_chunks_not_the_logits(chunk):
     """In a fresh process: forward+backward of a 2048 x 8192 head (64 MiB of float32 logits) in
-    chunks of 256 rows (8 MiB) raises the resident high-water mark, above its inputs and the
-    gradients it returns, by one chunk (the chunk's gradient is written over its logits; every
-    byte counted, inside torch's allocator or not), well under one logits tensor."""
+    chunks of 256 rows, or in blocks of 1024 rows by 2048 classes (8 MiB either way), raises the
+    resident high-water mark, above its inputs and the gradients it returns, by one chunk (the
+    chunk's gradient is written over its logits; every byte counted, inside torch's allocator or
+    not), well under one logits tensor."""
     # a fixed mmap threshold: every large block is mapped on allocation and unmapped on free, so the
     # resident size follows the live memory (glibc's adaptive threshold would keep freed blocks)
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, json.dumps(chunk)], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     m = json.loads(out.stdout.strip().splitlines()[-1])
