@@ -189,24 +189,3 @@ def test_cuda_model_predicts_every_lane_shape(capsys):
             seconds, fraction = cuda_model.predict(loss, shape, elem, "static")
             assert seconds > 0 and 0 < fraction <= 1.0, (loss, shape, elem, fraction)
             assert cuda_model.predict(loss, shape, elem, "dynamic")[1] <= fraction
-
-
-def test_class_tiled_prototype_matches_torch(capsys):
-    """benchmarks/linear_tiles.py: the class-tiled linear cross-entropy's loss and gradients against
-    torch's composition in float64, on ragged tiles (tile 7, C = 50: targets in all but the last tile,
-    of one class)."""
-    from benchmarks import linear_tiles
-
-    torch.manual_seed(0)
-    x, w = torch.randn(13, 5, dtype=torch.float64), torch.randn(50, 5, dtype=torch.float64)
-    y, cw = torch.arange(13) * 4 % 50, torch.rand(50, dtype=torch.float64) + 0.5
-    loss, gx, gw = linear_tiles.tiled_linear_cross_entropy(x, w, y, cw, 7)
-    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
-    want = torch.nn.functional.cross_entropy(xl @ wl.t(), y, weight=cw)
-    want.backward()
-    torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(gx, xl.grad, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(gw, wl.grad, rtol=1e-10, atol=1e-12)
-    linear_tiles.main(["--shape", "64,8,300", "--tile", "64", "--repeats", "1"])
-    printed = capsys.readouterr().out
-    assert "tiled" in printed and "torch chunked" in printed and "fused_wloss" in printed
