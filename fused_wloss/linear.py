@@ -527,6 +527,7 @@ def _forward_op(
     reduction = 1 if reduce else 0
     row_loss_dtype = acc if reduce else loss_dtype
     total = torch.zeros((), dtype=acc, device=input.device)
+    weights = input.new_empty(0, dtype=acc) if class_weight is None else class_weight
     losses, lse = input.new_empty(0), input.new_empty(0)
     if keep_lse:
         lse = input.new_empty((2, n), dtype=acc)
@@ -536,6 +537,7 @@ def _forward_op(
         loss, chunk_lse, cw, norm = ops.cross_entropy_forward(
             logits, t, class_weight, sw, ignore_index, label_smoothing, reduction, 0, 1.0, 0.999, gamma,
             row_loss_dtype)
+        del cw  # the kernel's copy of class_weight (C long): not held through the chunk's matmuls
         if keep_lse:
             lse[:, r0:r1] = chunk_lse
         if not reduce:
@@ -545,7 +547,7 @@ def _forward_op(
         total += loss
         if sink.any():  # the logits' gradient, written over them
             grad_logits = ops.cross_entropy_grad_(
-                logits, scale, t, cw, sw, chunk_lse, norm, ignore_index, label_smoothing, 1, gamma)
+                logits, scale, t, weights, sw, chunk_lse, norm, ignore_index, label_smoothing, 1, gamma)
             sink.add(r0, r1, x, grad_logits)
             del grad_logits
         del logits  # before the next chunk's: one chunk alive at a time
