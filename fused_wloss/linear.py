@@ -226,7 +226,7 @@ def plan_blocks(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size=
         rows, classes = chunk_size
         rows = max(1, min(rows, max(num_rows, 1)))
         return rows, (0 if classes >= num_classes or not tiles_ok else classes)
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     if (
         chunk_size is not None
         or not tiles_ok
@@ -334,8 +334,7 @@ def _chunks(input, linear_weight, linear_bias, target, sample_weight, chunk_rows
 # online over the tiles, kept as (m, log s): the running maximum m and the log of the sum of
 # exp(logit - m), so that nll = (m - z_t) + log s loses nothing to a large m, as the kernels keep
 # theirs in two parts. It also picks up the target logit z_t from the tile that holds it and, for
-# label smoothing, sum_c W_c (z_c - m0) with m0 the first tile's maximum (no cancellation against
-# the log-sum-exp). The backward (pass 2) recomputes each tile's logits and writes their gradient
+# label smoothing, sum_c W_c (z_c - m). The backward (pass 2) recomputes each tile's logits and writes their gradient
 # over them,
 #     A_i p_ic - B_i [c == t_i] - E_i W_c,
 # with the per-row coefficients of csrc/fused_wloss_math.h (ce_grad_coeffs, focal_ce_grad_factor)
@@ -354,47 +353,48 @@ def _target_in_tile(t, c0: int, c1: int):
 
 
 def _tiled_stats(input, linear_weight, linear_bias, target, class_weight, label_smoothing, rows, classes):
-    """Pass 1 over every block: per row (m, log s, z_t) as a (3, N) tensor, and for label
-    smoothing sum_c W_c (z_c - m0) with m0 (else None)."""
+    """Pass 1 over every block: per row (m, log s, z_t) as a (3, N) tensor and, for label
+    smoothing, q = sum_c W_c (z_c - m) (else None; the loss needs it, the backward does not).
+
+    m is the running maximum (0 while a row has seen only -inf), s the sum of exp(z - m). Each
+    tile is shifted by the maximum so far, tile included, so every exp is at most 1 and a tile far
+    below the others (or all -inf, as masked padding classes) adds what it should: nothing. A +inf
+    or NaN logit makes m, and the row's loss, NaN, as in the one-pass kernels. q is kept relative
+    to the current m: every term it gathers is <= 0, so sum_c W_c (lse - z_c) = W log s - q adds
+    two non-negative numbers."""
     n, num_classes = input.shape[0], linear_weight.shape[0]
     stats = input.new_empty((3, n))
-    smooth = None
-    if label_smoothing > 0.0:
-        smooth = input.new_empty((2, n))
+    smooth = input.new_empty(n) if label_smoothing > 0.0 else None
     with torch.autocast(input.device.type, enabled=False):
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             x, t = input[r0:r1], target[r0:r1]
-            m = torch.full((r1 - r0,), -math.inf, dtype=input.dtype, device=input.device)
-            s = torch.zeros_like(m)
-            z_t = torch.zeros_like(m)
-            q = m0 = None
+            top = torch.full((r1 - r0,), -math.inf, dtype=input.dtype, device=input.device)
+            m = torch.zeros_like(top)
+            s = torch.zeros_like(top)
+            z_t = torch.zeros_like(top)
+            q = torch.zeros_like(top) if smooth is not None else None
+            seen_weight = 0.0
             for c0, c1 in _tile_ranges(num_classes, classes):
                 z = _chunk_logits(x, linear_weight[c0:c1], None if linear_bias is None else linear_bias[c0:c1])
                 col, hit = _target_in_tile(t, c0, c1)
                 z_t = torch.where(hit, z.gather(1, col[:, None]).squeeze(1), z_t)
-                top = z.amax(1)
-                shift = torch.where(top.isfinite(), top, 0.0)  # an all -inf or +inf row: no inf - inf
-                z.sub_(shift[:, None])
-                if smooth is not None:
-                    if m0 is None:
-                        m0, q = shift, torch.zeros_like(m)
-                    if class_weight is None:
-                        q += z.sum(1) + (c1 - c0) * (shift - m0)
-                    else:
-                        w_tile = class_weight[c0:c1]
-                        q += torch.mv(z, w_tile) + w_tile.sum() * (shift - m0)
-                z_sum = z.exp_().sum(1)
-                top = torch.maximum(m, shift)
-                s = s * torch.exp(m - top) + z_sum * torch.exp(shift - top)
-                m = top
+                top = torch.maximum(top, z.amax(1))  # NaN stays NaN
+                m_new = torch.where(top == -math.inf, 0.0, top)
+                step = (m - m_new).clamp_(max=0.0)  # > 0 only for the 0 of a row of -inf, whose s and q are 0
+                z.sub_(m_new[:, None])
+                if q is not None:
+                    w_tile = None if class_weight is None else class_weight[c0:c1]
+                    q = q + seen_weight * step + (z.sum(1) if w_tile is None else torch.mv(z, w_tile))
+                    seen_weight = seen_weight + ((c1 - c0) if w_tile is None else w_tile.sum())
+                s = s * torch.exp(step) + z.exp_().sum(1)
+                m = m_new
                 del z
             stats[0, r0:r1] = m
             stats[1, r0:r1] = s.log()
             stats[2, r0:r1] = z_t
-            if smooth is not None:
-                smooth[0, r0:r1] = q
-                smooth[1, r0:r1] = m0
+            if q is not None:
+                smooth[r0:r1] = q
     return stats, smooth
 
 
@@ -421,9 +421,8 @@ def _tiled_losses(stats, smooth, target, class_weight, sample_weight, ignore_ind
         nll = torch.where(u > 0, u.clamp(min=0) ** gamma, 0.0) * nll
     loss = nll if w_t is None else w_t * nll
     if label_smoothing > 0.0:
-        q, m0 = smooth
         total_weight = num_classes if class_weight is None else class_weight.sum()
-        smoothed = total_weight * ((m - m0) + log_s) - q  # sum_c W_c (lse - z_c)
+        smoothed = total_weight * log_s - smooth  # sum_c W_c (lse - z_c), lse = m + log s
         loss = (1.0 - label_smoothing) * loss + (label_smoothing / num_classes) * smoothed
     return torch.where(valid, row * loss, 0.0)
 
@@ -448,9 +447,8 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
             m, log_s, z_t = stats[:, r0:r1]
             valid, w_t, row = _row_weights(t, class_weight, None if sample_weight is None else sample_weight[r0:r1],
                                            ignore_index, input.dtype)
-            f = torch.where(valid, grad_loss[r0:r1] * row, 0.0)
-            if w_t is not None:
-                f = f * w_t
+            f_row = torch.where(valid, grad_loss[r0:r1] * row, 0.0)
+            f = f_row if w_t is None else f_row * w_t
             e = None
             if gamma > 0.0:  # focal_ce_grad_factor
                 nll = (m - z_t) + log_s
@@ -459,7 +457,6 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
                 factor = u_safe ** gamma + gamma * p_t * u_safe ** (gamma - 1.0) * torch.where(p_t > 0, nll, 0.0)
                 a = b = f * torch.where(u > 0, factor, 0.0)
             elif eps > 0.0:
-                f_row = torch.where(valid, grad_loss[r0:r1] * row, 0.0)
                 total_weight = num_classes if class_weight is None else class_weight.sum()
                 b = (1.0 - eps) * f
                 a = b + (eps * total_weight / num_classes) * f_row
@@ -470,6 +467,7 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
                 w_tile = linear_weight[c0:c1]
                 g = _chunk_logits(x, w_tile, None if linear_bias is None else linear_bias[c0:c1])
                 g.sub_(m[:, None]).sub_(log_s[:, None]).exp_().mul_(a[:, None])
+                g.masked_fill_(~valid[:, None], 0.0)  # an ignored row's gradient is 0, even where its logits are not finite
                 if e is not None:
                     if class_weight is None:
                         g.sub_(e[:, None])

@@ -637,6 +637,35 @@ def test_class_tiles_empty(tiles_only, shape, reduction):
         _assert_close(g, h, torch.float64, f"grad of {name}")
 
 
+@pytest.mark.parametrize("masked", ["first-tile", "last-tile"])
+def test_class_tiles_masked_classes_far_below_zero(tiles_only, masked):
+    """A tile of masked classes (bias -inf: vocabulary padding) among logits near -1000: the
+    running maximum must not start from the masked tile (exp(-1000) underflows to 0)."""
+    x, w, _, t, kw = _case((6,), 5, 12, {"weight": "class"}, ignored=False)
+    t = t % 8 if masked == "last-tile" else 4 + t % 8
+    b = torch.full((12,), -1000.0, dtype=torch.float64)
+    b[8:] = -torch.inf if masked == "last-tile" else -1000.0
+    if masked == "first-tile":
+        b[:4] = -torch.inf
+    got, got_grads = _grads(lambda x, w, b: fused_wloss.linear_cross_entropy(
+        x, w, t, linear_bias=b, reduction="sum", chunk_size=(4, 4), **kw), x, w, b)
+    want, want_grads = _grads(lambda x, w, b: _composition(x, w, b, t, "sum", kw), x, w, b)
+    _assert_close(got, want, torch.float64, "loss")
+    for name, g, h in zip(["input", "linear_weight", "linear_bias"], got_grads, want_grads):
+        _assert_close(g, h, torch.float64, f"grad of {name}")
+
+
+def test_class_tiles_non_finite_logits_as_rows(tiles_only, monkeypatch):
+    """A +inf or NaN logit makes its row's loss NaN, as the one-pass kernels and the reference."""
+    x, w, b, t, _ = _case((4,), 5, 12, {}, ignored=False)
+    b[9] = torch.inf
+    x = x.clone()
+    x[2, 0] = torch.nan
+    got = fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, reduction="none", chunk_size=(4, 4))
+    want = _composition(x, w, b, t, "none", {})
+    assert got.isnan().all() and want.isnan().all()
+
+
 def test_class_tiles_backward_twice(tiles_only):
     """The tiled backward recomputes the logits: a second backward (retain_graph) works and agrees."""
     x, w, b, t, kw = _case((9,), 5, 6, OPTIONS["weight"])
