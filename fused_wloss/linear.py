@@ -218,26 +218,25 @@ def plan_blocks(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size=
     whole rows (one pass, :func:`chunk_rows`) and otherwise the class tile of the two-pass path.
 
     ``chunk_size`` as given to :func:`linear_cross_entropy`: an int is rows of whole rows, a pair
-    is (rows, classes). By default, float32 and float64 heads too wide for :data:`MIN_CHUNK_ROWS`
-    whole rows in :data:`DEFAULT_CHUNK_BYTES` take class tiles when there are more than
-    :data:`TILE_MIN_ROWS` rows: blocks of up to :data:`TILE_ROWS` rows and as many classes as fit
-    in :data:`DEFAULT_CHUNK_BYTES`. Half precision always takes whole rows (a pair's rows): its
-    tiles would need float32 copies for the softmax and float32 sums of the gradients."""
-    tiles_ok = dtype in (torch.float32, torch.float64)
+    is (rows, classes). By default, heads too wide for :data:`MIN_CHUNK_ROWS` whole rows in
+    :data:`DEFAULT_CHUNK_BYTES` take class tiles when there are more than :data:`TILE_MIN_ROWS`
+    rows: blocks of up to :data:`TILE_ROWS` rows by as many classes as fit in
+    :data:`DEFAULT_CHUNK_BYTES`, counting for half precision the float32 copy the tile's softmax
+    is formed in (6 bytes a logit)."""
     if isinstance(chunk_size, tuple):
         rows, classes = chunk_size
         rows = max(1, min(rows, max(num_rows, 1)))
-        return rows, (0 if classes >= num_classes or not tiles_ok else classes)
+        return rows, (0 if classes >= num_classes else classes)
     elem = dtype.itemsize
     if (
         chunk_size is not None
-        or not tiles_ok
         or num_rows <= TILE_MIN_ROWS
         or MIN_CHUNK_ROWS * num_classes * elem <= DEFAULT_CHUNK_BYTES
     ):
         return chunk_rows(num_rows, num_classes, dtype, chunk_size), 0
     rows = min(num_rows, TILE_ROWS)
-    classes = max(1, DEFAULT_CHUNK_BYTES // (rows * elem))
+    block_elem = elem if dtype in (torch.float32, torch.float64) else elem + 4
+    classes = max(1, DEFAULT_CHUNK_BYTES // (rows * block_elem))
     return rows, (0 if classes >= num_classes else classes)
 
 
@@ -301,14 +300,8 @@ class _GradSink:
 
 
 def _tiled(chunk_classes: int, linear_weight: torch.Tensor) -> bool:
-    """Whether the operators take the class-tiled two-pass path (float32 and float64 only: the
-    softmax runs in place on the tile, in its dtype)."""
-    if not 0 < chunk_classes < linear_weight.shape[0]:
-        return False
-    torch._check(linear_weight.dtype in (torch.float32, torch.float64),
-                 lambda: f"fused_wloss: class tiles (chunk_classes={chunk_classes}) need float32 or float64 "
-                 f"input, got {linear_weight.dtype}")
-    return True
+    """Whether the operators take the class-tiled two-pass path."""
+    return 0 < chunk_classes < linear_weight.shape[0]
 
 
 def _recomputes(reduce: bool, dtype: torch.dtype) -> bool:
@@ -341,8 +334,9 @@ def _chunks(input, linear_weight, linear_bias, target, sample_weight, chunk_rows
 #     A_i p_ic - B_i [c == t_i] - E_i W_c,
 # with the per-row coefficients of csrc/fused_wloss_math.h (ce_grad_coeffs, focal_ce_grad_factor)
 # and p_ic = exp(z_ic - m_i - log s_i); then multiplies it into the gradients of the input, the
-# linear weight (a tile's classes, once per block of rows) and the bias. Only float32 and float64
-# (plan_blocks): the loss math runs in the logits' dtype, in place on the tile.
+# linear weight (a tile's classes, once per block of rows) and the bias. The loss math runs in the
+# accumulation dtype, in place on the tile (half-precision tiles are copied to float32 for it and
+# their gradient rounded once for the matmuls).
 
 def _tile_ranges(num_classes: int, classes: int):
     for c0 in range(0, num_classes, classes):
@@ -365,20 +359,21 @@ def _tiled_stats(input, linear_weight, linear_bias, target, class_weight, label_
     to the current m: every term it gathers is <= 0, so sum_c W_c (lse - z_c) = W log s - q adds
     two non-negative numbers."""
     n, num_classes = input.shape[0], linear_weight.shape[0]
-    stats = input.new_empty((3, n))
-    smooth = input.new_empty(n) if label_smoothing > 0.0 else None
+    acc = _acc_dtype(input.dtype)
+    stats = input.new_empty((3, n), dtype=acc)
+    smooth = input.new_empty(n, dtype=acc) if label_smoothing > 0.0 else None
     with torch.autocast(input.device.type, enabled=False):
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             x, t = input[r0:r1], target[r0:r1]
-            top = torch.full((r1 - r0,), -math.inf, dtype=input.dtype, device=input.device)
+            top = torch.full((r1 - r0,), -math.inf, dtype=acc, device=input.device)
             m = torch.zeros_like(top)
             s = torch.zeros_like(top)
             z_t = torch.zeros_like(top)
             q = torch.zeros_like(top) if smooth is not None else None
             seen_weight = 0.0
             for c0, c1 in _tile_ranges(num_classes, classes):
-                z = _chunk_logits(x, linear_weight[c0:c1], None if linear_bias is None else linear_bias[c0:c1])
+                z = _chunk_logits(x, linear_weight[c0:c1], None if linear_bias is None else linear_bias[c0:c1]).to(acc)
                 col, hit = _target_in_tile(t, c0, c1)
                 z_t = torch.where(hit, z.gather(1, col[:, None]).squeeze(1), z_t)
                 top = torch.maximum(top, z.amax(1))  # NaN stays NaN
@@ -432,23 +427,32 @@ def _tiled_losses(stats, smooth, target, class_weight, sample_weight, ignore_ind
 def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight, stats,
                     ignore_index, label_smoothing, gamma, rows, classes, needs):
     """Pass 2: the gradients of sum_i grad_loss_i loss_i with respect to input, linear weight and
-    bias (where ``needs`` asks), each tile's logits recomputed and turned into their gradient in place."""
+    bias (where ``needs`` asks), each tile's logits recomputed and turned into their gradient in
+    place. Half precision: the tile's gradient is formed in float32 and rounded once for its two
+    matmuls; the input's gradient is summed over the tiles, and the weight's over blocks of rows
+    (when there are several), in float32."""
     n, num_classes = input.shape[0], linear_weight.shape[0]
+    acc = _acc_dtype(input.dtype)
+    half = acc != input.dtype
     want_x, want_w, want_b = needs[0], needs[1], needs[2] and linear_bias is not None
     grad_x = torch.empty_like(input) if want_x else input.new_empty(0)
-    # (written by the first block of rows; none at all without rows)
-    grad_w = (torch.empty_like(linear_weight) if n else torch.zeros_like(linear_weight)) if want_w else input.new_empty(0)
-    grad_b = torch.zeros_like(linear_bias) if want_b else input.new_empty(0)
+    # written by the first block of rows (none at all without rows); summed in float32 over several
+    # blocks of half-precision rows
+    w_dtype = acc if half and n > rows else input.dtype
+    grad_w = (torch.empty_like(linear_weight, dtype=w_dtype) if n else torch.zeros_like(linear_weight)) \
+        if want_w else input.new_empty(0)
+    grad_b = torch.zeros_like(linear_bias, dtype=acc) if want_b else input.new_empty(0)
     if not (want_x or want_w or want_b):
         return grad_x, grad_w, grad_b
     eps = label_smoothing
+    grad_loss = grad_loss.to(acc)
     with torch.autocast(input.device.type, enabled=False):
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             x, t = input[r0:r1], target[r0:r1]
             m, log_s, z_t = stats[:, r0:r1]
             valid, w_t, row = _row_weights(t, class_weight, None if sample_weight is None else sample_weight[r0:r1],
-                                           ignore_index, input.dtype)
+                                           ignore_index, acc)
             f_row = torch.where(valid, grad_loss[r0:r1] * row, 0.0)
             f = f_row if w_t is None else f_row * w_t
             e = None
@@ -465,9 +469,11 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
                 e = (eps / num_classes) * f_row
             else:
                 a = b = f
+            sum_x = torch.zeros((r1 - r0, input.shape[1]), dtype=acc, device=input.device) if want_x and half \
+                else None
             for c0, c1 in _tile_ranges(num_classes, classes):
                 w_tile = linear_weight[c0:c1]
-                g = _chunk_logits(x, w_tile, None if linear_bias is None else linear_bias[c0:c1])
+                g = _chunk_logits(x, w_tile, None if linear_bias is None else linear_bias[c0:c1]).to(acc)
                 g.sub_(m[:, None]).sub_(log_s[:, None]).exp_().mul_(a[:, None])
                 g.masked_fill_(~valid[:, None], 0.0)  # an ignored row's gradient is 0, even where its logits are not finite
                 if e is not None:
@@ -477,19 +483,34 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
                         g.addr_(e, class_weight[c0:c1], alpha=-1)
                 col, hit = _target_in_tile(t, c0, c1)
                 g.scatter_add_(1, col[:, None], torch.where(hit & valid, -b, 0.0)[:, None])
+                if want_b:
+                    grad_b[c0:c1] += g.sum(0)
+                if half:
+                    g = g.to(input.dtype)
                 if want_x:
-                    if c0 == 0:
+                    if half:
+                        sum_x.add_(torch.mm(g, w_tile))
+                    elif c0 == 0:
                         torch.mm(g, w_tile, out=grad_x[r0:r1])
                     else:
                         grad_x[r0:r1].addmm_(g, w_tile)
                 if want_w:
-                    if r0 == 0:
+                    if r0 == 0 and grad_w.dtype == input.dtype:
                         torch.mm(g.t(), x, out=grad_w[c0:c1])
+                    elif r0 == 0:
+                        grad_w[c0:c1] = torch.mm(g.t(), x)
+                    elif half:
+                        grad_w[c0:c1].add_(torch.mm(g.t(), x))
                     else:
                         grad_w[c0:c1].addmm_(g.t(), x)
-                if want_b:
-                    grad_b[c0:c1] += g.sum(0)
                 del g
+            if sum_x is not None:
+                grad_x[r0:r1] = sum_x
+                del sum_x
+    if want_w and grad_w.dtype != input.dtype:
+        grad_w = grad_w.to(input.dtype)
+    if want_b:
+        grad_b = grad_b.to(input.dtype)
     return grad_x, grad_w, grad_b
 
 
@@ -776,12 +797,11 @@ def linear_cross_entropy(
             focal loss, and ``(loss, CrossEntropyStats)`` as the result.
         chunk_size: the blocks of logits the fused path forms (:func:`plan_blocks`). An int:
             chunks of that many whole rows. A pair ``(rows, classes)``: blocks of that many rows
-            by that many classes, in two passes (float32 and float64; half precision takes the
-            rows whole). Default: whole rows, as many as keep a chunk within 8 MiB
-            (:data:`DEFAULT_CHUNK_BYTES`) and at least 64 while that stays within 32 MiB, rounded
-            down to a power of two; but float32/float64 heads too wide for 64 rows in 8 MiB (more
-            than 32768 float32 classes), with more than 256 rows, take 8 MiB blocks of up to 2048
-            rows by as many classes.
+            by that many classes, in two passes. Default: whole rows, as many as keep a chunk
+            within 8 MiB (:data:`DEFAULT_CHUNK_BYTES`) and at least 64 while that stays within
+            32 MiB, rounded down to a power of two; but heads too wide for 64 rows in 8 MiB (more
+            than 32768 float32 or 65536 bfloat16 classes), with more than 256 rows, take 8 MiB
+            blocks of up to 2048 rows by as many classes.
 
     The fused path (class-index targets, a 2-D ``linear_weight``, a device the kernels serve) never
     holds more than one chunk of logits and its gradient; see the module docstring for how. Under

@@ -165,11 +165,19 @@ def test_without_bias_and_with_int32_targets(fused_only, path):
     _assert_close(got, want, torch.float64, "int32 targets")
 
 
+HALF_CHUNKS = {"rows": 16, "class-tiles": (16, 7), "class-tiles-one-block": (64, 7)}
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision(fused_only, path, dtype):
+@pytest.mark.parametrize("chunk", sorted(HALF_CHUNKS))
+def test_low_precision(fused_only, monkeypatch, path, dtype, chunk):
     """float32 to float32 precision; half inputs within the error of torch's own composition in
-    that dtype, both measured against float64."""
+    that dtype, both measured against float64. In chunks of whole rows, in class tiles over several
+    blocks of rows (the weight's gradient summed over them in float32) and in one block."""
+    chunk = HALF_CHUNKS[chunk]
+    if isinstance(chunk, tuple):
+        _refuse_rows(monkeypatch)
     x, w, b, t, kw = _case((40,), 32, 50, OPTIONS["weight"], torch.float64)
     exact, exact_grads = _grads(lambda x, w, b: _composition(x, w, b, t, "mean", kw), x, w, b)
     lo = [v.to(dtype) for v in (x, w, b)]
@@ -178,8 +186,9 @@ def test_low_precision(fused_only, path, dtype):
     with serve(path):
         lo_d, t_d, kw_d = on_device(path, lo, t, kw_lo)
         got, got_grads = _grads(
-            lambda x, w, b: fused_wloss.linear_cross_entropy(x, w, t_d, linear_bias=b, chunk_size=16, **kw_d), *lo_d)
-    assert got.dtype == dtype
+            lambda x, w, b: fused_wloss.linear_cross_entropy(x, w, t_d, linear_bias=b, chunk_size=chunk, **kw_d),
+            *lo_d)
+    assert got.dtype == dtype and all(g.dtype == dtype for g in got_grads)
     if dtype == torch.float32:
         _assert_close(got, exact, dtype, "loss")
         return
@@ -193,9 +202,12 @@ def test_low_precision(fused_only, path, dtype):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_autocast_float32_loss(fused_only, path):
+@pytest.mark.parametrize("chunk", [7, (7, 8)], ids=["rows", "class-tiles"])
+def test_autocast_float32_loss(fused_only, monkeypatch, path, chunk):
     """Under autocast the matmuls run in bfloat16, as F.linear's would, and the loss is float32;
     the gradients reach the float32 leaves."""
+    if isinstance(chunk, tuple):
+        _refuse_rows(monkeypatch)
     x, w, b, t, kw = _case((24,), 16, 30, OPTIONS["inverse"], torch.float32)
     device = "cuda" if path == "cuda" else "cpu"
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -204,7 +216,8 @@ def test_autocast_float32_loss(fused_only, path):
         x, w, b, t = on_device(path, x, w, b, t)
         with torch.autocast(x.device.type if device == "cuda" else "cpu", dtype=torch.bfloat16):
             got, got_grads = _grads(
-                lambda x, w, b: fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=7, **kw), x, w, b)
+                lambda x, w, b: fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=chunk, **kw),
+                x, w, b)
     assert got.dtype == torch.float32
     assert all(g.dtype == torch.float32 for g in got_grads)
     torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=2e-3)
@@ -214,11 +227,14 @@ def test_autocast_float32_loss(fused_only, path):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_loss_scale_reaches_half_gradients(fused_only, path, dtype):
+@pytest.mark.parametrize("chunk", [16, (16, 64)], ids=["rows", "class-tiles"])
+def test_loss_scale_reaches_half_gradients(fused_only, monkeypatch, path, dtype, chunk):
     """A GradScaler's 2^16 times the loss: float16 recomputes in the backward, so its gradients
     are formed with the scale (no underflow, no inf from the scale in float16); bfloat16 scales the
-    forward's gradients in float32. Both within a few half-precision ulps of the scaled float64
-    composition, as torch's own composition in that dtype."""
+    forward's gradients in float32 (class tiles always recompute). Both within a few
+    half-precision ulps of the scaled float64 composition, as torch's own composition in that dtype."""
+    if isinstance(chunk, tuple):
+        _refuse_rows(monkeypatch)
     x, w, b, t, kw = _case((64,), 16, 200, {"weight": "class"}, torch.float64)
     scale = 2.0 ** 16
     exact = torch.autograd.grad(_composition(x.requires_grad_(True), w.requires_grad_(True), b, t, "mean", kw),
@@ -229,7 +245,7 @@ def test_loss_scale_reaches_half_gradients(fused_only, path, dtype):
         xs, ws, bs, ts, kws = on_device(path, x.float(), w.float(), b.float(), t, {"weight": kw["weight"].float()})
         xs, ws = xs.requires_grad_(True), ws.requires_grad_(True)
         with torch.autocast(device, dtype=dtype):
-            loss = fused_wloss.linear_cross_entropy(xs, ws, ts, linear_bias=bs, chunk_size=16, **kws)
+            loss = fused_wloss.linear_cross_entropy(xs, ws, ts, linear_bias=bs, chunk_size=chunk, **kws)
         got = torch.autograd.grad(loss, (xs, ws), torch.tensor(scale, device=xs.device))
     for g, e in zip(got, exact):
         assert torch.isfinite(g).all()
@@ -690,21 +706,9 @@ def test_class_tiles_opcheck():
                           (torch.rand(11), x, w, b, t, cw, sw, stats, -100, 0.1, 0.0, 4, [True, True, True], 4))
 
 
-def test_half_precision_takes_the_rows_of_a_pair(fused_only):
-    """Half precision has no tiled path: a (rows, classes) pair gives its rows whole, the same
-    values as chunk_size=rows."""
-    x, w, b, t, kw = _case((30,), 16, 20, OPTIONS["weight"], torch.bfloat16)
-    assert linear.plan_blocks(30, 20, torch.bfloat16, (8, 5)) == (8, 0)
-    pair = _grads(lambda x, w, b: fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=(8, 5), **kw),
-                  x, w, b)
-    rows = _grads(lambda x, w, b: fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=8, **kw),
-                  x, w, b)
-    assert torch.equal(pair[0], rows[0]) and all(torch.equal(g, h) for g, h in zip(pair[1], rows[1]))
-
-
 def test_default_blocks():
-    """Whole rows unless 64 of them pass 8 MiB in float32/float64 with more than 256 rows; then
-    blocks of up to 2048 rows by as many classes as fit in 8 MiB."""
+    """Whole rows unless 64 of them pass 8 MiB with more than 256 rows; then blocks of up to 2048
+    rows by as many classes as fit in 8 MiB (half precision: with the tile's float32 copy)."""
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
     assert linear.plan_blocks(16384, 1000, f32) == (2048, 0)
     assert linear.plan_blocks(4096, 32000, f32) == (64, 0)  # 64 rows are 7.8 MiB
@@ -713,7 +717,8 @@ def test_default_blocks():
     assert linear.plan_blocks(1000, 128256, f32) == (1000, 2097)
     assert linear.plan_blocks(4096, 32000, f64) == (2048, 512)
     assert linear.plan_blocks(256, 128256, f32) == (64, 0)  # too few rows for tiles
-    assert linear.plan_blocks(2048, 128256, bf16) == (64, 0)  # half precision: rows
+    assert linear.plan_blocks(2048, 128256, bf16) == (2048, 682)  # 6 bytes a logit
+    assert linear.plan_blocks(4096, 32000, bf16) == (128, 0)  # 64 rows are 3.9 MiB
     assert linear.plan_blocks(2048, 128256, f32, 32) == (32, 0)
     assert linear.plan_blocks(2048, 128256, f32, (512, 4096)) == (512, 4096)
     assert linear.plan_blocks(10, 100, f32, (64, 100)) == (10, 0)  # a tile of every class: whole rows
