@@ -424,6 +424,15 @@ def _tiled_losses(stats, smooth, target, class_weight, sample_weight, ignore_ind
     return torch.where(valid, row * loss, 0.0)
 
 
+def _subtract_at(g, at, values) -> None:
+    """g.view(-1)[at] -= values, one element a row. index_put_ without accumulation is
+    deterministic on CUDA, where scatter_ and scatter_add_ are refused under
+    torch.use_deterministic_algorithms(True). (A function, so that no view of the tile outlives
+    it: a view kept in the loop held the previous tile alive through the next one's matmul.)"""
+    flat = g.view(-1)
+    flat.index_put_((at,), flat[at] - values)
+
+
 def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight, stats,
                     ignore_index, label_smoothing, gamma, rows, classes, needs):
     """Pass 2: the gradients of sum_i grad_loss_i loss_i with respect to input, linear weight and
@@ -471,6 +480,7 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
                 a = b = f
             sum_x = torch.zeros((r1 - r0, input.shape[1]), dtype=acc, device=input.device) if want_x and half \
                 else None
+            row_base = torch.arange(r1 - r0, device=input.device)
             for c0, c1 in _tile_ranges(num_classes, classes):
                 w_tile = linear_weight[c0:c1]
                 g = _chunk_logits(x, w_tile, None if linear_bias is None else linear_bias[c0:c1]).to(acc)
@@ -482,7 +492,7 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
                     else:
                         g.addr_(e, class_weight[c0:c1], alpha=-1)
                 col, hit = _target_in_tile(t, c0, c1)
-                g.scatter_add_(1, col[:, None], torch.where(hit & valid, -b, 0.0)[:, None])
+                _subtract_at(g, row_base * (c1 - c0) + col, torch.where(hit & valid, b, 0.0))
                 if want_b:
                     grad_b[c0:c1] += g.sum(0)
                 if half:
@@ -586,7 +596,7 @@ def _forward_fake(input, linear_weight, linear_bias, target, class_weight, sampl
     n = input.shape[0]
     if _tiled(chunk_classes, linear_weight):
         loss = input.new_empty(() if reduce else (n,), dtype=acc if reduce else (loss_dtype or input.dtype))
-        return (loss, input.new_empty(0), input.new_empty(0), input.new_empty(0), input.new_empty((3, n)))
+        return (loss, input.new_empty(0), input.new_empty(0), input.new_empty(0), input.new_empty((3, n), dtype=acc))
     if not reduce:
         return (input.new_empty(n, dtype=loss_dtype or input.dtype), input.new_empty(0), input.new_empty(0),
                 input.new_empty(0), input.new_empty((2, n), dtype=acc))

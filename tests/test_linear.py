@@ -682,6 +682,29 @@ def test_class_tiles_non_finite_logits_as_rows(tiles_only, monkeypatch):
     assert got.isnan().all() and want.isnan().all()
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_class_tiles_under_deterministic_algorithms(tiles_only, monkeypatch, path):
+    """torch.use_deterministic_algorithms(True) refuses scatter_add_ and scatter_ on CUDA: the
+    tiles use none, and give the same bits as without the mode."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what the mode asks of cuBLAS users
+    x, w, b, t, kw = _case((21,), 6, 13, OPTIONS["everything"], torch.float32)
+    with serve(path):
+        x, w, b, t, kw = on_device(path, x, w, b, t, kw)
+
+        def run():
+            return _grads(lambda x, w, b: fused_wloss.linear_cross_entropy(
+                x, w, t, linear_bias=b, reduction="none", chunk_size=(8, 5), **kw), x, w, b)
+
+        free = run()
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            strict = run()
+        finally:
+            torch.use_deterministic_algorithms(before)
+    assert torch.equal(free[0], strict[0]) and all(torch.equal(g, h) for g, h in zip(free[1], strict[1]))
+
+
 def test_class_tiles_backward_twice(tiles_only):
     """The tiled backward recomputes the logits: a second backward (retain_graph) works and agrees."""
     x, w, b, t, kw = _case((9,), 5, 6, OPTIONS["weight"])
@@ -698,12 +721,17 @@ def test_class_tiles_opcheck():
     for args in [
         (x, w, b, t, cw, sw, scale, -100, 0.1, True, 0.0, 4, [True, True, True], None, 4),
         (x, w, None, t, None, None, scale, -100, 0.0, False, 2.0, 3, [True, False, False], None, 2),
+        (x.bfloat16(), w.bfloat16(), b.bfloat16(), t, cw, sw, scale, -100, 0.1, True, 0.0, 4, [True, True, True],
+         torch.float32, 4),
+        (x.half(), w.half(), None, t, None, None, scale, -100, 0.0, False, 0.0, 4, [True, True, False], None, 4),
     ]:
         leaves = tuple(v.clone().requires_grad_(need) if v is not None else None for v, need in zip(args[:3], args[12]))
         torch.library.opcheck(torch.ops.fused_wloss.linear_cross_entropy_forward, leaves + args[3:])
     stats = torch.stack([torch.randn(11), torch.rand(11), torch.randn(11)])
-    torch.library.opcheck(torch.ops.fused_wloss.linear_cross_entropy_backward,
-                          (torch.rand(11), x, w, b, t, cw, sw, stats, -100, 0.1, 0.0, 4, [True, True, True], 4))
+    for dtype in (torch.float32, torch.bfloat16):
+        x_, w_, b_ = (v.to(dtype) for v in (x, w, b))
+        torch.library.opcheck(torch.ops.fused_wloss.linear_cross_entropy_backward,
+                              (torch.rand(11), x_, w_, b_, t, cw, sw, stats, -100, 0.1, 0.0, 4, [True, True, True], 4))
 
 
 def test_default_blocks():
