@@ -47,8 +47,8 @@ from . import _autocast, _checks, distributed, functional
 from ._backend import use_extension
 from ._weighting import CrossEntropyStats
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "LinearCrossEntropyLoss", "MAX_CHUNK_BYTES", "MIN_CHUNK_ROWS", "TILE_MIN_ROWS",
-           "TILE_ROWS", "chunk_rows", "linear_cross_entropy", "plan_blocks"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "HALF_TILE_ROWS", "LinearCrossEntropyLoss", "MAX_CHUNK_BYTES", "MIN_CHUNK_ROWS",
+           "TILE_MIN_ROWS", "TILE_ROWS", "chunk_rows", "linear_cross_entropy", "plan_blocks"]
 
 # Rows per chunk, by default: as many as keep the chunk's logits within DEFAULT_CHUNK_BYTES (peak
 # memory near torch's chunked path), but at least MIN_CHUNK_ROWS while the chunk stays within
@@ -71,6 +71,13 @@ MIN_CHUNK_ROWS = 64
 # 1.56 s in 64-row chunks, 512 rows 2.81 s against 2.98 s; so tiles from TILE_MIN_ROWS + 1 rows.
 TILE_ROWS = 2048
 TILE_MIN_ROWS = 256
+# Half precision holds more per block: the logits, their float32 copy and their gradient (8 bytes
+# a logit), and per block of rows and tile of classes a cast of the input's rows and of the
+# weight's (under autocast, from float32) and the products of the two gradient matmuls, all R x H
+# or T x H: square blocks keep those smallest. At (2048, 1024, 128256) under bfloat16 autocast the
+# peak above the float32 leaves was 551.6 MB with 2048 x 512 blocks, 546.9 MB with 1024 x 1024 and
+# 554.2 MB with 512 x 2048 (torch's chunked path, in float32: 550.5 MB), at 3.2 to 3.3 s each.
+HALF_TILE_ROWS = 1024
 
 _LOSS = "linear_cross_entropy"
 
@@ -91,8 +98,15 @@ def _shape(shape) -> str:
 
 
 def _check_args(input, linear_weight, linear_bias, target, weight, sample_weight, ignore_index,
-                label_smoothing, chunk_size):
-    """Shapes, dtypes and devices (never tensor data). Returns (num_classes, prob_target)."""
+                label_smoothing, chunk_size, autocast_dtype=None):
+    """Shapes, dtypes and devices (never tensor data); under autocast (``autocast_dtype``) the
+    dtypes F.linear's arguments would be cast to. Returns (num_classes, prob_target)."""
+
+    def dtype_of(t):
+        if autocast_dtype is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return autocast_dtype
+        return t.dtype
+
     _check_tensor(input, "input")
     if input.dim() < 1:
         raise ValueError(f"{_LOSS}: input must have shape (H,), (N, H) or (B, T, ..., H), got a 0-d tensor")
@@ -108,7 +122,7 @@ def _check_args(input, linear_weight, linear_bias, target, weight, sample_weight
             f"{_LOSS}: linear_weight's last dimension must be the input's last dimension (in_features) "
             f"{hidden}, got linear_weight of shape {_shape(linear_weight.shape)}"
         )
-    if linear_weight.dtype != input.dtype:
+    if dtype_of(linear_weight) != dtype_of(input):
         raise TypeError(f"{_LOSS}: linear_weight must have the input's dtype {input.dtype}, got {linear_weight.dtype}")
     num_classes = linear_weight.shape[0]
     out_features = tuple(linear_weight.shape[1:-1])
@@ -119,7 +133,7 @@ def _check_args(input, linear_weight, linear_bias, target, weight, sample_weight
                 f"{_LOSS}: linear_bias must have shape {_shape((num_classes, *out_features))} "
                 f"(linear_weight's without in_features), got {_shape(linear_bias.shape)}"
             )
-        if linear_bias.dtype != input.dtype:
+        if dtype_of(linear_bias) != dtype_of(input):
             raise TypeError(f"{_LOSS}: linear_bias must have the input's dtype {input.dtype}, got {linear_bias.dtype}")
     if out_features and input.dim() != 2:
         raise ValueError(
@@ -221,8 +235,9 @@ def plan_blocks(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size=
     is (rows, classes). By default, heads too wide for :data:`MIN_CHUNK_ROWS` whole rows in
     :data:`DEFAULT_CHUNK_BYTES` take class tiles when there are more than :data:`TILE_MIN_ROWS`
     rows: blocks of up to :data:`TILE_ROWS` rows by as many classes as fit in
-    :data:`DEFAULT_CHUNK_BYTES`, counting for half precision the float32 copy the tile's softmax
-    is formed in (6 bytes a logit)."""
+    :data:`DEFAULT_CHUNK_BYTES`; in half precision up to :data:`HALF_TILE_ROWS` rows, counting 8
+    bytes a logit (the logits, the float32 copy their softmax is formed in, their half-precision
+    gradient)."""
     if isinstance(chunk_size, tuple):
         rows, classes = chunk_size
         rows = max(1, min(rows, max(num_rows, 1)))
@@ -234,8 +249,10 @@ def plan_blocks(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size=
         or MIN_CHUNK_ROWS * num_classes * elem <= DEFAULT_CHUNK_BYTES
     ):
         return chunk_rows(num_rows, num_classes, dtype, chunk_size), 0
-    rows = min(num_rows, TILE_ROWS)
-    block_elem = elem if dtype in (torch.float32, torch.float64) else elem + 4
+    if dtype in (torch.float32, torch.float64):
+        rows, block_elem = min(num_rows, TILE_ROWS), elem
+    else:  # the logits, their float32 copy and their half-precision gradient
+        rows, block_elem = min(num_rows, HALF_TILE_ROWS), 8
     classes = max(1, DEFAULT_CHUNK_BYTES // (rows * block_elem))
     return rows, (0 if classes >= num_classes else classes)
 
@@ -299,6 +316,18 @@ class _GradSink:
         return self.input, weight, bias
 
 
+def _check_one_dtype(input, linear_weight, linear_bias, compute_dtype) -> None:
+    """Whole rows take the weight in the input's dtype and compute in it (class tiles cast the
+    input and the weight a block at a time)."""
+    for t, name in ((linear_weight, "linear_weight"), (linear_bias, "linear_bias")):
+        torch._check(t is None or t.dtype == input.dtype,
+                     lambda: f"linear_cross_entropy_forward: {name} must have the input's dtype {input.dtype} "
+                     f"unless chunk_classes cuts the classes, got {t.dtype}")
+    torch._check(compute_dtype in (None, input.dtype),
+                 lambda: f"linear_cross_entropy_forward: compute_dtype {compute_dtype} needs class tiles "
+                 f"(chunk_classes); whole rows compute in the input's dtype {input.dtype}")
+
+
 def _tiled(chunk_classes: int, linear_weight: torch.Tensor) -> bool:
     """Whether the operators take the class-tiled two-pass path."""
     return 0 < chunk_classes < linear_weight.shape[0]
@@ -338,6 +367,13 @@ def _chunks(input, linear_weight, linear_bias, target, sample_weight, chunk_rows
 # accumulation dtype, in place on the tile (half-precision tiles are copied to float32 for it and
 # their gradient rounded once for the matmuls).
 
+def _tile_of(linear_weight, linear_bias, c0: int, c1: int, dtype):
+    """The weight's (and bias's) rows of a tile, in the dtype of the matmuls: a float32 head under
+    autocast is cast a tile at a time, never whole."""
+    w_tile = linear_weight[c0:c1].to(dtype)
+    return w_tile, None if linear_bias is None else linear_bias[c0:c1].to(dtype)
+
+
 def _tile_ranges(num_classes: int, classes: int):
     for c0 in range(0, num_classes, classes):
         yield c0, min(num_classes, c0 + classes)
@@ -348,7 +384,8 @@ def _target_in_tile(t, c0: int, c1: int):
     return (t - c0).clamp(0, c1 - c0 - 1), (t >= c0) & (t < c1)
 
 
-def _tiled_stats(input, linear_weight, linear_bias, target, class_weight, label_smoothing, rows, classes):
+def _tiled_stats(input, linear_weight, linear_bias, target, class_weight, label_smoothing, rows, classes,
+                 compute_dtype=None):
     """Pass 1 over every block: per row (m, log s, z_t) as a (3, N) tensor and, for label
     smoothing, q = sum_c W_c (z_c - m) (else None; the loss needs it, the backward does not).
 
@@ -359,13 +396,14 @@ def _tiled_stats(input, linear_weight, linear_bias, target, class_weight, label_
     to the current m: every term it gathers is <= 0, so sum_c W_c (lse - z_c) = W log s - q adds
     two non-negative numbers."""
     n, num_classes = input.shape[0], linear_weight.shape[0]
-    acc = _acc_dtype(input.dtype)
+    cd = compute_dtype or input.dtype
+    acc = _acc_dtype(cd)
     stats = input.new_empty((3, n), dtype=acc)
     smooth = input.new_empty(n, dtype=acc) if label_smoothing > 0.0 else None
     with torch.autocast(input.device.type, enabled=False):
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            x, t = input[r0:r1], target[r0:r1]
+            x, t = input[r0:r1].to(cd), target[r0:r1]
             top = torch.full((r1 - r0,), -math.inf, dtype=acc, device=input.device)
             m = torch.zeros_like(top)
             s = torch.zeros_like(top)
@@ -373,7 +411,7 @@ def _tiled_stats(input, linear_weight, linear_bias, target, class_weight, label_
             q = torch.zeros_like(top) if smooth is not None else None
             seen_weight = 0.0
             for c0, c1 in _tile_ranges(num_classes, classes):
-                z = _chunk_logits(x, linear_weight[c0:c1], None if linear_bias is None else linear_bias[c0:c1]).to(acc)
+                z = _chunk_logits(x, *_tile_of(linear_weight, linear_bias, c0, c1, cd)).to(acc)
                 col, hit = _target_in_tile(t, c0, c1)
                 z_t = torch.where(hit, z.gather(1, col[:, None]).squeeze(1), z_t)
                 top = torch.maximum(top, z.amax(1))  # NaN stays NaN
@@ -424,6 +462,20 @@ def _tiled_losses(stats, smooth, target, class_weight, sample_weight, ignore_ind
     return torch.where(valid, row * loss, 0.0)
 
 
+def _accumulate(out, first: bool, a, b) -> None:
+    """out = a @ b on the first call, out += a @ b after; in one matmul where out has the
+    matmul's dtype, else the product (in a's dtype) converted as it is added."""
+    if out.dtype == a.dtype:
+        if first:
+            torch.mm(a, b, out=out)
+        else:
+            out.addmm_(a, b)
+    elif first:
+        out.copy_(torch.mm(a, b))
+    else:
+        out.add_(torch.mm(a, b))
+
+
 def _subtract_at(g, at, values) -> None:
     """g.view(-1)[at] -= values, one element a row. index_put_ without accumulation is
     deterministic on CUDA, where scatter_ and scatter_add_ are refused under
@@ -434,20 +486,22 @@ def _subtract_at(g, at, values) -> None:
 
 
 def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight, stats,
-                    ignore_index, label_smoothing, gamma, rows, classes, needs):
+                    ignore_index, label_smoothing, gamma, rows, classes, needs, compute_dtype=None):
     """Pass 2: the gradients of sum_i grad_loss_i loss_i with respect to input, linear weight and
     bias (where ``needs`` asks), each tile's logits recomputed and turned into their gradient in
     place. Half precision: the tile's gradient is formed in float32 and rounded once for its two
     matmuls; the input's gradient is summed over the tiles, and the weight's over blocks of rows
     (when there are several), in float32."""
     n, num_classes = input.shape[0], linear_weight.shape[0]
-    acc = _acc_dtype(input.dtype)
-    half = acc != input.dtype
+    cd = compute_dtype or input.dtype  # the matmuls' dtype; each gradient comes in its tensor's own
+    acc = _acc_dtype(cd)
+    half = acc != cd
     want_x, want_w, want_b = needs[0], needs[1], needs[2] and linear_bias is not None
     grad_x = torch.empty_like(input) if want_x else input.new_empty(0)
-    # written by the first block of rows (none at all without rows); summed in float32 over several
-    # blocks of half-precision rows
-    w_dtype = acc if half and n > rows else input.dtype
+    # in the weight's own dtype (a float32 head under autocast gets its float32 gradient), written by
+    # the first block of rows (none at all without rows); summed in float32 over several blocks of
+    # half-precision rows
+    w_dtype = acc if half and n > rows else linear_weight.dtype
     grad_w = (torch.empty_like(linear_weight, dtype=w_dtype) if n else torch.zeros_like(linear_weight)) \
         if want_w else input.new_empty(0)
     grad_b = torch.zeros_like(linear_bias, dtype=acc) if want_b else input.new_empty(0)
@@ -458,7 +512,7 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
     with torch.autocast(input.device.type, enabled=False):
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            x, t = input[r0:r1], target[r0:r1]
+            x, t = input[r0:r1].to(cd), target[r0:r1]
             m, log_s, z_t = stats[:, r0:r1]
             valid, w_t, row = _row_weights(t, class_weight, None if sample_weight is None else sample_weight[r0:r1],
                                            ignore_index, acc)
@@ -478,12 +532,16 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
                 e = (eps / num_classes) * f_row
             else:
                 a = b = f
-            sum_x = torch.zeros((r1 - r0, input.shape[1]), dtype=acc, device=input.device) if want_x and half \
-                else None
+            # the input's gradient, summed over the tiles in the accumulation dtype: in place where
+            # the input has it (a float32 input under autocast), else in a buffer of the block
+            sum_x = None
+            if want_x:
+                sum_x = grad_x[r0:r1] if grad_x.dtype == acc else x.new_empty((r1 - r0, x.shape[1]), dtype=acc)
             row_base = torch.arange(r1 - r0, device=input.device)
             for c0, c1 in _tile_ranges(num_classes, classes):
-                w_tile = linear_weight[c0:c1]
-                g = _chunk_logits(x, w_tile, None if linear_bias is None else linear_bias[c0:c1]).to(acc)
+                w_tile, b_tile = _tile_of(linear_weight, linear_bias, c0, c1, cd)
+                g = _chunk_logits(x, w_tile, b_tile).to(acc)
+                del b_tile
                 g.sub_(m[:, None]).sub_(log_s[:, None]).exp_().mul_(a[:, None])
                 g.masked_fill_(~valid[:, None], 0.0)  # an ignored row's gradient is 0, even where its logits are not finite
                 if e is not None:
@@ -496,31 +554,19 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
                 if want_b:
                     grad_b[c0:c1] += g.sum(0)
                 if half:
-                    g = g.to(input.dtype)
+                    g = g.to(cd)
                 if want_x:
-                    if half:
-                        sum_x.add_(torch.mm(g, w_tile))
-                    elif c0 == 0:
-                        torch.mm(g, w_tile, out=grad_x[r0:r1])
-                    else:
-                        grad_x[r0:r1].addmm_(g, w_tile)
+                    _accumulate(sum_x, c0 == 0, g, w_tile)
                 if want_w:
-                    if r0 == 0 and grad_w.dtype == input.dtype:
-                        torch.mm(g.t(), x, out=grad_w[c0:c1])
-                    elif r0 == 0:
-                        grad_w[c0:c1] = torch.mm(g.t(), x)
-                    elif half:
-                        grad_w[c0:c1].add_(torch.mm(g.t(), x))
-                    else:
-                        grad_w[c0:c1].addmm_(g.t(), x)
+                    _accumulate(grad_w[c0:c1], r0 == 0, g.t(), x)
                 del g
-            if sum_x is not None:
+            if sum_x is not None and sum_x.data_ptr() != grad_x[r0:r1].data_ptr():
                 grad_x[r0:r1] = sum_x
-                del sum_x
-    if want_w and grad_w.dtype != input.dtype:
-        grad_w = grad_w.to(input.dtype)
+            del sum_x
+    if want_w and grad_w.dtype != linear_weight.dtype:
+        grad_w = grad_w.to(linear_weight.dtype)
     if want_b:
-        grad_b = grad_b.to(input.dtype)
+        grad_b = grad_b.to(linear_bias.dtype)
     return grad_x, grad_w, grad_b
 
 
@@ -536,20 +582,23 @@ def _forward_op(
     target: torch.Tensor, class_weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
     scale: torch.Tensor, ignore_index: int, label_smoothing: float, reduce: bool, gamma: float,
     chunk_rows: int, needs_grad: List[bool], loss_dtype: Optional[torch.dtype], chunk_classes: int = 0,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """input (N, H), linear_weight (C, H), target (N,). ``reduce``: returns ``scale`` times the
     weighted sum of the row losses (in the accumulation dtype) and, where ``needs_grad`` asks,
     its gradients with respect to input, linear_weight and linear_bias; else the row losses
     (``loss_dtype``) and their log-sum-exp, shape (2, N), for the backward. With class tiles
-    (0 < ``chunk_classes`` < C; float32 or float64) only the loss, and the statistics of pass 1,
-    shape (3, N), for the backward, which recomputes the logits."""
+    (0 < ``chunk_classes`` < C) only the loss, and the statistics of pass 1, shape (3, N), for the
+    backward, which recomputes the logits; there the matmuls run in ``compute_dtype`` (autocast's),
+    input and weight cast a block at a time, each gradient in its tensor's own dtype."""
     if _tiled(chunk_classes, linear_weight):
         stats, smooth = _tiled_stats(input, linear_weight, linear_bias, target, class_weight, label_smoothing,
-                                     chunk_rows, chunk_classes)
+                                     chunk_rows, chunk_classes, compute_dtype)
         losses = _tiled_losses(stats, smooth, target, class_weight, sample_weight, ignore_index, label_smoothing,
                                gamma, linear_weight.shape[0])
         loss = losses.sum() * scale if reduce else losses.to(loss_dtype or input.dtype)
         return (loss, input.new_empty(0), input.new_empty(0), input.new_empty(0), stats)
+    _check_one_dtype(input, linear_weight, linear_bias, compute_dtype)
     ops = _ce_ops()
     acc = _acc_dtype(input.dtype)
     n = input.shape[0]
@@ -589,12 +638,16 @@ def _forward_op(
 
 @_forward_op.register_fake
 def _forward_fake(input, linear_weight, linear_bias, target, class_weight, sample_weight, scale, ignore_index,
-                  label_smoothing, reduce, gamma, chunk_rows, needs_grad, loss_dtype, chunk_classes=0):
+                  label_smoothing, reduce, gamma, chunk_rows, needs_grad, loss_dtype, chunk_classes=0,
+                  compute_dtype=None):
     torch._check(input.dim() == 2 and linear_weight.dim() == 2,
                  lambda: "linear_cross_entropy_forward: input (N, H) and linear_weight (C, H)")
     acc = _acc_dtype(input.dtype)
     n = input.shape[0]
-    if _tiled(chunk_classes, linear_weight):
+    if not _tiled(chunk_classes, linear_weight):
+        _check_one_dtype(input, linear_weight, linear_bias, compute_dtype)
+    else:
+        acc = _acc_dtype(compute_dtype or input.dtype)
         loss = input.new_empty(() if reduce else (n,), dtype=acc if reduce else (loss_dtype or input.dtype))
         return (loss, input.new_empty(0), input.new_empty(0), input.new_empty(0), input.new_empty((3, n), dtype=acc))
     if not reduce:
@@ -619,13 +672,16 @@ def _backward_op(
     linear_bias: Optional[torch.Tensor], target: torch.Tensor, class_weight: Optional[torch.Tensor],
     sample_weight: Optional[torch.Tensor], lse: torch.Tensor, ignore_index: int, label_smoothing: float,
     gamma: float, chunk_rows: int, needs_grad: List[bool], chunk_classes: int = 0,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of ``reduction="none"``'s row losses weighted by ``grad_loss`` (N,): each
     chunk's logits recomputed, their gradient from the saved log-sum-exp (with class tiles, from
     pass 1's statistics, shape (3, N))."""
     if _tiled(chunk_classes, linear_weight):
         return _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight,
-                               lse, ignore_index, label_smoothing, gamma, chunk_rows, chunk_classes, needs_grad)
+                               lse, ignore_index, label_smoothing, gamma, chunk_rows, chunk_classes, needs_grad,
+                               compute_dtype)
+    _check_one_dtype(input, linear_weight, linear_bias, compute_dtype)
     ops = _ce_ops()
     sink = _GradSink(input, linear_weight, linear_bias, needs_grad)
     norm = torch.ones((), dtype=lse.dtype, device=input.device)
@@ -641,7 +697,9 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _backward_fake(grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight, lse,
-                   ignore_index, label_smoothing, gamma, chunk_rows, needs_grad, chunk_classes=0):
+                   ignore_index, label_smoothing, gamma, chunk_rows, needs_grad, chunk_classes=0, compute_dtype=None):
+    if not _tiled(chunk_classes, linear_weight):
+        _check_one_dtype(input, linear_weight, linear_bias, compute_dtype)
     return _grads_fake(input, linear_weight, linear_bias, needs_grad)
 
 
@@ -649,6 +707,7 @@ def _setup_forward(ctx, inputs, output):
     (input, linear_weight, linear_bias, target, class_weight, sample_weight, scale, ignore_index,
      label_smoothing, reduce, gamma, chunk_rows, needs_grad, _loss_dtype, *rest) = inputs
     chunk_classes = rest[0] if rest else 0
+    compute_dtype = rest[1] if len(rest) > 1 else None
     _loss, grad_input, grad_weight, grad_bias, lse = output
     # only the loss is differentiable; no zero gradients materialised for the other outputs (one
     # would be a tensor of the linear weight's size)
@@ -662,7 +721,7 @@ def _setup_forward(ctx, inputs, output):
     ctx.consumed = False
     ctx.refused = any(ctx.needs_input_grad[3:7])
     if ctx.recompute:
-        ctx.options = (ignore_index, label_smoothing, gamma, chunk_rows, ctx.needs, chunk_classes)
+        ctx.options = (ignore_index, label_smoothing, gamma, chunk_rows, ctx.needs, chunk_classes, compute_dtype)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, sample_weight, lse, scale)
     else:
         ctx.save_for_backward(grad_input, grad_weight, grad_bias)
@@ -670,7 +729,7 @@ def _setup_forward(ctx, inputs, output):
 
 def _backward_formula(ctx, grad_loss, *_unused):
     if grad_loss is None:  # (materialize_grads off) nothing flows into the loss
-        return (None,) * 15
+        return (None,) * 16
     if ctx.refused:
         raise RuntimeError(
             "fused_wloss.linear_cross_entropy_forward: gradients with respect to target, weight, "
@@ -711,7 +770,7 @@ def _backward_formula(ctx, grad_loss, *_unused):
         out = torch.ops.fused_wloss.linear_cross_entropy_backward(
             grad_loss, input, linear_weight, linear_bias, target, class_weight, sample_weight, lse, *ctx.options)
         grads = [g if need else None for g, need in zip(out, ctx.needs)]
-    return (*grads,) + (None,) * 12
+    return (*grads,) + (None,) * 13
 
 
 def _scaled(t: torch.Tensor, g: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -820,14 +879,16 @@ def linear_cross_entropy(
     """
     reduction = _checks.reduction_mode(None, None, reduction, loss=_LOSS)
     weighting = _checks.resolve_class_weighting(class_weighting, loss=_LOSS)
-    if isinstance(input, torch.Tensor) and isinstance(linear_weight, torch.Tensor):
-        # what autocast does to F.linear's arguments, before the dtype checks: bfloat16 hidden
-        # states with a float32 head are the usual mixed-precision call
-        (input, linear_weight, linear_bias), _ = _autocast_cast(input, linear_weight, linear_bias)
+    # the dtype autocast casts F.linear's arguments to, for the dtype checks (bfloat16 hidden states
+    # with a float32 head are the usual mixed-precision call); the casts themselves come later, the
+    # weight's not at all on class tiles (each tile is cast as it is read)
+    autocast_dtype = None
+    if isinstance(input, torch.Tensor) and _autocast._autocast_on(input.device.type):
+        autocast_dtype = torch.get_autocast_dtype(input.device.type)
     ignore_index = _as_int_or_none(ignore_index, "ignore_index")
     chunk_size = _as_chunk_size(chunk_size)
     num_classes, prob_target = _check_args(input, linear_weight, linear_bias, target, weight, sample_weight,
-                                           ignore_index, label_smoothing, chunk_size)
+                                           ignore_index, label_smoothing, chunk_size, autocast_dtype)
     gamma = _checks.check_focal_ce(gamma, label_smoothing, prob_target, loss=_LOSS)
     label_smoothing = float(label_smoothing)
     if not prob_target and ignore_index is None:
@@ -876,14 +937,25 @@ def _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_
     lead = input.shape[:-1]
     hidden = input.shape[-1]
     num_classes = linear_weight.shape[0]
-    (x, lw, lb), autocast = _autocast_cast(input.reshape(math.prod(lead), hidden), linear_weight, linear_bias)
-    loss_dtype = torch.float32 if autocast and x.dtype in (torch.float16, torch.bfloat16) else None
-    result_dtype = loss_dtype or x.dtype
-    acc = _acc_dtype(x.dtype)
+    x = input.reshape(math.prod(lead), hidden)
+    autocast = _autocast._autocast_on(x.device.type)
+    compute = x.dtype
+    if autocast and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        compute = torch.get_autocast_dtype(x.device.type)
+    rows, classes = plan_blocks(x.shape[0], num_classes, compute, chunk_size)
+    lw, lb, compute_dtype = linear_weight, linear_bias, None
+    if autocast and classes:
+        # class tiles cast a block of rows and a tile of the head as they read them: no copy of the
+        # whole weight, or of its gradient, in the autocast dtype
+        compute_dtype = compute
+    else:  # whole rows read the weight every chunk: cast once, as F.linear under autocast would
+        (x, lw, lb), _ = _autocast_cast(x, linear_weight, linear_bias)
+    loss_dtype = torch.float32 if autocast and compute in (torch.float16, torch.bfloat16) else None
+    result_dtype = loss_dtype or compute
+    acc = _acc_dtype(compute)
     t = target.reshape(-1)
     sw = None if sample_weight is None else sample_weight.reshape(-1)
     n = t.shape[0]
-    rows, classes = plan_blocks(n, num_classes, x.dtype, chunk_size)
     # before the chunks: the kernels' own check would name cross_entropy and a row of the chunk
     _checks.check_target_range(t, num_classes, ignore_index, loss=_LOSS)
 
@@ -919,7 +991,8 @@ def _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_
     loss, *_ = torch.ops.fused_wloss.linear_cross_entropy_forward(
         x.contiguous(), lw.contiguous(), None if lb is None else lb.contiguous(), t,
         applied, None if sw is None else sw.detach().to(acc),
-        scale, ignore_index, label_smoothing, reduction != "none", gamma, rows, needs, loss_dtype, classes)
+        scale, ignore_index, label_smoothing, reduction != "none", gamma, rows, needs, loss_dtype, classes,
+        compute_dtype)
     if reduction == "none":
         loss = loss.reshape(lead)
     else:

@@ -226,6 +226,40 @@ def test_autocast_float32_loss(fused_only, monkeypatch, path, chunk):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mixed", [False, True], ids=["float32-leaves", "bfloat16-input-float32-head"])
+def test_autocast_class_tiles_cast_a_tile_at_a_time(fused_only, monkeypatch, path, mixed):
+    """Under autocast, class tiles take the float32 head (and float32 input) as they are and cast
+    a tile at a time: no bfloat16 copy of the whole weight, gradients in the leaves' dtypes, the
+    values of the composition under autocast."""
+    _refuse_rows(monkeypatch)
+    seen = []
+    stats = linear._tiled_stats
+
+    def spy(input, linear_weight, *args):
+        seen.append((input.dtype, linear_weight.dtype, args[-1]))
+        return stats(input, linear_weight, *args)
+
+    monkeypatch.setattr(linear, "_tiled_stats", spy)
+    x, w, b, t, kw = _case((24,), 16, 30, OPTIONS["everything"], torch.float32)
+    if mixed:
+        x = x.bfloat16()
+    device = "cuda" if path == "cuda" else "cpu"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_grads = _grads(lambda x, w, b: fused_wloss.cross_entropy(F.linear(x, w, b), t, **kw), x, w, b)
+    with serve(path):
+        x, w, b, t, kw = on_device(path, x, w, b, t, kw)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            got, got_grads = _grads(lambda x, w, b: fused_wloss.linear_cross_entropy(
+                x, w, t, linear_bias=b, chunk_size=(10, 8), **kw), x, w, b)
+    assert seen == [(x.dtype, torch.float32, torch.bfloat16)]
+    assert got.dtype == torch.float32
+    assert [g.dtype for g in got_grads] == [x.dtype, torch.float32, torch.float32]
+    torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=2e-3)
+    for g, h in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.cpu().float(), h.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [16, (16, 64)], ids=["rows", "class-tiles"])
 def test_loss_scale_reaches_half_gradients(fused_only, monkeypatch, path, dtype, chunk):
@@ -381,15 +415,18 @@ def test_opcheck():
                           (torch.rand(11), x, w, b, t, cw, sw, lse, -100, 0.0, 0.0, 4, [True, True, True]))
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "autocast"])
 @pytest.mark.parametrize("chunk", [5, (5, 5)], ids=["rows", "class-tiles"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_compile_fullgraph(fused_only, monkeypatch, reduction, chunk):
+def test_compile_fullgraph(fused_only, monkeypatch, reduction, chunk, amp):
     if isinstance(chunk, tuple):
         _refuse_rows(monkeypatch)
     x, w, b, t, kw = _case((4, 9), 8, 12, OPTIONS["everything"], torch.float32)
 
     def step(x, w, b):
-        out = fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, chunk_size=chunk, **kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = fused_wloss.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, chunk_size=chunk,
+                                                   **kw)
         return out if reduction != "none" else out.sum()
 
     torch._dynamo.reset()
@@ -736,7 +773,8 @@ def test_class_tiles_opcheck():
 
 def test_default_blocks():
     """Whole rows unless 64 of them pass 8 MiB with more than 256 rows; then blocks of up to 2048
-    rows by as many classes as fit in 8 MiB (half precision: with the tile's float32 copy)."""
+    rows (half precision: 1024) by as many classes as fit in 8 MiB (half precision: 8 bytes a
+    logit)."""
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
     assert linear.plan_blocks(16384, 1000, f32) == (2048, 0)
     assert linear.plan_blocks(4096, 32000, f32) == (64, 0)  # 64 rows are 7.8 MiB
@@ -745,7 +783,7 @@ def test_default_blocks():
     assert linear.plan_blocks(1000, 128256, f32) == (1000, 2097)
     assert linear.plan_blocks(4096, 32000, f64) == (2048, 512)
     assert linear.plan_blocks(256, 128256, f32) == (64, 0)  # too few rows for tiles
-    assert linear.plan_blocks(2048, 128256, bf16) == (2048, 682)  # 6 bytes a logit
+    assert linear.plan_blocks(2048, 128256, bf16) == (1024, 1024)  # 8 bytes a logit, square
     assert linear.plan_blocks(4096, 32000, bf16) == (128, 0)  # 64 rows are 3.9 MiB
     assert linear.plan_blocks(2048, 128256, f32, 32) == (32, 0)
     assert linear.plan_blocks(2048, 128256, f32, (512, 4096)) == (512, 4096)
