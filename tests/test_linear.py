@@ -21,10 +21,13 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fused_wloss
 from fused_wloss import BatchWeighting, linear, reference
 
+from fuzzing import fuzz_settings
 from helpers import kernel_paths, on_device, path_params, serve
 
 pytestmark = pytest.mark.skipif(fused_wloss.backend("cpu") != "extension", reason="compiled CPU kernels not loaded")
@@ -740,6 +743,24 @@ def test_class_tiles_under_deterministic_algorithms(tiles_only, monkeypatch, pat
         finally:
             torch.use_deterministic_algorithms(before)
     assert torch.equal(free[0], strict[0]) and all(torch.equal(g, h) for g, h in zip(free[1], strict[1]))
+
+
+@fuzz_settings(60)
+@given(rows=st.integers(0, 30), hidden=st.integers(0, 6), classes=st.integers(2, 30), block=st.integers(1, 12),
+       tile=st.integers(1, 29), option=st.sampled_from(sorted(OPTIONS) + ["focal-below-one"]),
+       reduction=st.sampled_from(REDUCTIONS), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_class_tiles_property(rows, hidden, classes, block, tile, option, reduction, bias, seed):
+    """Random shapes, blocks, tiles and options: class tiles (float64) against the reference
+    composition, loss and every gradient."""
+    tile = min(tile, classes - 1)
+    options = {"gamma": 0.5, "sample_weight": "sample"} if option == "focal-below-one" else OPTIONS[option]
+    x, w, b, t, kw = _case((rows,), hidden, classes, options, seed=seed, bias=bias)
+    got, got_grads = _grads(lambda x, w, b: fused_wloss.linear_cross_entropy(
+        x, w, t, linear_bias=b, reduction=reduction, chunk_size=(block, tile), **kw), x, w, b)
+    want, want_grads = _grads(lambda x, w, b: _composition(x, w, b, t, reduction, kw), x, w, b)
+    _assert_close(got, want, torch.float64, "loss")
+    for name, g, h in zip(["input", "linear_weight", "linear_bias"], got_grads, want_grads):
+        _assert_close(g, h, torch.float64, f"grad of {name}")
 
 
 def test_class_tiles_backward_twice(tiles_only):
