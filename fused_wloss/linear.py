@@ -227,7 +227,8 @@ def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size: 
     return min(max(num_rows, 1), 1 << (rows.bit_length() - 1))
 
 
-def plan_blocks(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size=None) -> Tuple[int, int]:
+def plan_blocks(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size=None, *,
+                cast_head_bytes: int = 0) -> Tuple[int, int]:
     """The blocks of logits the fused path forms: ``(rows, classes)``, where ``classes`` is 0 for
     whole rows (one pass, :func:`chunk_rows`) and otherwise the class tile of the two-pass path.
 
@@ -237,17 +238,17 @@ def plan_blocks(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size=
     rows: blocks of up to :data:`TILE_ROWS` rows by as many classes as fit in
     :data:`DEFAULT_CHUNK_BYTES`; in half precision up to :data:`HALF_TILE_ROWS` rows, counting 8
     bytes a logit (the logits, the float32 copy their softmax is formed in, their half-precision
-    gradient)."""
+    gradient). So do heads that whole rows would first copy into ``dtype`` (``cast_head_bytes``,
+    under autocast a float32 head's bfloat16 copy) when that copy passes
+    :data:`DEFAULT_CHUNK_BYTES`: tiles cast a tile at a time, and give the head its float32
+    gradient without a bfloat16 one beside it."""
     if isinstance(chunk_size, tuple):
         rows, classes = chunk_size
         rows = max(1, min(rows, max(num_rows, 1)))
         return rows, (0 if classes >= num_classes else classes)
     elem = dtype.itemsize
-    if (
-        chunk_size is not None
-        or num_rows <= TILE_MIN_ROWS
-        or MIN_CHUNK_ROWS * num_classes * elem <= DEFAULT_CHUNK_BYTES
-    ):
+    wide = MIN_CHUNK_ROWS * num_classes * elem > DEFAULT_CHUNK_BYTES
+    if chunk_size is not None or num_rows <= TILE_MIN_ROWS or not (wide or cast_head_bytes > DEFAULT_CHUNK_BYTES):
         return chunk_rows(num_rows, num_classes, dtype, chunk_size), 0
     if dtype in (torch.float32, torch.float64):
         rows, block_elem = min(num_rows, TILE_ROWS), elem
@@ -942,7 +943,9 @@ def _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_
     compute = x.dtype
     if autocast and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         compute = torch.get_autocast_dtype(x.device.type)
-    rows, classes = plan_blocks(x.shape[0], num_classes, compute, chunk_size)
+    cast_head = autocast and linear_weight.dtype != compute
+    rows, classes = plan_blocks(x.shape[0], num_classes, compute, chunk_size,
+                                cast_head_bytes=linear_weight.numel() * compute.itemsize if cast_head else 0)
     lw, lb, compute_dtype = linear_weight, linear_bias, None
     if autocast and classes:
         # class tiles cast a block of rows and a tile of the head as they read them: no copy of the

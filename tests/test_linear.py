@@ -806,6 +806,9 @@ def test_default_blocks():
     assert linear.plan_blocks(256, 128256, f32) == (64, 0)  # too few rows for tiles
     assert linear.plan_blocks(2048, 128256, bf16) == (1024, 1024)  # 8 bytes a logit, square
     assert linear.plan_blocks(4096, 32000, bf16) == (128, 0)  # 64 rows are 3.9 MiB
+    # under autocast a float32 head whose bfloat16 copy would pass 8 MiB: tiles, cast a tile at a time
+    assert linear.plan_blocks(4096, 32000, bf16, cast_head_bytes=32000 * 256 * 2) == (1024, 1024)
+    assert linear.plan_blocks(16384, 1000, bf16, cast_head_bytes=1000 * 128 * 2) == (4096, 0)
     assert linear.plan_blocks(2048, 128256, f32, 32) == (32, 0)
     assert linear.plan_blocks(2048, 128256, f32, (512, 4096)) == (512, 4096)
     assert linear.plan_blocks(10, 100, f32, (64, 100)) == (10, 0)  # a tile of every class: whole rows
