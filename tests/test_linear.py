@@ -246,12 +246,11 @@ def test_autocast_class_tiles_cast_a_tile_at_a_time(fused_only, monkeypatch, pat
     x, w, b, t, kw = _case((24,), 16, 30, OPTIONS["everything"], torch.float32)
     if mixed:
         x = x.bfloat16()
-    device = "cuda" if path == "cuda" else "cpu"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, want_grads = _grads(lambda x, w, b: fused_wloss.cross_entropy(F.linear(x, w, b), t, **kw), x, w, b)
     with serve(path):
         x, w, b, t, kw = on_device(path, x, w, b, t, kw)
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):  # (the lane's dry run serves "cuda" on the CPU)
             got, got_grads = _grads(lambda x, w, b: fused_wloss.linear_cross_entropy(
                 x, w, t, linear_bias=b, chunk_size=(10, 8), **kw), x, w, b)
     assert seen == [(x.dtype, torch.float32, torch.bfloat16)]
@@ -277,11 +276,10 @@ def test_loss_scale_reaches_half_gradients(fused_only, monkeypatch, path, dtype,
     exact = torch.autograd.grad(_composition(x.requires_grad_(True), w.requires_grad_(True), b, t, "mean", kw),
                                 (x, w), torch.tensor(scale, dtype=torch.float64))
     x, w = x.detach(), w.detach()
-    device = "cuda" if path == "cuda" else "cpu"
     with serve(path):
         xs, ws, bs, ts, kws = on_device(path, x.float(), w.float(), b.float(), t, {"weight": kw["weight"].float()})
         xs, ws = xs.requires_grad_(True), ws.requires_grad_(True)
-        with torch.autocast(device, dtype=dtype):
+        with torch.autocast(xs.device.type, dtype=dtype):  # (the lane's dry run serves "cuda" on the CPU)
             loss = fused_wloss.linear_cross_entropy(xs, ws, ts, linear_bias=bs, chunk_size=chunk, **kws)
         got = torch.autograd.grad(loss, (xs, ws), torch.tensor(scale, device=xs.device))
     for g, e in zip(got, exact):
