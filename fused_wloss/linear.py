@@ -122,8 +122,10 @@ def _check_args(input, linear_weight, linear_bias, target, weight, sample_weight
             f"{_LOSS}: linear_weight's last dimension must be the input's last dimension (in_features) "
             f"{hidden}, got linear_weight of shape {_shape(linear_weight.shape)}"
         )
+    cast = " (after autocast's cast)" if autocast_dtype is not None else ""
     if dtype_of(linear_weight) != dtype_of(input):
-        raise TypeError(f"{_LOSS}: linear_weight must have the input's dtype {input.dtype}, got {linear_weight.dtype}")
+        raise TypeError(
+            f"{_LOSS}: linear_weight must have the input's dtype {dtype_of(input)}{cast}, got {linear_weight.dtype}")
     num_classes = linear_weight.shape[0]
     out_features = tuple(linear_weight.shape[1:-1])
     if linear_bias is not None:
@@ -134,7 +136,8 @@ def _check_args(input, linear_weight, linear_bias, target, weight, sample_weight
                 f"(linear_weight's without in_features), got {_shape(linear_bias.shape)}"
             )
         if dtype_of(linear_bias) != dtype_of(input):
-            raise TypeError(f"{_LOSS}: linear_bias must have the input's dtype {input.dtype}, got {linear_bias.dtype}")
+            raise TypeError(
+                f"{_LOSS}: linear_bias must have the input's dtype {dtype_of(input)}{cast}, got {linear_bias.dtype}")
     if out_features and input.dim() != 2:
         raise ValueError(
             f"{_LOSS}: a K-dimensional linear_weight {_shape(linear_weight.shape)} needs input of shape (N, H), "
@@ -247,15 +250,18 @@ def plan_blocks(num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size=
         rows = max(1, min(rows, max(num_rows, 1)))
         return rows, (0 if classes >= num_classes else classes)
     elem = dtype.itemsize
-    wide = MIN_CHUNK_ROWS * num_classes * elem > DEFAULT_CHUNK_BYTES
-    if chunk_size is not None or num_rows <= TILE_MIN_ROWS or not (wide or cast_head_bytes > DEFAULT_CHUNK_BYTES):
-        return chunk_rows(num_rows, num_classes, dtype, chunk_size), 0
-    if dtype in (torch.float32, torch.float64):
-        rows, block_elem = min(num_rows, TILE_ROWS), elem
-    else:  # the logits, their float32 copy and their half-precision gradient
-        rows, block_elem = min(num_rows, HALF_TILE_ROWS), 8
-    classes = max(1, DEFAULT_CHUNK_BYTES // (rows * block_elem))
-    return rows, (0 if classes >= num_classes else classes)
+    wide = MIN_CHUNK_ROWS * num_classes * elem > DEFAULT_CHUNK_BYTES and num_rows > TILE_MIN_ROWS
+    # (the cast rule is for memory, whatever the rows: a 128k x 4096 head's copy is 1 GB)
+    casts_head = cast_head_bytes > DEFAULT_CHUNK_BYTES and num_rows > 0
+    if chunk_size is None and (wide or casts_head):
+        if dtype in (torch.float32, torch.float64):
+            rows, block_elem = min(num_rows, TILE_ROWS), elem
+        else:  # the logits, their float32 copy and their half-precision gradient
+            rows, block_elem = min(num_rows, HALF_TILE_ROWS), 8
+        classes = max(1, DEFAULT_CHUNK_BYTES // (rows * block_elem))
+        if classes < num_classes:
+            return rows, classes
+    return chunk_rows(num_rows, num_classes, dtype, chunk_size), 0
 
 
 # ---- the operators --------------------------------------------------------------------------------
@@ -426,6 +432,7 @@ def _tiled_stats(input, linear_weight, linear_bias, target, class_weight, label_
                 s = s * torch.exp(step) + z.exp_().sum(1)
                 m = m_new
                 del z
+            del x  # (a cast of the block: not alive beside the next one's)
             stats[0, r0:r1] = m
             stats[1, r0:r1] = s.log()
             stats[2, r0:r1] = z_t
@@ -502,7 +509,7 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
     # in the weight's own dtype (a float32 head under autocast gets its float32 gradient), written by
     # the first block of rows (none at all without rows); summed in float32 over several blocks of
     # half-precision rows
-    w_dtype = acc if half and n > rows else linear_weight.dtype
+    w_dtype = acc if n > rows and linear_weight.dtype != acc else linear_weight.dtype
     grad_w = (torch.empty_like(linear_weight, dtype=w_dtype) if n else torch.zeros_like(linear_weight)) \
         if want_w else input.new_empty(0)
     grad_b = torch.zeros_like(linear_bias, dtype=acc) if want_b else input.new_empty(0)
@@ -563,7 +570,7 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
                 del g
             if sum_x is not None and sum_x.data_ptr() != grad_x[r0:r1].data_ptr():
                 grad_x[r0:r1] = sum_x
-            del sum_x
+            del sum_x, x
     if want_w and grad_w.dtype != linear_weight.dtype:
         grad_w = grad_w.to(linear_weight.dtype)
     if want_b:
@@ -871,7 +878,9 @@ def linear_cross_entropy(
             within 8 MiB (:data:`DEFAULT_CHUNK_BYTES`) and at least 64 while that stays within
             32 MiB, rounded down to a power of two; but heads too wide for 64 rows in 8 MiB (more
             than 32768 float32 or 65536 bfloat16 classes), with more than 256 rows, take 8 MiB
-            blocks of up to 2048 rows by as many classes.
+            blocks of up to 2048 rows by as many classes (half precision: 1024 rows, 8 bytes a
+            logit); and so does, under autocast, a head whose cast copy would pass 8 MiB (it is
+            cast a tile at a time instead).
 
     The fused path (class-index targets, a 2-D ``linear_weight``, a device the kernels serve) never
     holds more than one chunk of logits and its gradient; see the module docstring for how. Under

@@ -761,6 +761,25 @@ def test_class_tiles_property(rows, hidden, classes, block, tile, option, reduct
         _assert_close(g, h, torch.float64, f"grad of {name}")
 
 
+def test_half_leaves_sum_over_blocks_in_float32():
+    """Half-precision leaves computed in float32 (the operator's compute_dtype): the weight's
+    gradient over several blocks of rows is summed in float32 and rounded once, as in one block."""
+    x, w, b, t, _ = _case((64,), 16, 40, {}, torch.float64, ignored=False)
+    xh, wh = x.bfloat16(), w.bfloat16()
+    ops = torch.ops.fused_wloss
+    grads = {}
+    for rows in (8, 64):
+        _, _, _, _, stats = ops.linear_cross_entropy_forward(
+            xh, wh, None, t, None, None, torch.ones(()), -100, 0.0, False, 0.0, rows, [False] * 3, torch.float32, 7,
+            torch.float32)
+        grads[rows] = ops.linear_cross_entropy_backward(
+            torch.ones(64), xh, wh, None, t, None, None, stats, -100, 0.0, 0.0, rows, [True, True, False], 7,
+            torch.float32)
+    for g8, g64 in zip(grads[8][:2], grads[64][:2]):
+        assert g8.dtype == torch.bfloat16
+        torch.testing.assert_close(g8.float(), g64.float(), rtol=8e-3, atol=1e-6)  # an ulp of bfloat16 at most
+
+
 def test_class_tiles_backward_twice(tiles_only):
     """The tiled backward recomputes the logits: a second backward (retain_graph) works and agrees."""
     x, w, b, t, kw = _case((9,), 5, 6, OPTIONS["weight"])
@@ -807,6 +826,8 @@ def test_default_blocks():
     # under autocast a float32 head whose bfloat16 copy would pass 8 MiB: tiles, cast a tile at a time
     assert linear.plan_blocks(4096, 32000, bf16, cast_head_bytes=32000 * 256 * 2) == (1024, 1024)
     assert linear.plan_blocks(16384, 1000, bf16, cast_head_bytes=1000 * 128 * 2) == (4096, 0)
+    assert linear.plan_blocks(100, 128256, bf16, cast_head_bytes=128256 * 4096 * 2) == (100, 10485)  # any rows
+    assert linear.plan_blocks(16384, 10, bf16, cast_head_bytes=10 * (1 << 20) * 2) == (16384, 0)  # one tile: rows
     assert linear.plan_blocks(2048, 128256, f32, 32) == (32, 0)
     assert linear.plan_blocks(2048, 128256, f32, (512, 4096)) == (512, 4096)
     assert linear.plan_blocks(10, 100, f32, (64, 100)) == (10, 0)  # a tile of every class: whole rows
