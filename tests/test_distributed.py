@@ -46,6 +46,7 @@ CASES = {
     "linear-ce-inverse-mean": ("ce", {"class_weighting": "inverse", "linear": True, "ignore": True}, "uneven"),
     "linear-ce-effective-sum-sample_weight": ("ce", {"class_weighting": "effective_number", "reduction": "sum", "sample_weight": True, "linear": True}, "uneven"),
     "linear-ce-compiled": ("ce", {"class_weighting": "inverse_sqrt", "linear": True, "compile": True}, "uneven"),
+    "linear-ce-class-tiles": ("ce", {"class_weighting": "inverse", "linear": True, "ignore": True, "tiles": True, "label_smoothing": 0.1}, "uneven"),
     "ce-learned-class-weight-sum": ("ce", {"class_weighting": "inverse_sqrt", "learned": True, "reduction": "sum"}, "uneven"),
     "bce-inverse-mean": ("bce", {"class_weighting": "inverse"}, "uneven"),
     "bce-balanced-sum": ("bce", {"class_weighting": "balanced", "reduction": "sum"}, "uneven"),
@@ -144,7 +145,8 @@ def _loss_fn(loss: str, opts: dict, sync: bool, dtype):
         def head_loss(x, w, b, target, sample_weight):
             return fused_wloss.linear_cross_entropy(
                 x, w, target, linear_bias=b, reduction=reduction, class_weighting=weighting,
-                sample_weight=sample_weight, return_stats=True, chunk_size=7, **extra)
+                sample_weight=sample_weight, return_stats=True, chunk_size=(7, 2) if opts.get("tiles") else 7,
+                **extra)
 
         if opts.get("compile") and sync:  # the loss inside DDP's forward, which itself is not traced
             torch._dynamo.reset()
