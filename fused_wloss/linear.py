@@ -43,7 +43,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from . import _autocast, _checks, distributed, functional
+from . import _autocast, _checks, distributed, functional, reference
 from ._backend import use_extension
 from ._weighting import CrossEntropyStats
 
@@ -103,9 +103,7 @@ def _check_args(input, linear_weight, linear_bias, target, weight, sample_weight
     dtypes F.linear's arguments would be cast to. Returns (num_classes, prob_target)."""
 
     def dtype_of(t):
-        if autocast_dtype is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            return autocast_dtype
-        return t.dtype
+        return _autocast_dtype_of(t.dtype, autocast_dtype)
 
     _check_tensor(input, "input")
     if input.dim() < 1:
@@ -459,9 +457,8 @@ def _tiled_losses(stats, smooth, target, class_weight, sample_weight, ignore_ind
     m, log_s, z_t = stats
     valid, w_t, row = _row_weights(target, class_weight, sample_weight, ignore_index, stats.dtype)
     nll = (m - z_t) + log_s
-    if gamma > 0.0:
-        u = -torch.expm1(-nll)
-        nll = torch.where(u > 0, u.clamp(min=0) ** gamma, 0.0) * nll
+    if gamma > 0.0:  # (1 - p_t)^gamma nll, as the reference forms it
+        nll = reference._focal_factor(-torch.expm1(-nll), gamma) * nll
     loss = nll if w_t is None else w_t * nll
     if label_smoothing > 0.0:
         total_weight = num_classes if class_weight is None else class_weight.sum()
@@ -516,7 +513,12 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
     if not (want_x or want_w or want_b):
         return grad_x, grad_w, grad_b
     eps = label_smoothing
+    if eps > 0.0:
+        total_weight = num_classes if class_weight is None else class_weight.sum()
     grad_loss = grad_loss.to(acc)
+    # the input's gradient is summed over the tiles in the accumulation dtype: in place where the
+    # input has it (also a float32 input under autocast), else in a buffer of the block
+    x_in_place = grad_x.dtype == acc
     with torch.autocast(input.device.type, enabled=False):
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
@@ -534,17 +536,14 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
                 factor = u_safe ** gamma + gamma * p_t * u_safe ** (gamma - 1.0) * torch.where(p_t > 0, nll, 0.0)
                 a = b = f * torch.where(u > 0, factor, 0.0)
             elif eps > 0.0:
-                total_weight = num_classes if class_weight is None else class_weight.sum()
                 b = (1.0 - eps) * f
                 a = b + (eps * total_weight / num_classes) * f_row
                 e = (eps / num_classes) * f_row
             else:
                 a = b = f
-            # the input's gradient, summed over the tiles in the accumulation dtype: in place where
-            # the input has it (a float32 input under autocast), else in a buffer of the block
             sum_x = None
             if want_x:
-                sum_x = grad_x[r0:r1] if grad_x.dtype == acc else x.new_empty((r1 - r0, x.shape[1]), dtype=acc)
+                sum_x = grad_x[r0:r1] if x_in_place else x.new_empty((r1 - r0, x.shape[1]), dtype=acc)
             row_base = torch.arange(r1 - r0, device=input.device)
             for c0, c1 in _tile_ranges(num_classes, classes):
                 w_tile, b_tile = _tile_of(linear_weight, linear_bias, c0, c1, cd)
@@ -568,7 +567,7 @@ def _tiled_backward(grad_loss, input, linear_weight, linear_bias, target, class_
                 if want_w:
                     _accumulate(grad_w[c0:c1], r0 == 0, g.t(), x)
                 del g
-            if sum_x is not None and sum_x.data_ptr() != grad_x[r0:r1].data_ptr():
+            if want_x and not x_in_place:
                 grad_x[r0:r1] = sum_x
             del sum_x, x
     if want_w and grad_w.dtype != linear_weight.dtype:
@@ -810,18 +809,22 @@ _backward_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx
 
 # ---- the public function --------------------------------------------------------------------------
 
+def _autocast_dtype_of(dtype: torch.dtype, autocast_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype autocast (casting to ``autocast_dtype``, None when off) gives an argument of
+    F.linear: float32/float16/bfloat16 go to the autocast dtype, float64 stays."""
+    if autocast_dtype is not None and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return autocast_dtype
+    return dtype
+
+
 def _autocast_cast(*tensors):
-    """What torch.autocast does to F.linear's arguments: float32/float16/bfloat16 tensors to the
-    autocast dtype (float64 stays); None stays None. The casts are differentiable."""
+    """What torch.autocast does to F.linear's arguments (see _autocast_dtype_of); None stays
+    None. The casts are differentiable."""
     device_type = tensors[0].device.type
     if not _autocast._autocast_on(device_type):
         return tensors, False
     dtype = torch.get_autocast_dtype(device_type)
-    cast = tuple(
-        t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
-        for t in tensors
-    )
-    return cast, True
+    return tuple(t if t is None else t.to(_autocast_dtype_of(t.dtype, dtype)) for t in tensors), True
 
 
 def _fused_supported(input, linear_weight, weight, sample_weight, prob_target) -> bool:
@@ -949,9 +952,7 @@ def _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_
     num_classes = linear_weight.shape[0]
     x = input.reshape(math.prod(lead), hidden)
     autocast = _autocast._autocast_on(x.device.type)
-    compute = x.dtype
-    if autocast and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        compute = torch.get_autocast_dtype(x.device.type)
+    compute = _autocast_dtype_of(x.dtype, torch.get_autocast_dtype(x.device.type) if autocast else None)
     cast_head = autocast and linear_weight.dtype != compute
     rows, classes = plan_blocks(x.shape[0], num_classes, compute, chunk_size,
                                 cast_head_bytes=linear_weight.numel() * compute.itemsize if cast_head else 0)
