@@ -649,14 +649,12 @@ def _forward_fake(input, linear_weight, linear_bias, target, class_weight, sampl
                   compute_dtype=None):
     torch._check(input.dim() == 2 and linear_weight.dim() == 2,
                  lambda: "linear_cross_entropy_forward: input (N, H) and linear_weight (C, H)")
-    acc = _acc_dtype(input.dtype)
+    acc = _acc_dtype(compute_dtype or input.dtype)  # (whole rows: compute_dtype is None or input's, checked below)
     n = input.shape[0]
-    if not _tiled(chunk_classes, linear_weight):
-        _check_one_dtype(input, linear_weight, linear_bias, compute_dtype)
-    else:
-        acc = _acc_dtype(compute_dtype or input.dtype)
+    if _tiled(chunk_classes, linear_weight):
         loss = input.new_empty(() if reduce else (n,), dtype=acc if reduce else (loss_dtype or input.dtype))
         return (loss, input.new_empty(0), input.new_empty(0), input.new_empty(0), input.new_empty((3, n), dtype=acc))
+    _check_one_dtype(input, linear_weight, linear_bias, compute_dtype)
     if not reduce:
         return (input.new_empty(n, dtype=loss_dtype or input.dtype), input.new_empty(0), input.new_empty(0),
                 input.new_empty(0), input.new_empty((2, n), dtype=acc))
@@ -817,14 +815,12 @@ def _autocast_dtype_of(dtype: torch.dtype, autocast_dtype: Optional[torch.dtype]
     return dtype
 
 
-def _autocast_cast(*tensors):
-    """What torch.autocast does to F.linear's arguments (see _autocast_dtype_of); None stays
-    None. The casts are differentiable."""
-    device_type = tensors[0].device.type
-    if not _autocast._autocast_on(device_type):
-        return tensors, False
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t if t is None else t.to(_autocast_dtype_of(t.dtype, dtype)) for t in tensors), True
+def _autocast_cast(autocast_dtype: Optional[torch.dtype], *tensors):
+    """What torch.autocast (casting to ``autocast_dtype``, None when off) does to F.linear's
+    arguments (see _autocast_dtype_of); None stays None. The casts are differentiable."""
+    if autocast_dtype is None:
+        return tensors
+    return tuple(t if t is None else t.to(_autocast_dtype_of(t.dtype, autocast_dtype)) for t in tensors)
 
 
 def _fused_supported(input, linear_weight, weight, sample_weight, prob_target) -> bool:
@@ -912,7 +908,7 @@ def linear_cross_entropy(
         return _unfused(input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
                         label_smoothing, sample_weight, class_weighting, gamma, return_stats)
     return _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-                  sample_weight, weighting, gamma, return_stats, chunk_size)
+                  sample_weight, weighting, gamma, return_stats, chunk_size, autocast_dtype)
 
 
 def _unfused(input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
@@ -946,13 +942,13 @@ def _unfused(input, linear_weight, linear_bias, target, weight, reduction, ignor
 
 
 def _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-           sample_weight, weighting, gamma, return_stats, chunk_size):
+           sample_weight, weighting, gamma, return_stats, chunk_size, autocast_dtype):
     lead = input.shape[:-1]
     hidden = input.shape[-1]
     num_classes = linear_weight.shape[0]
     x = input.reshape(math.prod(lead), hidden)
-    autocast = _autocast._autocast_on(x.device.type)
-    compute = _autocast_dtype_of(x.dtype, torch.get_autocast_dtype(x.device.type) if autocast else None)
+    autocast = autocast_dtype is not None
+    compute = _autocast_dtype_of(x.dtype, autocast_dtype)
     cast_head = autocast and linear_weight.dtype != compute
     rows, classes = plan_blocks(x.shape[0], num_classes, compute, chunk_size,
                                 cast_head_bytes=linear_weight.numel() * compute.itemsize if cast_head else 0)
@@ -962,7 +958,7 @@ def _fused(input, linear_weight, linear_bias, target, weight, reduction, ignore_
         # whole weight, or of its gradient, in the autocast dtype
         compute_dtype = compute
     else:  # whole rows read the weight every chunk: cast once, as F.linear under autocast would
-        (x, lw, lb), _ = _autocast_cast(x, linear_weight, linear_bias)
+        x, lw, lb = _autocast_cast(autocast_dtype, x, linear_weight, linear_bias)
     loss_dtype = torch.float32 if autocast and compute in (torch.float16, torch.bfloat16) else None
     result_dtype = loss_dtype or compute
     acc = _acc_dtype(compute)
